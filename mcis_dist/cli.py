@@ -1,0 +1,260 @@
+"""The ``mcis`` command line. Subcommands only parse their arguments and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mcis_dist import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UserError(Exception):
+    """An error whose message is the whole story: printed without a traceback."""
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint-url",
+        default=None,
+        help="S3-compatible endpoint (default: AWS_ENDPOINT_URL[_S3] or AWS); credentials come "
+        "from the standard AWS environment variables or profile, never from flags",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcis",
+        description="mcis-dist: Mining Cross-Image Semantics for weakly supervised semantic "
+        "segmentation, distributed.",
+    )
+    parser.add_argument("--version", action="version", version=f"mcis-dist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    shards = sub.add_parser("shards", help="build, inspect and verify WebDataset shards")
+    ssub = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
+
+    b = ssub.add_parser(
+        "build",
+        help="build shards from a source",
+        description="Build WebDataset shards (+ DALI .idx files and manifest.json) from a "
+        "source, to a local folder or s3://bucket/prefix. Each split goes to OUT/<split>/. "
+        "Re-running the same command finishes an interrupted build.",
+    )
+    b.add_argument("--source", required=True, choices=["list", "voc", "folder", "synthetic"])
+    b.add_argument("--out", required=True, help="local folder or s3://bucket/prefix")
+    b.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        help="split(s) to build (repeatable). Defaults: synthetic and voc: train, val; "
+        "list and folder: train",
+    )
+    g = b.add_argument_group("list source (LID / ImageNet style)")
+    g.add_argument("--list", dest="list_file", help="text file: relative/path.jpg label [...]")
+    g.add_argument("--image-root", help="folder the list's paths are relative to")
+    g.add_argument("--mask-root", help="optional folder of <stem>.png masks")
+    g.add_argument("--classes", help="class list file, one name per line (list, folder)")
+    g = b.add_argument_group("voc source (PASCAL VOC2012 devkit)")
+    g.add_argument("--voc-root", help="folder holding JPEGImages/, Annotations/, ImageSets/")
+    g.add_argument("--seg-aug", help="SegmentationClassAug folder (optional)")
+    g.add_argument("--saliency", help="folder of <id>.png saliency maps (optional)")
+    g.add_argument("--labels-from", choices=["auto", "mask", "xml"], default="auto")
+    g = b.add_argument_group("folder source (one sub-folder per class)")
+    g.add_argument("--folder-root", help="folder of class sub-folders")
+    g.add_argument(
+        "--domain",
+        choices=["target", "single", "web"],
+        default=None,
+        help="domain tag of every sample (default: target; folder: web)",
+    )
+    g = b.add_argument_group("synthetic source (the built-in dataset)")
+    g.add_argument("--num-train", type=int, default=None)
+    g.add_argument("--num-val", type=int, default=None)
+    g.add_argument("--num-classes", type=int, default=None)
+    g.add_argument("--synthetic-seed", type=int, default=None)
+    g = b.add_argument_group("build options")
+    g.add_argument("--shard-size", type=float, default=256.0, help="target MB per shard")
+    g.add_argument("--max-samples-per-shard", type=int, default=0, help="0 = no limit")
+    g.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
+    g.add_argument("--seed", type=int, default=0, help="shuffle seed for the shard cut")
+    g.add_argument(
+        "--verify",
+        choices=["header", "full"],
+        default="header",
+        help="header: check headers and stream ends (fast); full: decode every image",
+    )
+    g.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit")
+    g.add_argument("--overwrite", action="store_true", help="replace a different build")
+    g.add_argument("--no-progress", action="store_true")
+    _add_storage_args(b)
+
+    i = ssub.add_parser("info", help="print a shard set's manifest summary")
+    i.add_argument("url", help="a split folder (OUT/train) or a dataset folder (OUT)")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    _add_storage_args(i)
+
+    v = ssub.add_parser("verify", help="re-read every shard and check counts and hashes")
+    v.add_argument("url", help="a split folder (OUT/train) or a dataset folder (OUT)")
+    _add_storage_args(v)
+
+    d = sub.add_parser(
+        "demo",
+        help="run the pipeline on the built-in dataset",
+        description="Build the built-in dataset's shards and run what the pipeline has so far, "
+        "on this machine.",
+    )
+    d.add_argument("--config", default=None, help="experiment YAML (default: configs/demo.yaml)")
+    d.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+    return parser
+
+
+def _synthetic_spec(args):
+    from dataclasses import replace
+
+    from mcis_dist.shards.synthetic import SyntheticSpec
+
+    spec = SyntheticSpec()
+    changes = {
+        k: v
+        for k, v in {
+            "num_train": args.num_train,
+            "num_val": args.num_val,
+            "num_classes": args.num_classes,
+            "seed": args.synthetic_seed,
+        }.items()
+        if v is not None
+    }
+    return replace(spec, **changes)
+
+
+def cmd_shards_build(args) -> int:
+    from mcis_dist.shards.build import BuildOptions, build_dataset
+    from mcis_dist.shards.images import DEFAULT_MAX_PIXELS
+    from mcis_dist.shards.manifest import summarize
+    from mcis_dist.storage import open_storage
+
+    opts = BuildOptions(
+        shard_size_mb=args.shard_size,
+        max_samples_per_shard=args.max_samples_per_shard,
+        workers=args.workers,
+        seed=args.seed,
+        verify=args.verify,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    source_args = {
+        "list_file": args.list_file,
+        "image_root": args.image_root,
+        "mask_root": args.mask_root,
+        "classes": args.classes,
+        "voc_root": args.voc_root,
+        "seg_aug": args.seg_aug,
+        "saliency": args.saliency,
+        "labels_from": args.labels_from,
+        "folder_root": args.folder_root,
+        "domain": args.domain,
+    }
+    if args.source == "synthetic":
+        source_args["spec"] = _synthetic_spec(args)
+    out = open_storage(args.out, endpoint_url=args.endpoint_url)
+    manifests = build_dataset(args.source, out, opts, args.split, source_args)
+    for split, manifest in manifests.items():
+        print(summarize(manifest, out.child(split).describe()))
+    return EXIT_OK
+
+
+def _split_storages(url: str, endpoint_url: str | None):
+    """(name, storage) for a split folder, or for every split under a dataset folder."""
+    from mcis_dist.shards.manifest import MANIFEST_NAME, PARTS_DIR, find_splits
+    from mcis_dist.storage import open_storage
+
+    root = open_storage(url, endpoint_url=endpoint_url)
+    if root.exists(MANIFEST_NAME) or root.list(PARTS_DIR):
+        return [(root.describe(), root)]
+    splits = find_splits(root)
+    if not splits:
+        raise UserError(f"{root.describe()}: no shards here (no manifest.json, no split folders)")
+    return [(root.child(s).describe(), root.child(s)) for s in splits]
+
+
+def cmd_shards_info(args) -> int:
+    from mcis_dist.shards.manifest import ManifestError, read_manifest, summarize
+
+    status = EXIT_OK
+    for where, storage in _split_storages(args.url, args.endpoint_url):
+        try:
+            manifest = read_manifest(storage)
+        except ManifestError as e:
+            print(f"{where}: {e}")
+            status = EXIT_FAILED
+            continue
+        print(json.dumps(manifest, indent=1) if args.json else summarize(manifest, where))
+    return status
+
+
+def cmd_shards_verify(args) -> int:
+    from tqdm.auto import tqdm
+
+    from mcis_dist.shards.manifest import read_manifest, verify_split
+
+    status = EXIT_OK
+    for where, storage in _split_storages(args.url, args.endpoint_url):
+        manifest = read_manifest(storage)
+        with tqdm(total=manifest["num_samples"], desc=f"verify {manifest['split']}",
+                  unit="img", mininterval=0.5) as bar:  # fmt: skip
+            problems = verify_split(storage, manifest, progress=bar.update)
+        if problems:
+            status = EXIT_FAILED
+            print(f"{where}: {len(problems)} problem(s)")
+            for p in problems:
+                print(f"  {p}")
+        else:
+            print(
+                f"{where}: OK, {manifest['num_shards']} shards, {manifest['num_samples']:,} "
+                "samples, hashes and counts match"
+            )
+    return status
+
+
+def cmd_demo(args) -> int:
+    from mcis_dist.demo import run_demo
+
+    return run_demo(args.config, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mcis_dist.config import ConfigError
+    from mcis_dist.shards.build import BuildError
+    from mcis_dist.shards.manifest import ManifestError
+    from mcis_dist.shards.sources import SourceError
+    from mcis_dist.storage import StorageError
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home by default
+    args = _build_parser().parse_args(argv)
+    handlers = {
+        ("shards", "build"): cmd_shards_build,
+        ("shards", "info"): cmd_shards_info,
+        ("shards", "verify"): cmd_shards_verify,
+        ("demo", None): cmd_demo,
+    }
+    handler = handlers[(args.command, getattr(args, "shards_command", None))]
+    try:
+        return handler(args)
+    except (UserError, ConfigError, BuildError, ManifestError, SourceError, StorageError) as e:
+        print(f"mcis: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(
+            "mcis: interrupted; finished shards are kept, re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dataset sources and shard writing for mcis_dist."""

@@ -1,0 +1,238 @@
+"""The shard set's manifest: what later stages read first, written last.
+
+The format is specified for users in ``shards/README.md``. In short, one split folder holds
+``shard-NNNNNN.tar`` + ``shard-NNNNNN.idx`` pairs, ``_parts/shard-NNNNNN.json`` completion
+records, and ``manifest.json``, which exists only once every shard is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from collections import Counter
+
+from mcis_dist.storage import Storage, StorageError
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST_NAME",
+    "PARTS_DIR",
+    "ManifestError",
+    "shard_name",
+    "part_name",
+    "assemble_manifest",
+    "read_manifest",
+    "find_splits",
+    "summarize",
+    "verify_split",
+]
+
+FORMAT = "mcis-shards/1"
+MANIFEST_NAME = "manifest.json"
+PARTS_DIR = "_parts"
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable, of another format, or disagrees with its shards."""
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def part_name(i: int) -> str:
+    return f"shard-{i:06d}.json"
+
+
+def assemble_manifest(plan, records: list[dict], plan_rejected: list[dict], build: dict) -> dict:
+    """Combine the part records (in shard order) into the manifest."""
+    num_classes = len(plan.classes)
+    shards, rejected = [], list(plan_rejected)
+    class_index: list[list[int]] = [[] for _ in range(num_classes)]
+    domains, normalised = Counter(), Counter()
+    masks = saliency = 0
+    n = 0
+    for rec in records:
+        rejected.extend(rec["rejected"])
+        normalised.update(rec.get("normalised", {}))
+        if not rec["samples"]:
+            continue
+        keys = []
+        for row in rec["rows"]:
+            keys.append(row["key"])
+            domains[row["domain"]] += 1
+            masks += bool(row.get("mask"))
+            saliency += bool(row.get("saliency"))
+            for k in row["labels"]:
+                class_index[k].append(n)
+            n += 1
+        shards.append(
+            {
+                "name": rec["name"],
+                "index": rec["index"],
+                "first": n - len(keys),
+                "samples": rec["samples"],
+                "bytes": rec["bytes"],
+                "sha256": rec["sha256"],
+                "index_sha256": rec["index_sha256"],
+                "keys": keys,
+            }
+        )
+    return {
+        "format": FORMAT,
+        "split": plan.split,
+        "classes": list(plan.classes),
+        "num_samples": n,
+        "num_shards": len(shards),
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "domains": dict(sorted(domains.items())),
+        "class_histogram": [len(ix) for ix in class_index],
+        "with_mask": masks,
+        "with_saliency": saliency,
+        "normalised": dict(sorted(normalised.items())),
+        "num_rejected": len(rejected),
+        "rejected": rejected,
+        "build": build,
+        "shards": shards,
+        "class_index": class_index,
+    }
+
+
+def read_manifest(storage: Storage) -> dict:
+    """The manifest of a finished split folder, or a clear error saying what the folder holds."""
+    where = storage.describe(MANIFEST_NAME)
+    try:
+        if not storage.exists(MANIFEST_NAME):
+            parts = storage.list(PARTS_DIR)
+            if parts:
+                raise ManifestError(
+                    f"{where} does not exist: the build is unfinished ({len(parts)} shards "
+                    "done); run the same `mcis shards build` command again to finish it"
+                )
+            raise ManifestError(f"{where} does not exist: no shards were built here")
+        raw = storage.read_bytes(MANIFEST_NAME)
+    except StorageError as e:
+        raise ManifestError(str(e)) from None
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:
+        raise ManifestError(f"{where} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(f"{where} has format {got!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def find_splits(storage: Storage) -> list[str]:
+    """Split folders (with a manifest or unfinished parts) directly under a dataset URL."""
+    return [d for d in storage.list_dirs() if d != PARTS_DIR and storage.child(d).list(PARTS_DIR)]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def summarize(manifest: dict, url: str, max_rejected: int = 10) -> str:
+    """A human summary for ``mcis shards info``."""
+    classes = manifest["classes"]
+    hist = manifest["class_histogram"]
+    lines = [
+        f"{url}  [{manifest['split']}]",
+        f"  samples     {manifest['num_samples']:,} in {manifest['num_shards']} shards "
+        f"({_mb(manifest['total_bytes'])})",
+        f"  classes     {len(classes)}",
+        f"  domains     {', '.join(f'{k}: {v:,}' for k, v in manifest['domains'].items()) or '-'}",
+        f"  masks       {manifest['with_mask']:,}   saliency maps {manifest['with_saliency']:,}",
+    ]
+    if manifest["normalised"]:
+        text = ", ".join(f"{k}: {v}" for k, v in manifest["normalised"].items())
+        lines.append(f"  normalised  {text}")
+    width = max((len(c) for c in classes), default=0)
+    if len(classes) <= 40:
+        lines.append("  class histogram")
+        for c, k in zip(classes, hist, strict=True):
+            lines.append(f"    {c:<{width}}  {k:>8,}")
+    else:
+        order = sorted(range(len(classes)), key=lambda i: hist[i])
+        lines.append(
+            f"  class histogram: min {hist[order[0]]:,} ({classes[order[0]]}), "
+            f"median {hist[order[len(order) // 2]]:,}, max {hist[order[-1]]:,} "
+            f"({classes[order[-1]]})"
+        )
+    lines.append(f"  rejected    {manifest['num_rejected']:,}")
+    for r in manifest["rejected"][:max_rejected]:
+        lines.append(f"    {r['source_id']}: {r['reason']}")
+    if manifest["num_rejected"] > max_rejected:
+        lines.append(f"    ... {manifest['num_rejected'] - max_rejected} more in manifest.json")
+    return "\n".join(lines)
+
+
+class _HashingReader:
+    """Reads through to ``raw`` while hashing every byte (for one-pass verification)."""
+
+    def __init__(self, raw):
+        self.raw, self.sha = raw, hashlib.sha256()
+        self.nbytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n) if n is not None and n >= 0 else self.raw.read()
+        self.sha.update(data)
+        self.nbytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def verify_split(storage: Storage, manifest: dict, progress=None) -> list[str]:
+    """Re-read every shard: byte count, sha256, the keys in order, and the index file.
+
+    Returns a list of problems (empty when everything matches).
+    """
+    problems = []
+    for shard in manifest["shards"]:
+        name = shard["name"]
+        try:
+            body = storage.open_read(name)
+        except StorageError as e:
+            problems.append(str(e))
+            continue
+        reader = _HashingReader(body)
+        keys = []
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    if member.isfile():
+                        base = member.name[: member.name.find(".", member.name.rfind("/") + 1)]
+                        if not keys or keys[-1] != base:
+                            keys.append(base)
+            reader.drain()
+        except (tarfile.TarError, OSError) as e:
+            problems.append(f"{storage.describe(name)}: not a readable tar ({e})")
+            continue
+        finally:
+            body.close()
+        if reader.nbytes != shard["bytes"]:
+            problems.append(f"{name}: {reader.nbytes} bytes, manifest says {shard['bytes']}")
+        if reader.sha.hexdigest() != shard["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest")
+        if keys != shard["keys"]:
+            problems.append(
+                f"{name}: holds {len(keys)} samples, manifest lists {len(shard['keys'])} "
+                "(or their keys differ)"
+            )
+        try:
+            idx = storage.read_bytes(shard["index"])
+        except StorageError as e:
+            problems.append(str(e))
+        else:
+            if hashlib.sha256(idx).hexdigest() != shard["index_sha256"]:
+                problems.append(f"{shard['index']}: sha256 differs from the manifest")
+            head = idx.split(b"\n", 1)[0].split()
+            if len(head) != 2 or int(head[1]) != shard["samples"]:
+                problems.append(f"{shard['index']}: header {head!r} does not match the samples")
+        if progress is not None:
+            progress(shard["samples"])
+    return problems

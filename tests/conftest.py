@@ -1,0 +1,78 @@
+"""Shared fixtures: a real S3 endpoint (moto's server on 127.0.0.1) and image-file makers."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-access-key",
+    "AWS_SECRET_ACCESS_KEY": "testing-SECRET-do-not-leak-7f3a9c",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint for the whole session (moto's threaded server on loopback)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket; dummy credentials in the environment, as users set real ones."""
+    import boto3
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def noise_image(w: int, h: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = (xx * 255 // max(w - 1, 1) + yy * 127 // max(h - 1, 1)) % 256  # smooth content
+    arr = np.stack([(base + 40 * c) % 256 for c in range(channels)], axis=-1)
+    arr = arr + rng.integers(-10, 10, size=arr.shape)
+    return np.clip(arr, 0, 255).astype(np.uint8).squeeze()
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def jpeg_bytes(w=64, h=48, seed=0, mode="RGB", **kw) -> bytes:
+    arr = noise_image(w, h, seed, channels=1 if mode == "L" else 3)
+    img = Image.fromarray(arr, mode="L" if mode == "L" else "RGB")
+    if mode == "CMYK":
+        img = img.convert("CMYK")
+    return encode(img, "JPEG", quality=90, **kw)
+
+
+def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
+    return encode(Image.fromarray(arr, mode=mode) if mode else Image.fromarray(arr), "PNG")
+
+
+def write(path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
