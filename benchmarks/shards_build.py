@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import parse_args, print_table, timeit, write_results
 from PIL import Image, ImageDraw, ImageFilter
+
+from common import parse_args, print_table, timeit, write_results
 
 NAME = "shards_build"
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "dog")

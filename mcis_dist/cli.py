@@ -174,6 +174,7 @@ def _split_storages(url: str, endpoint_url: str | None):
     from mcis_dist.storage import open_storage
 
     root = open_storage(url, endpoint_url=endpoint_url)
+    root.check_readable()
     if root.exists(MANIFEST_NAME) or root.list(PARTS_DIR):
         return [(root.describe(), root)]
     splits = find_splits(root)

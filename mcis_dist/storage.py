@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +41,18 @@ def _split_s3(url: str) -> tuple[str, str]:
     if not bucket:
         raise StorageError(f"{url!r} is not a valid S3 URL: expected s3://bucket[/prefix]")
     return bucket, prefix.strip("/")
+
+
+class Staged:
+    """A local file being written for :meth:`LocalStorage.staged` / :meth:`S3Storage.staged`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.discarded = False
+
+    def discard(self) -> None:
+        """Drop the file instead of publishing it."""
+        self.discarded = True
 
 
 class LocalStorage:
@@ -111,6 +125,22 @@ class LocalStorage:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    @contextmanager
+    def staged(self, name: str) -> Iterator[Staged]:
+        """Write a large file in place: a hidden temporary file in the destination folder,
+        renamed over ``name`` when the block ends without error (no copy, still atomic)."""
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        staged = Staged(Path(tmp))
+        try:
+            yield staged
+            if not staged.discarded:
+                os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
     def download_file(self, name: str, local_path: str | os.PathLike) -> None:
         try:
             shutil.copyfile(self._path(name), local_path)
@@ -159,16 +189,18 @@ class S3Storage:
         self.__dict__.update(state)
         self._client = None
 
+    def _make_client(self, attempts: int):
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10)
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+
     @property
     def client(self):
+        """For data: patient retries, since a long build must ride out transient S3 errors."""
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10)
-            self._client = boto3.session.Session().client(
-                "s3", endpoint_url=self.endpoint_url, config=config
-            )
+            self._client = self._make_client(attempts=8)
         return self._client
 
     def _key(self, name: str) -> str:
@@ -214,6 +246,8 @@ class S3Storage:
         except ClientError as e:
             if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                 return False
+            raise self._error(e, f"cannot read {self.describe(name)}") from None
+        except Exception as e:
             raise self._error(e, f"cannot read {self.describe(name)}") from None
 
     def _list_page(self, prefix: str, delimiter: bool):
@@ -268,6 +302,19 @@ class S3Storage:
         except Exception as e:
             raise self._error(e, f"cannot upload to {self.describe(name)}") from None
 
+    @contextmanager
+    def staged(self, name: str) -> Iterator[Staged]:
+        """Write a large file locally, then upload it when the block ends without error."""
+        fd, tmp = tempfile.mkstemp(prefix="mcis-", suffix=f"-{Path(name).name}")
+        os.close(fd)
+        staged = Staged(Path(tmp))
+        try:
+            yield staged
+            if not staged.discarded:
+                self.upload_file(tmp, name)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
     def download_file(self, name: str, local_path: str | os.PathLike) -> None:
         try:
             self.client.download_file(self.loc.bucket, self._key(name), str(local_path))
@@ -281,8 +328,9 @@ class S3Storage:
             raise self._error(e, f"cannot delete {self.describe(name)}") from None
 
     def check_readable(self) -> None:
+        """Fail fast (two attempts, not eight) on a missing bucket, endpoint or credentials."""
         try:
-            self.client.head_bucket(Bucket=self.loc.bucket)
+            self._make_client(attempts=2).head_bucket(Bucket=self.loc.bucket)
         except Exception as e:
             raise self._error(e, f"cannot read {self.url}") from None
 
@@ -308,3 +356,14 @@ def open_storage(url: str | os.PathLike, endpoint_url: str | None = None) -> Sto
             f"unsupported storage URL {url!r}: scheme '{scheme}' (valid: a local path or s3://)"
         )
     return LocalStorage(url)
+
+
+def open_url(url: str, endpoint_url: str | None = None) -> BinaryIO:
+    """Open one file or object for streaming reads, e.g. a shard for webdataset::
+
+    webdataset.gopen.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192: open_url(url)
+    """
+    parent, _, name = str(url).rstrip("/").rpartition("/")
+    if not name or (is_s3_url(url) and parent in ("s3:/", "s3:")):
+        raise StorageError(f"{url!r} does not name a file or object")
+    return open_storage(parent, endpoint_url=endpoint_url).open_read(name)

@@ -8,7 +8,6 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import encode, jpeg_bytes, noise_image, png_bytes
 from PIL import Image, ImageOps
 
 from mcis_dist.shards.images import (
@@ -18,6 +17,8 @@ from mcis_dist.shards.images import (
     check_saliency,
     mask_labels,
 )
+
+from conftest import encode, jpeg_bytes, noise_image, png_bytes
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -73,8 +74,11 @@ def test_corrupt_pixel_data_needs_full_verification():
 
 def _png_header_only(w: int, h: int) -> bytes:
     def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(
-            ">I", zlib.crc32(kind + payload)
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload))
         )
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)

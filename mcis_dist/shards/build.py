@@ -7,11 +7,12 @@ How a build goes, and why:
    classes) and cut by their *estimated* size (file sizes from ``stat``) into shards of about
    ``shard_size_mb``. The cut depends only on the inputs and options, so a re-run reproduces
    it exactly and each shard is an independent task with a plan hash.
-3. **Write shards** over a process pool: each task checks and stores its samples in a local
-   temporary tar (webdataset's ``TarWriter``, fixed mtime so the same inputs give byte-identical
-   tars), builds the ``.idx`` that DALI's ``readers.webdataset`` needs (with DALI's own
-   ``wds2idx`` indexer), uploads tar then index atomically, and writes its part record
-   ``_parts/shard-NNNNNN.json`` last: a part record means that shard is complete.
+3. **Write shards** over a process pool: each task checks its samples and streams them into a
+   staged tar (in place for a local folder, a temporary file uploaded afterwards for S3), with a
+   fixed mtime so the same inputs give byte-identical tars, and the ``.idx`` that DALI's
+   ``readers.webdataset`` needs, built from the writer's own offsets. The tar is published
+   atomically, then the index, then the part record ``_parts/shard-NNNNNN.json``: a part record
+   means that shard is complete.
 4. **Manifest**: once every shard has a part record, ``manifest.json`` is assembled from them
    and written last. No manifest means "not finished"; a re-run skips the shards whose part
    record matches their plan hash and finishes only what is missing.
@@ -25,7 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import random
-import tempfile
+import tarfile
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -77,6 +78,17 @@ class BuildOptions:
     overwrite: bool = False
     progress: bool = True
 
+    def validate(self) -> None:
+        if self.shard_size_mb <= 0:
+            raise BuildError(f"shard_size_mb={self.shard_size_mb}: expected a positive size")
+        if self.verify not in ("header", "full"):
+            raise BuildError(f"verify={self.verify!r}: expected 'header' or 'full'")
+        for name in ("max_samples_per_shard", "workers"):
+            if getattr(self, name) < 0:
+                raise BuildError(f"{name}={getattr(self, name)}: expected 0 or more")
+        if self.max_pixels <= 0:
+            raise BuildError(f"max_pixels={self.max_pixels}: expected a positive number")
+
     def content_options(self) -> dict:
         """The options that change what the shards contain (and so the plan hash)."""
         d = asdict(self)
@@ -87,8 +99,7 @@ class BuildOptions:
 
 def cut_shards(samples: list[PlannedSample], opts: BuildOptions) -> list[list[PlannedSample]]:
     """Shuffle with the build seed, then cut into shards of about ``shard_size_mb``."""
-    if opts.shard_size_mb <= 0:
-        raise BuildError(f"shard_size_mb={opts.shard_size_mb}: expected a positive size")
+    opts.validate()
     order = sorted(samples, key=lambda s: s.key)
     random.Random(opts.seed).shuffle(order)
     limit = opts.shard_size_mb * 1e6
@@ -203,12 +214,39 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_index(tar_path: Path, idx_path: Path) -> None:
-    """DALI's own indexer (``wds2idx``, shipped with nvidia-dali) writes the ``.idx``."""
-    from wds2idx import IndexCreator
+class ShardWriter:
+    """Writes one WebDataset tar and, on the fly, the ``.idx`` that DALI's readers.webdataset
+    takes (format v1.2: a header line ``v1.2 <samples>``, then per sample, per component,
+    ``<ext> <data offset> <size> <member name>``). Offsets come from the tar writer itself, so no
+    second pass over the tar is needed; tests check the result against DALI's own ``wds2idx``.
 
-    with IndexCreator(str(tar_path), str(idx_path), verbose=False) as creator:
-        creator.create_index()
+    Members are written in sorted extension order with a fixed mtime, owner and mode, so the
+    same samples always give byte-identical tars (reproducible builds, comparable hashes).
+    """
+
+    def __init__(self, path: Path):
+        self._tar = tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._index_lines: list[str] = []
+
+    def write(self, entry: dict) -> None:
+        key = entry["__key__"]
+        parts = []
+        for ext in sorted(k for k in entry if k != "__key__"):
+            data = entry[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), SHARD_MTIME, 0o444
+            info.uname = info.gname = "mcis"
+            self._tar.addfile(info, io.BytesIO(data))
+            # After addfile, the writer stands at the end of the data, padded to 512 bytes.
+            offset = self._tar.offset - ((len(data) + 511) // 512) * 512
+            parts.append(f"{ext} {offset} {len(data)} {info.name}")
+        self._index_lines.append(" ".join(parts))
+
+    def close(self) -> str:
+        """Finish the tar (the caller closes it: a context manager would hide the index text);
+        return the index text."""
+        self._tar.close()
+        return f"v1.2 {len(self._index_lines)}\n" + "".join(f"{ln}\n" for ln in self._index_lines)
 
 
 _PROGRESS = None  # a shared counter in pool workers
@@ -227,25 +265,24 @@ def _bump(n: int = 1) -> None:
 
 def write_shard(task: _ShardTask, progress=_bump) -> dict:
     """Write one shard (tar, index, then its part record); return the part record."""
-    import webdataset as wds
-
     name = shard_name(task.index)
+    idx_name = name.replace(".tar", ".idx")
     rows, rejected, normalised = [], [], Counter()
-    with tempfile.TemporaryDirectory(prefix="mcis-shard-") as tmp:
-        tar_path, idx_path = Path(tmp) / name, Path(tmp) / name.replace(".tar", ".idx")
-        with wds.TarWriter(str(tar_path), encoder=False, mtime=SHARD_MTIME) as writer:
-            for s in task.samples:
-                try:
-                    entry, kept = encode_sample(task, s)
-                except Exception as e:  # one bad sample never stops the shard
-                    reason = str(e) if isinstance(e, ImageError) else f"{type(e).__name__}: {e}"
-                    rejected.append({"source_id": s.source_id, "reason": reason})
-                else:
-                    writer.write(entry)
-                    rows.append({"key": s.key, "domain": s.domain, **kept})
-                    if kept.get("normalised"):
-                        normalised[kept["normalised"]] += 1
-                progress(1)
+    with task.storage.staged(name) as staged:
+        writer = ShardWriter(staged.path)
+        for s in task.samples:
+            try:
+                entry, kept = encode_sample(task, s)
+            except Exception as e:  # one bad sample never stops the shard
+                reason = str(e) if isinstance(e, ImageError) else f"{type(e).__name__}: {e}"
+                rejected.append({"source_id": s.source_id, "reason": reason})
+            else:
+                writer.write(entry)
+                rows.append({"key": s.key, "domain": s.domain, **kept})
+                if kept.get("normalised"):
+                    normalised[kept["normalised"]] += 1
+            progress(1)
+        index = writer.close().encode()
         record = {
             "format": FORMAT,
             "shard": task.index,
@@ -255,17 +292,18 @@ def write_shard(task: _ShardTask, progress=_bump) -> dict:
             "rejected": rejected,
             "normalised": dict(sorted(normalised.items())),
         }
-        if rows:  # an all-rejected shard has no tar (an empty tar is not a valid shard)
-            write_index(tar_path, idx_path)
+        if rows:
             record.update(
                 name=name,
-                index=idx_path.name,
-                bytes=tar_path.stat().st_size,
-                sha256=_sha256_file(tar_path),
-                index_sha256=_sha256_file(idx_path),
+                index=idx_name,
+                bytes=staged.path.stat().st_size,
+                sha256=_sha256_file(staged.path),
+                index_sha256=hashlib.sha256(index).hexdigest(),
             )
-            task.storage.upload_file(tar_path, name)
-            task.storage.upload_file(idx_path, idx_path.name)
+        else:  # an all-rejected shard has no tar (an empty tar is not a valid shard)
+            staged.discard()
+    if rows:
+        task.storage.write_bytes(idx_name, index)
     part = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
     task.storage.write_bytes(f"{PARTS_DIR}/{part_name(task.index)}", part)
     return record
@@ -318,8 +356,7 @@ def _run_tasks(tasks: list[_ShardTask], opts: BuildOptions, total: int, done: in
 
 def build_split(plan: SourcePlan, storage: Storage, opts: BuildOptions, log=print) -> dict:
     """Build (or finish) one split's shards under ``storage``; return its manifest."""
-    if opts.verify not in ("header", "full"):
-        raise BuildError(f"verify={opts.verify!r}: expected 'header' or 'full'")
+    opts.validate()
     storage.check_writable()
     shards = cut_shards(plan.samples, opts)
     hashes = [plan_hash(plan, opts, s) for s in shards]
@@ -353,8 +390,18 @@ def build_split(plan: SourcePlan, storage: Storage, opts: BuildOptions, log=prin
             records[i] = rec
             continue
         todo.append(
-            _ShardTask(i, h, shard, plan.source, plan.split, len(plan.classes), storage,
-                       opts.verify, opts.max_pixels, plan.synthetic)  # fmt: skip
+            _ShardTask(
+                i,
+                h,
+                shard,
+                plan.source,
+                plan.split,
+                len(plan.classes),
+                storage,
+                opts.verify,
+                opts.max_pixels,
+                plan.synthetic,
+            )  # fmt: skip
         )
     total = len(plan.samples)
     done = sum(len(shards[i]) for i in records)
@@ -365,12 +412,13 @@ def build_split(plan: SourcePlan, storage: Storage, opts: BuildOptions, log=prin
         records[rec["shard"]] = rec
     elapsed = time.perf_counter() - t0
 
-    # Files of an older, larger build that this one does not own any more.
+    # Files of an older, larger build that this one does not own any more, and temporary files
+    # left by a killed process (a rename never happened).
     keep = {shard_name(i) for i in records} | {
         shard_name(i).replace(".tar", ".idx") for i in records
     }
     for n in storage.list():
-        if n.startswith("shard-") and n not in keep:
+        if (n.startswith("shard-") and n not in keep) or n.startswith(".shard-"):
             storage.delete(n)
     for n in storage.list(PARTS_DIR):
         if n not in {part_name(i) for i in records}:
@@ -388,7 +436,6 @@ def build_split(plan: SourcePlan, storage: Storage, opts: BuildOptions, log=prin
     manifest = assemble_manifest(plan, ordered, [asdict(r) for r in plan.rejected], build)
     storage.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
     return manifest
-
 
 
 DEFAULT_SPLITS = {"synthetic": ("train", "val"), "voc": ("train", "val"), "list": ("train",),
@@ -441,6 +488,7 @@ def build_dataset(
     """
     from mcis_dist.shards.sources import DOMAINS, SourceError
 
+    opts.validate()
     args = dict(source_args or {})
     if args.get("domain") not in (None, *DOMAINS):
         raise SourceError(f"domain {args['domain']!r}: expected one of {', '.join(DOMAINS)}")

@@ -81,7 +81,11 @@ class CheckedImage:
 
 
 def encode_png(array_or_image, compress_level: int = 3) -> bytes:
-    img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    img = (
+        array_or_image
+        if isinstance(array_or_image, Image.Image)
+        else Image.fromarray(array_or_image)
+    )
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
@@ -251,7 +255,10 @@ def mask_labels(mask: np.ndarray, num_classes: int) -> list[int]:
 
 
 def check_saliency(
-    data: bytes, image: CheckedImage, what: str = "saliency map", max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    image: CheckedImage,
+    what: str = "saliency map",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> bytes:
     """Validate a saliency map (grey, 0..255, same size as the image); store it as an L PNG."""
     img = _open(data, what, max_pixels)

@@ -299,10 +299,14 @@ def plan_voc(
                 rejected.append(Rejection(vid, f"annotation {xml} is not valid XML ({e})"))
                 continue
             except KeyError as e:
-                rejected.append(Rejection(vid, f"annotation {xml} names unknown class {e.args[0]!r}"))
+                rejected.append(
+                    Rejection(vid, f"annotation {xml} names unknown class {e.args[0]!r}")
+                )
                 continue
             if not labels:
-                rejected.append(Rejection(vid, f"annotation {xml} has no objects (empty label list)"))
+                rejected.append(
+                    Rejection(vid, f"annotation {xml} has no objects (empty label list)")
+                )
                 continue
         elif mask is None:
             rejected.append(Rejection(vid, "labels_from=mask but the image has no mask"))
@@ -379,7 +383,10 @@ def plan_folder(
 
 
 def plan_synthetic(spec: SyntheticSpec, split: str = "train") -> SourcePlan:
-    n = spec.num_samples(split)
+    try:
+        n = spec.num_samples(split)
+    except ValueError as e:
+        raise SourceError(f"synthetic source: {e}") from None
     mean_side = (spec.min_size + spec.max_size) / 2
     est = int(mean_side * mean_side * 0.35) + _PER_SAMPLE_OVERHEAD  # JPEG q90 + mask PNG
     samples = [
