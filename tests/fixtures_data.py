@@ -120,6 +120,13 @@ def make_folder_dataset(root):
     arr[..., 3] = 128
     write(root / "web" / "MotorBike" / "alpha.png", png_bytes(arr, mode="RGBA"))
     write(root / "web" / "cat" / "grey.jpg", jpeg_bytes(30, 30, mode="L"))
+    write(root / "web" / "cat" / "cmyk.jpg", jpeg_bytes(30, 30, mode="CMYK"))
+    deep = (np.arange(900, dtype=np.uint32).reshape(30, 30) * 70).astype(np.uint16)
+    write(root / "web" / "cat" / "deep.png", png_bytes(deep))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated = encode(Image.fromarray(noise_image(40, 20)), "JPEG", exif=exif.tobytes())
+    write(root / "web" / "cat" / "rotated.jpg", rotated)
     write(root / "web" / "cat" / "notes.txt", b"crawler log\n")
     write(root / "web" / "giraffe" / "g.jpg", jpeg_bytes(30, 30))
     return root / "web", root / "classes.txt"

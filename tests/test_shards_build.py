@@ -80,6 +80,22 @@ def test_voc_source_labels_masks_saliency_and_rejections(tmp_path):
         assert manifest["class_histogram"][k] == len(want)
 
 
+def test_voc_segmentation_class_aug_masks_take_precedence(tmp_path):
+    root, expected, train, _ = make_voc(tmp_path / "data", n_good=6, with_saliency=False)
+    vid = next(v for v in train if v in expected)  # an image with labels [a, b]
+    aug = tmp_path / "SegmentationClassAug"
+    aug.mkdir()
+    m = np.zeros((40, 48 + int(vid[-1])), np.uint8)
+    m[5:20, 5:20] = 15  # only 'person' (class 14) in the augmented mask
+    Image.fromarray(m).save(aug / f"{vid}.png")
+    args = {"voc_root": str(root), "seg_aug": str(aug)}
+    build_dataset("voc", LocalStorage(tmp_path / "s"), BuildOptions(**QUIET), ["train"], args,
+                  log=lambda *_: None)  # fmt: skip
+    samples = read_samples(tmp_path / "s" / "train")
+    assert samples[vid]["meta"]["labels"] == [14]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(samples[vid]["mask.png"]))), m)
+
+
 def test_voc_bad_split_and_missing_root_fail_before_any_work(tmp_path):
     root, *_ = make_voc(tmp_path / "data", n_good=2, with_saliency=False)
     out = LocalStorage(tmp_path / "shards")
@@ -138,7 +154,11 @@ def test_folder_source_maps_names_and_normalises(tmp_path):
     rej = reasons(manifest)
     assert "not a readable image" in rej["cat/notes.txt"]
     assert "matches no class" in rej["giraffe/g.jpg"]
-    assert manifest["normalised"] == {"alpha": 1}
+    assert manifest["normalised"] == {"16-bit": 1, "alpha": 1, "cmyk": 1, "exif-rotated": 1}
+    rotated = samples["cat/rotated.jpg"]
+    assert (rotated["meta"]["width"], rotated["meta"]["height"]) == (20, 40)
+    assert Image.open(io.BytesIO(rotated["jpg"])).size == (20, 40)
+    assert Image.open(io.BytesIO(samples["cat/deep.png"]["png"])).mode == "L"
     single = build_dataset("folder", LocalStorage(tmp_path / "s2"), BuildOptions(**QUIET), None,
                            {**args, "domain": "single"}, log=lambda *_: None)["train"]  # fmt: skip
     assert single["domains"] == {"single": manifest["num_samples"]}

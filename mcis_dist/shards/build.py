@@ -30,7 +30,7 @@ import tarfile
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from PIL import Image
@@ -122,9 +122,13 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_SAMPLE_FIELDS = [f.name for f in fields(PlannedSample)]
+
+
 def plan_hash(plan: SourcePlan, opts: BuildOptions, shard: list[PlannedSample]) -> str:
     head = [FORMAT, plan.source, plan.split, plan.classes, plan.options, opts.content_options()]
-    return _hash([head, [asdict(s) for s in shard]])
+    rows = [[getattr(s, f) for f in _SAMPLE_FIELDS] for s in shard]  # asdict() is 10x slower
+    return _hash([head, rows])
 
 
 @dataclass
@@ -206,12 +210,22 @@ def encode_sample(task: _ShardTask, s: PlannedSample) -> tuple[dict, dict]:
     return entry, kept
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class _HashingFile:
+    """A write-only file that hashes what passes through (no second read of the shard)."""
+
+    def __init__(self, f):
+        self._f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.nbytes += len(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self.nbytes
+
+    def close(self) -> None:
+        self._f.close()
 
 
 class ShardWriter:
@@ -225,7 +239,8 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path):
-        self._tar = tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._file = _HashingFile(open(path, "wb"))  # noqa: SIM115 - closed in close()
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._index_lines: list[str] = []
 
     def write(self, entry: dict) -> None:
@@ -246,6 +261,8 @@ class ShardWriter:
         """Finish the tar (the caller closes it: a context manager would hide the index text);
         return the index text."""
         self._tar.close()
+        self._file.close()
+        self.sha256, self.bytes = self._file.sha.hexdigest(), self._file.nbytes
         return f"v1.2 {len(self._index_lines)}\n" + "".join(f"{ln}\n" for ln in self._index_lines)
 
 
@@ -296,8 +313,8 @@ def write_shard(task: _ShardTask, progress=_bump) -> dict:
             record.update(
                 name=name,
                 index=idx_name,
-                bytes=staged.path.stat().st_size,
-                sha256=_sha256_file(staged.path),
+                bytes=writer.bytes,
+                sha256=writer.sha256,
                 index_sha256=hashlib.sha256(index).hexdigest(),
             )
         else:  # an all-rejected shard has no tar (an empty tar is not a valid shard)
