@@ -63,8 +63,10 @@ def run_demo(config_path: str | None = None, overrides: list[str] | tuple = ()) 
     for split, manifest in manifests.items():
         print(summarize(manifest, shards.child(split).describe()))
     print(f"\nmcis demo: done in {time.perf_counter() - t0:.1f} s.")
+    print(f"  Inspect the shards with `mcis shards info {cfg.shards.url}` and check them with")
+    print(f"  `mcis shards verify {cfg.shards.url}`; the format is described in shards/README.md.")
     print(
-        "  Next stages (classifier training, localization maps, pseudo masks, segmentation) "
-        "are not built yet; see the README's roadmap."
+        "  The next stages (classifier training, localization maps, pseudo masks, "
+        "segmentation) are not built yet: see the Status table in the README."
     )
     return 0
