@@ -55,6 +55,21 @@ class Staged:
         self.discarded = True
 
 
+@contextmanager
+def _staging(folder: Path | None, prefix: str, publish) -> Iterator[Staged]:
+    """A temporary file in ``folder`` (None: the system's), published by ``publish(path)`` if the
+    block ends without error and the file was not discarded; removed in every case."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    os.close(fd)
+    staged = Staged(Path(tmp))
+    try:
+        yield staged
+        if not staged.discarded:
+            publish(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 class LocalStorage:
     """A folder on local disk (created on the first write)."""
 
@@ -131,15 +146,8 @@ class LocalStorage:
         renamed over ``name`` when the block ends without error (no copy, still atomic)."""
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        staged = Staged(Path(tmp))
-        try:
-            yield staged
-            if not staged.discarded:
-                os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with _staging(path.parent, f".{path.name}.", lambda tmp: os.replace(tmp, path)) as st:
+            yield st
 
     def download_file(self, name: str, local_path: str | os.PathLike) -> None:
         try:
@@ -305,15 +313,8 @@ class S3Storage:
     @contextmanager
     def staged(self, name: str) -> Iterator[Staged]:
         """Write a large file locally, then upload it when the block ends without error."""
-        fd, tmp = tempfile.mkstemp(prefix="mcis-", suffix=f"-{Path(name).name}")
-        os.close(fd)
-        staged = Staged(Path(tmp))
-        try:
-            yield staged
-            if not staged.discarded:
-                self.upload_file(tmp, name)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with _staging(None, "mcis-", lambda tmp: self.upload_file(tmp, name)) as st:
+            yield st
 
     def download_file(self, name: str, local_path: str | os.PathLike) -> None:
         try:
