@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
 SECRET_KEY_RE = re.compile(r"(secret|password|token|access_key|secret_key)$", re.IGNORECASE)
@@ -374,53 +374,9 @@ def describe_schema(schema: type[BaseModel], prefix: str = "") -> list[tuple[str
     return rows
 
 
-# --------------------------------------------------------------------------- experiment schema
-class SyntheticConfig(ConfigSection):
-    """Generator settings of the built-in synthetic dataset."""
-
-    num_train: int = Field(600, ge=1, description="Number of synthetic training images.")
-    num_val: int = Field(150, ge=1, description="Number of synthetic validation images.")
-    min_size: int = Field(128, ge=32, description="Smallest image side, in pixels.")
-    max_size: int = Field(176, description="Largest image side, in pixels (>= min_size).")
-    num_classes: int = Field(8, ge=1, le=8, description="Foreground classes to draw from (1-8).")
-    seed: int = Field(0, description="Seed of the synthetic image generator.")
-
-    @model_validator(mode="after")
-    def _check_sizes(self) -> SyntheticConfig:
-        if self.max_size < self.min_size:
-            raise ValueError(f"max_size ({self.max_size}) must be >= min_size ({self.min_size})")
-        return self
-
-
-class ShardsConfig(ConfigSection):
-    """``mcis shards build`` settings used by an experiment."""
-
-    source: Literal["synthetic", "list", "voc", "folder"] = Field(
-        "synthetic", description="Where the images come from (built-in generator or a dataset)."
-    )
-    url: str = Field("shards/built/demo", description="Shards: local path or s3://bucket/prefix.")
-    shard_size_mb: float = Field(256.0, gt=0, description="Target size of one shard, in MB.")
-    workers: int = Field(0, ge=0, description="Build processes; 0 = one per CPU core.")
-    seed: int = Field(0, description="Seed of the sample order when building shards.")
-    verify: Literal["header", "full"] = Field("header", description="Verify headers or decode all.")
-    endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint URL; credentials come from AWS env vars only."
-    )
-
-
-class ExperimentConfig(ConfigSection):
-    """One experiment: its name, where its runs live, and its sections."""
-
-    name: str = Field("demo", description="Experiment name ([A-Za-z0-9_.-]+); runs/<name>/.")
-    run_root: str = Field("runs", description="Local path or s3:// URL under which runs live.")
-    shards: ShardsConfig = Field(default_factory=ShardsConfig, description="Shard building.")
-    synthetic: SyntheticConfig = Field(
-        default_factory=SyntheticConfig, description="Synthetic data."
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value in (".", ".."):
-            raise ValueError("must be non-empty, of [A-Za-z0-9_.-] only, and not '.' or '..'")
-        return value
+# The experiment schema lives in its own module (the machinery above, the settings there); it is
+# re-exported here so that `from mcis_dist.config import ExperimentConfig` keeps working.
+from mcis_dist.schema import DataConfig as DataConfig  # noqa: E402
+from mcis_dist.schema import ExperimentConfig as ExperimentConfig  # noqa: E402
+from mcis_dist.schema import ShardsConfig as ShardsConfig  # noqa: E402
+from mcis_dist.schema import SyntheticConfig as SyntheticConfig  # noqa: E402

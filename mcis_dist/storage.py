@@ -96,6 +96,17 @@ class LocalStorage:
             return []
         return sorted(p.name for p in folder.iterdir() if p.is_file())
 
+    def sizes(self) -> dict[str, int]:
+        """Byte size of every file directly in this folder."""
+        if not self.root.is_dir():
+            raise StorageError(f"{self.root} does not exist or is not a folder")
+        return {p.name: p.stat().st_size for p in self.root.iterdir() if p.is_file()}
+
+    def read_range(self, name: str, offset: int, size: int) -> bytes:
+        with self.open_read(name) as f:
+            f.seek(offset)
+            return f.read(size)
+
     def list_dirs(self) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -276,6 +287,33 @@ class S3Storage:
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(n for n in self._list_page(prefix, delimiter=False) if n)
+
+    def sizes(self) -> dict[str, int]:
+        """Byte size of every object directly under this prefix."""
+        key_prefix = f"{self.loc.prefix}/" if self.loc.prefix else ""
+        out = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.loc.bucket, Prefix=key_prefix, Delimiter="/"
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(key_prefix) :]] = int(obj["Size"])
+        except Exception as e:
+            raise self._error(e, f"cannot list {self.url}") from None
+        return out
+
+    def read_range(self, name: str, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` (one ranged GET: random access into a shard)."""
+        try:
+            obj = self.client.get_object(
+                Bucket=self.loc.bucket,
+                Key=self._key(name),
+                Range=f"bytes={offset}-{offset + size - 1}",
+            )
+            return obj["Body"].read()
+        except Exception as e:
+            raise self._error(e, f"cannot read {self.describe(name)}") from None
 
     def list_dirs(self) -> list[str]:
         return sorted(n for n in self._list_page("", delimiter=True) if n)

@@ -1,0 +1,176 @@
+"""The class-keyed pair pool: every image leaves paired with a partner that shares a class.
+
+MCIS trains on pairs (I_m, I_n) sharing at least one class (paper §3.1; the authors' sampler:
+pick a random positive class of image m, then a random image holding that class). A stream can
+not look images up by class, so each loader worker keeps a bounded pool of recently seen samples
+indexed by class:
+
+* an arriving sample m picks one of its classes at random (then the others, in random order)
+  and takes a random partner holding it from the pool, never a sample with the same source key;
+* with no partner available it waits (a bounded queue) and is paired as soon as a sample sharing
+  one of its classes arrives; if the queue overflows, the oldest waiting sample is dropped and
+  counted;
+* every sample enters the pool (evicting the oldest beyond ``pool_size``), so it can be a
+  partner for later ones.
+
+Domains (target / single / web, paper §3.2) travel with the samples; a pair's type picks the
+domain-specific W_P: 0 target–target, 1 extra–extra, 2 cross-domain. ``cross_domain_share``
+steers how often a partner is taken from the other domain group when both are available.
+
+The pool's choices depend only on sample metadata and its own generator, never on pixels, so the
+same stream always gives the same pairs (what makes an exact resume possible).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DOMAIN_IDS = {"target": 0, "single": 1, "web": 2}
+PAIR_TARGET, PAIR_EXTRA, PAIR_CROSS = 0, 1, 2
+
+
+def pair_type(domain_m: int, domain_n: int) -> int:
+    """0: both target; 1: both extra (single or web); 2: one of each."""
+    extra_m, extra_n = domain_m != 0, domain_n != 0
+    if extra_m and extra_n:
+        return PAIR_EXTRA
+    return PAIR_CROSS if extra_m != extra_n else PAIR_TARGET
+
+
+@dataclass
+class PoolItem:
+    key: str
+    labels: tuple[int, ...]
+    domain: int
+    payload: Any = None  # the image (or whatever the backend needs to produce it)
+
+
+@dataclass
+class PairStats:
+    pairs: int = 0
+    immediate: int = 0  # partner found when the sample arrived
+    after_wait: int = 0
+    dropped: int = 0  # waited too long (queue overflow)
+    shared_classes: int = 0  # sum over pairs of |l_m ∩ l_n|
+    pair_types: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+    def merge(self, other: PairStats) -> PairStats:
+        return PairStats(
+            self.pairs + other.pairs,
+            self.immediate + other.immediate,
+            self.after_wait + other.after_wait,
+            self.dropped + other.dropped,
+            self.shared_classes + other.shared_classes,
+            [a + b for a, b in zip(self.pair_types, other.pair_types, strict=True)],
+        )
+
+    def summary(self) -> dict:
+        n = max(self.pairs, 1)
+        return {
+            "pairs": self.pairs,
+            "share_without_waiting": self.immediate / n,
+            "mean_shared_classes": self.shared_classes / n,
+            "dropped_unpaired": self.dropped,
+            "pair_types": {
+                "target": self.pair_types[0],
+                "extra": self.pair_types[1],
+                "cross": self.pair_types[2],
+            },  # fmt: skip
+        }
+
+
+class PairPool:
+    """Pairs a stream of samples; ``push`` returns the pairs (m, n) that became ready."""
+
+    def __init__(
+        self,
+        pool_size: int = 256,
+        max_wait: int = 64,
+        cross_domain_share: float | None = None,
+        rng: np.random.Generator | None = None,
+    ):
+        if pool_size < 1 or max_wait < 0:
+            raise ValueError(f"pool_size={pool_size}, max_wait={max_wait}: expected >= 1 and >= 0")
+        if cross_domain_share is not None and not 0 <= cross_domain_share <= 1:
+            raise ValueError(f"cross_domain_share={cross_domain_share}: expected 0..1 or None")
+        self.pool_size, self.max_wait = pool_size, max_wait
+        self.cross_domain_share = cross_domain_share
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self._pool: OrderedDict[int, PoolItem] = OrderedDict()  # arrival id → item, oldest first
+        self._by_class: dict[int, dict[int, None]] = {}  # class → arrival ids (ordered set)
+        self._waiting: deque[PoolItem] = deque()
+        self._next_id = 0
+        self.stats = PairStats()
+
+    # -- the pool -------------------------------------------------------------------------------
+    def _add(self, item: PoolItem) -> None:
+        uid = self._next_id
+        self._next_id += 1
+        self._pool[uid] = item
+        for k in item.labels:
+            self._by_class.setdefault(k, {})[uid] = None
+        while len(self._pool) > self.pool_size:
+            old_id, old = self._pool.popitem(last=False)
+            for k in old.labels:
+                del self._by_class[k][old_id]
+
+    def _partner(self, m: PoolItem) -> PoolItem | None:
+        classes = list(m.labels)
+        self.rng.shuffle(classes)
+        for k in classes:
+            ids = [u for u in self._by_class.get(k, ()) if self._pool[u].key != m.key]
+            if not ids:
+                continue
+            if self.cross_domain_share is not None:
+                m_extra = m.domain != 0
+                other = [u for u in ids if (self._pool[u].domain != 0) != m_extra]
+                same = [u for u in ids if (self._pool[u].domain != 0) == m_extra]
+                want_other = self.rng.random() < self.cross_domain_share
+                ids = (other or same) if want_other else (same or other)
+            return self._pool[ids[int(self.rng.integers(len(ids)))]]
+        return None
+
+    def _emit(self, m: PoolItem, n: PoolItem, waited: bool) -> tuple[PoolItem, PoolItem]:
+        s = self.stats
+        s.pairs += 1
+        s.after_wait += waited
+        s.immediate += not waited
+        s.shared_classes += len(set(m.labels) & set(n.labels))
+        s.pair_types[pair_type(m.domain, n.domain)] += 1
+        return m, n
+
+    # -- public ---------------------------------------------------------------------------------
+    def push(self, item: PoolItem) -> list[tuple[PoolItem, PoolItem]]:
+        """Add one sample; return the pairs that are ready now (the sample's own first, if any)."""
+        if not item.labels:
+            raise ValueError(f"sample {item.key!r} has no labels: it can never be paired")
+        ready = []
+        partner = self._partner(item)
+        if partner is not None:
+            ready.append(self._emit(item, partner, waited=False))
+        self._add(item)
+        # Samples waiting for a class this one holds can be paired now (oldest first).
+        if self._waiting:
+            still = deque()
+            for w in self._waiting:
+                p = self._partner(w) if set(w.labels) & set(item.labels) else None
+                if p is None:
+                    still.append(w)
+                else:
+                    ready.append(self._emit(w, p, waited=True))
+            self._waiting = still
+        if partner is None:
+            self._waiting.append(item)
+            if len(self._waiting) > self.max_wait:
+                self._waiting.popleft()
+                self.stats.dropped += 1
+        return ready
+
+    def items(self):
+        """Every item the pool or the waiting queue holds (to materialise after a replay)."""
+        yield from self._pool.values()
+        yield from self._waiting

@@ -1,0 +1,231 @@
+"""The ``webdataset`` backend: shards are streamed with webdataset's tar iterators, images decoded
+with PIL and augmented with torchvision's v2 functions in DataLoader worker processes, then
+paired by :class:`~mcis_dist.data.pairs.PairPool` and batched inside each worker.
+
+Resume is exact: a worker's stream is a pure function of (seed, epoch, rank, worker), every
+sample's augmentation is seeded from its key, and the pool decides from metadata alone. To
+resume at batch ``n`` a worker replays its stream reading only the JSON records (no decoding),
+recreating the pool's state, and decodes only what it will emit from there on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mcis_dist.data.pairs import DOMAIN_IDS, PairPool, PoolItem, pair_type
+from mcis_dist.data.sharding import Unit, assign, batches_per_rank, consumed_by_worker, worker_quota
+from mcis_dist.data.transforms import AugmentSpec, augment, decode_rgb, sample_seed
+from mcis_dist.storage import open_url
+
+IMAGE_EXTS = ("jpg", "png")
+MAX_LISTED = 100  # bad keys listed per worker (all are counted)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a worker needs (picklable; sent to each DataLoader worker)."""
+
+    shard_urls: tuple[str, ...]
+    num_samples: int
+    num_classes: int
+    batch_size: int
+    augment: AugmentSpec
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 1
+    seed: int = 0
+    pool_size: int = 256
+    max_wait: int = 64
+    cross_domain_share: float | None = None
+    shuffle_buffer: int = 256
+    endpoint_url: str | None = None
+
+    @property
+    def batches_per_rank(self) -> int:
+        return batches_per_rank(self.num_samples, self.world_size, self.batch_size)
+
+
+@dataclass
+class _Lazy:
+    """An image that is decoded and augmented only when it is about to be emitted."""
+
+    data: bytes
+    rng_seed: list[int]
+    image: torch.Tensor | None = None
+
+    def get(self, spec: AugmentSpec) -> torch.Tensor:
+        if self.image is None:
+            self.image = augment(decode_rgb(self.data), spec, np.random.default_rng(self.rng_seed))
+            self.data = b""  # keep only the (smaller, fixed-size) result
+        return self.image
+
+
+@dataclass
+class WorkerStats:
+    worker: int = 0
+    samples: int = 0
+    bad_decode: int = 0
+    bad_record: int = 0
+    shard_errors: int = 0
+    passes: int = 0
+    last_error: str = ""
+    bad_keys: list[str] = field(default_factory=list)
+
+    def note_bad(self, key: str) -> None:
+        if len(self.bad_keys) < MAX_LISTED:
+            self.bad_keys.append(key)
+
+
+def parse_record(raw: dict, num_classes: int) -> tuple[str, tuple[int, ...], int, bytes]:
+    """(key, labels, domain id, image bytes) of a raw webdataset sample; ValueError if malformed."""
+    key = raw.get("__key__", "?")
+    try:
+        meta = json.loads(raw["json"])
+        labels = tuple(sorted({int(k) for k in meta["labels"]}))
+        domain = DOMAIN_IDS[meta.get("domain", "target")]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"sample {key!r}: malformed label record ({type(e).__name__}: {e})"
+        ) from None
+    if not labels or labels[0] < 0 or labels[-1] >= num_classes:
+        raise ValueError(f"sample {key!r}: labels {list(labels)} outside 0..{num_classes - 1}")
+    data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+    if data is None:
+        raise ValueError(f"sample {key!r}: no image member ({', '.join(IMAGE_EXTS)})")
+    return key, labels, domain, data
+
+
+def iter_shard(url: str, endpoint_url: str | None = None):
+    """Raw samples (dicts of member bytes, ``__key__``) of one shard, in tar order."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open_url(url, endpoint_url=endpoint_url) as stream:
+        members = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        yield from group_by_keys(members)
+
+
+class PairStream(IterableDataset):
+    """Yields batches of pairs for one rank; each DataLoader worker runs its own slice."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+        self.epoch = 0
+        self.skip_batches = 0  # rank batches already consumed in this epoch (resume)
+        self.bad_keys: frozenset[str] = frozenset()  # samples known to fail decoding (resume)
+
+    def set_position(self, epoch: int, skip_batches: int = 0, bad_keys=()) -> None:
+        self.epoch, self.skip_batches, self.bad_keys = epoch, skip_batches, frozenset(bad_keys)
+
+    # -- the worker's sample stream --------------------------------------------------------------
+    def _raw_samples(self, unit: Unit, stats: WorkerStats):
+        """(raw sample, pass number), cycling over the unit's shards without end."""
+        spec = self.spec
+        plan = assign(len(spec.shard_urls), unit, spec.seed, self.epoch)
+        rng = np.random.default_rng([spec.seed, self.epoch, unit.index, 2])
+        buffer: list = []
+        for cycle in range(1 << 30):
+            stats.passes = cycle + 1
+            position, usable = 0, 0
+            order = plan.shards if cycle == 0 else list(rng.permutation(plan.shards))
+            for shard in order:
+                try:
+                    for raw in iter_shard(spec.shard_urls[shard], spec.endpoint_url):
+                        keep = position % plan.stride == plan.offset
+                        position += 1
+                        if not keep:
+                            continue
+                        usable += 1
+                        buffer.append((raw, cycle))
+                        if len(buffer) >= max(1, spec.shuffle_buffer):
+                            yield buffer.pop(int(rng.integers(len(buffer))))
+                except Exception as e:  # a broken or unreachable shard costs its samples only
+                    stats.shard_errors += 1
+                    stats.last_error = f"{spec.shard_urls[shard]}: {type(e).__name__}: {e}"
+            if usable == 0:
+                raise RuntimeError(
+                    f"rank {unit.rank} loader worker {unit.worker}: none of its "
+                    f"{len(order)} shard(s) gave a readable sample (last error: {stats.last_error})"
+                )
+
+    def __iter__(self):
+        spec = self.spec
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if num_workers != spec.num_workers:
+            raise RuntimeError(
+                f"spec says {spec.num_workers} loader workers, running {num_workers}"
+            )
+        unit = Unit(spec.rank, spec.world_size, worker, num_workers)
+        rank_batches = spec.batches_per_rank
+        quota = worker_quota(rank_batches, worker, num_workers)
+        to_skip = consumed_by_worker(min(self.skip_batches, rank_batches), worker, num_workers)
+        stats = WorkerStats(worker=worker)
+        pool = PairPool(spec.pool_size, spec.max_wait, spec.cross_domain_share,
+                        np.random.default_rng([spec.seed, self.epoch, unit.index, 1]))  # fmt: skip
+        pairs_to_skip = to_skip * spec.batch_size
+        emitted = to_skip
+        pending = []
+        if emitted >= quota:
+            return
+        for raw, cycle in self._raw_samples(unit, stats):
+            try:
+                key, labels, domain, data = parse_record(raw, spec.num_classes)
+            except ValueError:
+                stats.bad_record += 1
+                stats.note_bad(str(raw.get("__key__", "?")))
+                continue
+            if key in self.bad_keys:
+                continue
+            lazy = _Lazy(data, sample_seed(spec.seed, self.epoch, cycle, key))
+            if pairs_to_skip == 0:  # live: decode now, so a bad image never enters the pool
+                try:
+                    lazy.get(spec.augment)
+                except Exception:
+                    stats.bad_decode += 1
+                    stats.note_bad(key)
+                    continue
+            stats.samples += 1
+            for m, n in pool.push(PoolItem(key, labels, domain, lazy)):
+                if pairs_to_skip:
+                    pairs_to_skip -= 1
+                    continue
+                pending.append((m, n))
+                if len(pending) == spec.batch_size:
+                    emitted += 1
+                    yield self._collate(pending, pool, stats)
+                    pending = []
+                    if emitted == quota:
+                        return
+
+    def _collate(self, pairs, pool: PairPool, stats: WorkerStats) -> dict:
+        spec = self.spec
+        k = spec.num_classes
+
+        def multi_hot(items):
+            out = torch.zeros(len(items), k)
+            for i, it in enumerate(items):
+                out[i, list(it.labels)] = 1
+            return out
+
+        ms, ns = [p[0] for p in pairs], [p[1] for p in pairs]
+        return {
+            "image_m": torch.stack([m.payload.get(spec.augment) for m in ms]),  # (B, 3, S, S) uint8
+            "image_n": torch.stack([n.payload.get(spec.augment) for n in ns]),
+            "labels_m": multi_hot(ms),  # (B, K)
+            "labels_n": multi_hot(ns),
+            "domain_m": torch.tensor([m.domain for m in ms]),
+            "domain_n": torch.tensor([n.domain for n in ns]),
+            "pair_type": torch.tensor([pair_type(m.domain, n.domain) for m, n in pairs]),
+            "key_m": [m.key for m in ms],
+            "key_n": [n.key for n in ns],
+            "stats": {
+                "worker": {**stats.__dict__, "bad_keys": list(stats.bad_keys)},
+                "pairs": {**pool.stats.__dict__, "pair_types": list(pool.stats.pair_types)},
+            },
+        }

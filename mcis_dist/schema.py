@@ -1,0 +1,122 @@
+"""The experiment schema: every setting a run has, typed, bounded and described.
+
+Each section is a :class:`~mcis_dist.config.ConfigSection` (unknown keys and wrong types are
+errors); ``describe_schema(ExperimentConfig)`` lists every key with its type, default and
+description. One section per concern; stages add theirs as they arrive.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mcis_dist.config import ConfigSection
+
+
+class SyntheticConfig(ConfigSection):
+    """Generator settings of the built-in synthetic dataset."""
+
+    num_train: int = Field(600, ge=1, description="Number of synthetic training images.")
+    num_val: int = Field(150, ge=1, description="Number of synthetic validation images.")
+    min_size: int = Field(128, ge=32, description="Smallest image side, in pixels.")
+    max_size: int = Field(176, description="Largest image side, in pixels (>= min_size).")
+    num_classes: int = Field(8, ge=1, le=8, description="Foreground classes to draw from (1-8).")
+    seed: int = Field(0, description="Seed of the synthetic image generator.")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> SyntheticConfig:
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size ({self.max_size}) must be >= min_size ({self.min_size})")
+        return self
+
+
+class ShardsConfig(ConfigSection):
+    """``mcis shards build`` settings used by an experiment."""
+
+    source: Literal["synthetic", "list", "voc", "folder"] = Field(
+        "synthetic", description="Where the images come from (built-in generator or a dataset)."
+    )
+    url: str = Field("shards/built/demo", description="Shards: local path or s3://bucket/prefix.")
+    shard_size_mb: float = Field(256.0, gt=0, description="Target size of one shard, in MB.")
+    workers: int = Field(0, ge=0, description="Build processes; 0 = one per CPU core.")
+    seed: int = Field(0, description="Seed of the sample order when building shards.")
+    verify: Literal["header", "full"] = Field("header", description="Verify headers or decode all.")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint URL; credentials come from AWS env vars only."
+    )
+
+
+class DataConfig(ConfigSection):
+    """The classifier's pair loader (``mcis_dist.data``)."""
+
+    train_url: str = Field(
+        "shards/built/demo/train", description="Split folder of training shards (local or s3://)."
+    )
+    backend: Literal["auto", "webdataset", "dali"] = Field(
+        "auto", description="Decoding backend; auto = DALI on a GPU, webdataset otherwise."
+    )
+    batch_size: int = Field(8, ge=1, description="Pairs per batch, per rank.")
+    num_workers: int = Field(2, ge=0, description="Loader worker processes per rank (webdataset).")
+    mp_context: Literal["fork", "forkserver", "spawn"] = Field(
+        "forkserver", description="How loader workers start (forkserver/spawn inside Ray)."
+    )
+    crop_size: int = Field(256, ge=16, description="Square crop fed to the network, pixels.")
+    resize_long: list[int] = Field(
+        [256, 512], description="Random rescale of the long side to [lo, hi] pixels."
+    )
+    hflip: bool = Field(True, description="Random horizontal flip.")
+    color_jitter: list[float] = Field(
+        [0.3, 0.3, 0.3, 0.1], description="Brightness, contrast, saturation, hue jitter."
+    )
+    mean: list[float] = Field([0.485, 0.456, 0.406], description="Normalisation mean (RGB).")
+    std: list[float] = Field([0.229, 0.224, 0.225], description="Normalisation std (RGB).")
+    pool_size: int = Field(256, ge=1, description="Samples each worker keeps to draw partners.")
+    max_wait: int = Field(64, ge=0, description="Samples that may wait for a partner.")
+    shuffle_buffer: int = Field(256, ge=1, description="Per-worker sample shuffle buffer.")
+    cross_domain_share: float | None = Field(
+        None, ge=0, le=1, description="Share of cross-domain pairs when both are available."
+    )
+    seed: int = Field(0, ge=0, description="Seed of shard order, shuffling, pairing, augmentation.")
+    dali_threads: int = Field(2, ge=1, description="DALI CPU threads per rank.")
+    dali_guard: Literal["header", "full"] = Field(
+        "header", description="DALI: check images before decoding (header) or decode-check all."
+    )
+    index_cache: str = Field(
+        "~/.cache/mcis/idx", description="Local folder for the .idx files of s3:// shards (DALI)."
+    )
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for train_url.")
+
+    @model_validator(mode="after")
+    def _check_lists(self):
+        problems = []
+        if len(self.resize_long) != 2 or not 0 < self.resize_long[0] <= self.resize_long[1]:
+            problems.append(f"resize_long={self.resize_long}: expected [lo, hi] with 0 < lo <= hi")
+        if len(self.color_jitter) != 4 or min(self.color_jitter) < 0:
+            problems.append(f"color_jitter={self.color_jitter}: expected 4 values >= 0")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                problems.append(f"{name}={getattr(self, name)}: expected 3 values (RGB)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ExperimentConfig(ConfigSection):
+    """One experiment: its name, where its runs live, and its sections."""
+
+    name: str = Field("demo", description="Experiment name ([A-Za-z0-9_.-]+); runs/<name>/.")
+    run_root: str = Field("runs", description="Local path or s3:// URL under which runs live.")
+    shards: ShardsConfig = Field(default_factory=ShardsConfig, description="Shard building.")
+    synthetic: SyntheticConfig = Field(
+        default_factory=SyntheticConfig, description="Synthetic data."
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Pair loader.")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value in (".", ".."):
+            raise ValueError("must be non-empty, of [A-Za-z0-9_.-] only, and not '.' or '..'")
+        return value
