@@ -146,7 +146,8 @@ class PairLoader:
         for w in self._worker_stats.values():
             pairs = pairs.merge(PairStats(**w["pairs"]))
         out.update(pairs.summary())
-        out["bad_keys"] = sorted(self._bad_keys)[:MAX_LISTED]
+        bad = {k for w in self._worker_stats.values() for k in w["worker"]["bad_keys"]}
+        out["bad_keys"] = sorted(bad)[:MAX_LISTED]
         return out
 
     def _note(self, stats: dict) -> None:

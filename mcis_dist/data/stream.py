@@ -156,15 +156,19 @@ class PairStream(IterableDataset):
     def __iter__(self):
         spec = self.spec
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        physical, num_workers = (info.id, info.num_workers) if info else (0, 1)
         if num_workers != spec.num_workers:
             raise RuntimeError(
                 f"spec says {spec.num_workers} loader workers, running {num_workers}"
             )
-        unit = Unit(spec.rank, spec.world_size, worker, num_workers)
         rank_batches = spec.batches_per_rank
+        done = min(self.skip_batches, rank_batches)
+        # The DataLoader always starts its round-robin at worker 0, but after ``done`` batches
+        # the next batch is due from logical worker ``done % W``: shift the roles to match.
+        worker = (physical + done) % num_workers
+        unit = Unit(spec.rank, spec.world_size, worker, num_workers)
         quota = worker_quota(rank_batches, worker, num_workers)
-        to_skip = consumed_by_worker(min(self.skip_batches, rank_batches), worker, num_workers)
+        to_skip = consumed_by_worker(done, worker, num_workers)
         stats = WorkerStats(worker=worker)
         pool = PairPool(spec.pool_size, spec.max_wait, spec.cross_domain_share,
                         np.random.default_rng([spec.seed, self.epoch, unit.index, 1]))  # fmt: skip
