@@ -49,8 +49,13 @@ def epoch(loader, n=None):
     return out
 
 
-def test_contract_shapes_labels_and_normalisation(shards):
-    loader = PairLoader(cfg(shards), rank=0, world_size=1, device="cpu")
+BACKENDS = ["webdataset", "dali"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_contract_shapes_labels_and_normalisation(shards, backend):
+    loader = PairLoader(cfg(shards, backend=backend), rank=0, world_size=1, device="cpu")
+    assert loader.backend == backend
     batches = epoch(loader)
     assert len(batches) == len(loader) == 90 // 4
     for b in batches:
@@ -70,23 +75,26 @@ def test_contract_shapes_labels_and_normalisation(shards):
     assert 0 < s["share_without_waiting"] <= 1 and s["mean_shared_classes"] >= 1
 
 
-def test_labels_match_the_manifest(shards):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_match_the_manifest(shards, backend):
     manifest = json.loads((shards / "manifest.json").read_text())
     keys = [k for s in manifest["shards"] for k in s["keys"]]
     truth = {k: set() for k in keys}
     for c, members in enumerate(manifest["class_index"]):
         for g in members:
             truth[keys[g]].add(c)
-    for b in epoch(PairLoader(cfg(shards, num_workers=0), rank=0, world_size=1, device="cpu")):
+    c = cfg(shards, num_workers=0, backend=backend)
+    for b in epoch(PairLoader(c, rank=0, world_size=1, device="cpu")):
         for i, k in enumerate(b["key_m"]):
             assert set(torch.nonzero(b["labels_m"][i]).flatten().tolist()) == truth[k]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world", [2, 3])
-def test_ranks_are_disjoint_and_equal(shards, world):
+def test_ranks_are_disjoint_and_equal(shards, world, backend):
     per_rank = []
     for rank in range(world):
-        loader = PairLoader(cfg(shards), rank=rank, world_size=world, device="cpu")
+        loader = PairLoader(cfg(shards, backend=backend), rank=rank, world_size=world, device="cpu")
         batches = epoch(loader)
         assert len(batches) == len(loader) == 90 // (world * 4)
         per_rank.append({k for b in batches for k in b["key_m"]})
@@ -120,9 +128,12 @@ def test_epochs_reshuffle_and_are_reproducible(shards):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers, context", [(2, "forkserver"), (0, "fork")])
-def test_resume_continues_exactly_where_it_stopped(shards, workers, context):
-    c = cfg(shards, num_workers=workers, mp_context=context)
+@pytest.mark.parametrize(
+    "workers, context, backend",
+    [(2, "forkserver", "webdataset"), (0, "fork", "webdataset"), (1, "fork", "dali")],
+)
+def test_resume_continues_exactly_where_it_stopped(shards, workers, context, backend):
+    c = cfg(shards, num_workers=workers, mp_context=context, backend=backend)
     full = epoch(PairLoader(c, rank=1, world_size=2, device="cpu"))
     first = PairLoader(c, rank=1, world_size=2, device="cpu")
     head = epoch(first, n=3)
@@ -161,11 +172,12 @@ def corrupt_copy(src: Path, dst: Path) -> dict:
     return {"bad": [samples[0]["__key__"], samples[1]["__key__"]]}
 
 
-def test_corrupt_samples_are_skipped_counted_and_batches_stay_equal(shards, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_samples_are_skipped_counted_and_batches_stay_equal(shards, tmp_path, backend):
     info = corrupt_copy(shards, tmp_path / "bad")
     totals = {"bad_decode": 0, "bad_record": 0, "bad_keys": set()}
     for rank in range(2):
-        c = cfg(tmp_path / "bad", num_workers=1)
+        c = cfg(tmp_path / "bad", num_workers=1, backend=backend, dali_guard="full")
         loader = PairLoader(c, rank=rank, world_size=2, device="cpu")
         batches = epoch(loader)
         assert len(batches) == len(loader)  # equal batches on every rank all the same
@@ -176,6 +188,14 @@ def test_corrupt_samples_are_skipped_counted_and_batches_stay_equal(shards, tmp_
         totals["bad_keys"] |= set(loader.stats["bad_keys"])
     assert totals["bad_decode"] >= 1 and totals["bad_record"] >= 1
     assert set(info["bad"]) <= totals["bad_keys"]
+
+
+def test_dali_header_guard_names_the_fix_when_corruption_hides_inside_an_image(shards, tmp_path):
+    corrupt_copy(shards, tmp_path / "bad")
+    c = cfg(tmp_path / "bad", backend="dali", dali_guard="header")
+    with pytest.raises(RuntimeError, match="--verify full.*dali_guard=full"):
+        for r in range(2):
+            epoch(PairLoader(c, rank=r, world_size=2, device="cpu"))
 
 
 def test_a_manifest_that_does_not_match_its_shards_fails_at_start(shards, tmp_path):

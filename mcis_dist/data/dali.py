@@ -1,0 +1,213 @@
+"""The ``dali`` backend: NVIDIA DALI reads the shards (``readers.webdataset`` with the ``.idx``
+files), decodes (``mixed``, i.e. nvJPEG on the GPU, when the loader's device is a GPU; ``cpu``
+otherwise) and augments; the pairs are then formed by the same :class:`PairPool` as the
+webdataset backend, so both meet one contract.
+
+Augmentation mirrors ``transforms.augment`` with DALI operators (random long-side resize,
+brightness/contrast, hue/saturation, mirror, crop padded with the mean colour, normalisation):
+the same distributions, not the same pixels.
+
+Robustness: DALI stops its whole pipeline on an undecodable image, so a guard checks each
+encoded image before the decoder (``dali_guard``: ``header`` = the shard builder's header and
+stream-end check; ``full`` = a complete decode on the CPU) and swaps a failing one for a tiny
+placeholder that is dropped after the pipeline and counted. With ``header``, corruption inside
+the compressed data can still stop the pipeline; the loader then says which shard set to rebuild
+with ``mcis shards build --verify full``.
+
+Ranks: each rank reads its own slice of the samples (``shard_id``/``num_shards``), rotated every
+epoch; every rank takes exactly ``len(loader)`` batches from DALI's endless stream, so the
+equal-batches guarantee holds. Resume replays the epoch's first batches (decoding them), which
+gives exactly the same pairs on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcis_dist.data.pairs import PairPool, PoolItem, pair_type
+from mcis_dist.data.stream import WorkerStats, parse_record
+from mcis_dist.shards.images import ImageError, check_image
+from mcis_dist.storage import is_s3_url, open_storage
+
+
+def _placeholder() -> np.ndarray:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (124, 116, 104)).save(buf, format="JPEG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+class _Guard:
+    """Runs inside DALI (python_function): (encoded image) → (image or placeholder, ok flag)."""
+
+    def __init__(self, verify: str):
+        self.verify = verify
+        self.placeholder = _placeholder()
+
+    def __call__(self, data: np.ndarray):
+        try:
+            check_image(data.tobytes(), verify=self.verify)
+            return data, np.ones(1, np.uint8)
+        except ImageError:
+            return self.placeholder.copy(), np.zeros(1, np.uint8)
+
+
+def local_index_paths(loader) -> list[str]:
+    """The ``.idx`` of every shard as a local path (downloaded once into ``index_cache`` for
+    s3:// shards: DALI 2.4 reads tars from S3 but wants local index files)."""
+    storage, manifest = loader.storage, loader.manifest
+    if not is_s3_url(storage.describe()):
+        return [storage.describe(s["index"]) for s in manifest["shards"]]
+    cache = Path(os.path.expanduser(loader.cfg.index_cache))
+    paths = []
+    for s in manifest["shards"]:
+        local = cache / s["index_sha256"][:2] / f"{s['index_sha256']}.idx"  # content-addressed
+        if not local.is_file():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_suffix(".tmp")
+            tmp.write_bytes(open_storage(storage.describe()).read_bytes(s["index"]))
+            os.replace(tmp, local)
+        paths.append(str(local))
+    return paths
+
+
+def build_pipeline(loader, epoch: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    spec, aug, cfg = loader.spec, loader.augment, loader.cfg
+    gpu = loader.device.type == "cuda"
+    if spec.endpoint_url and is_s3_url(spec.shard_urls[0]):
+        os.environ.setdefault("AWS_ENDPOINT_URL", spec.endpoint_url)
+    lo, hi = aug.resize_long
+    b, c, s, hue = aug.color_jitter
+    size = aug.crop_size
+    guard = _Guard(cfg.dali_guard)
+
+    @pipeline_def(exec_dynamic=True)
+    def pipeline():
+        data, meta = fn.readers.webdataset(
+            paths=list(spec.shard_urls), index_paths=local_index_paths(loader),
+            ext=["jpg;png", "json"], missing_component_behavior="error",
+            shard_id=(spec.rank + epoch) % spec.world_size, num_shards=spec.world_size,
+            stick_to_shard=True,  # a rank re-reads its own slice when it wraps: still disjoint
+            random_shuffle=True, initial_fill=max(2, spec.shuffle_buffer), name="reader",
+        )  # fmt: skip
+        data, ok = fn.python_function(data, function=guard, num_outputs=2)
+        images = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_longer=fn.random.uniform(range=[lo, hi]), antialias=True)
+        if b or c:
+            images = fn.brightness_contrast(
+                images, brightness=fn.random.uniform(range=[max(0, 1 - b), 1 + b]),
+                contrast=fn.random.uniform(range=[max(0, 1 - c), 1 + c]),
+            )  # fmt: skip
+        if s or hue:
+            images = fn.hsv(
+                images, hue=fn.random.uniform(range=[-hue * 360, hue * 360]),
+                saturation=fn.random.uniform(range=[max(0, 1 - s), 1 + s]),
+            )  # fmt: skip
+        images = fn.crop_mirror_normalize(
+            images, crop=(size, size), crop_pos_x=fn.random.uniform(range=[0, 1]),
+            crop_pos_y=fn.random.uniform(range=[0, 1]), out_of_bounds_policy="pad",
+            fill_values=[0.0, 0.0, 0.0], mean=[m * 255 for m in aug.mean],
+            std=[v * 255 for v in aug.std], dtype=types.FLOAT, output_layout="CHW",
+            mirror=fn.random.coin_flip(probability=0.5 if aug.hflip else 0.0),
+        )  # fmt: skip
+        return images, meta, ok
+
+    device_id = torch.cuda.current_device() if gpu else None
+    pipe = pipeline(
+        batch_size=spec.batch_size, num_threads=cfg.dali_threads, device_id=device_id,
+        seed=int(np.random.default_rng([spec.seed, epoch, spec.rank, 3]).integers(1 << 31)),
+        prefetch_queue_depth=2,
+    )  # fmt: skip
+    pipe.build()
+    return pipe
+
+
+def _to_torch(images, device: torch.device) -> torch.Tensor:
+    """A dense DALI batch (B, 3, S, S) → a torch tensor on ``device``."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = images.as_tensor()
+    out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
+    feed_ndarray(dense, out)
+    return out
+
+
+def dali_pair_batches(loader, epoch: int, skip: int):
+    """Yield the epoch's batches (from batch ``skip`` on), in the loader's raw batch format."""
+    spec = loader.spec
+    try:
+        pipe = build_pipeline(loader, epoch)
+    except Exception as e:
+        raise RuntimeError(f"DALI pipeline for {loader.storage.describe()} failed: {e}") from e
+    pool = PairPool(spec.pool_size, spec.max_wait, spec.cross_domain_share,
+                    np.random.default_rng([spec.seed, epoch, spec.rank, 1]))  # fmt: skip
+    stats = WorkerStats(worker=0)
+    pending, emitted, total = [], 0, len(loader)
+    while emitted < total:
+        try:
+            images, metas, oks = pipe.run()
+        except Exception as e:
+            raise RuntimeError(
+                f"DALI stopped on an image it could not decode in {loader.storage.describe()} "
+                f"({str(e).splitlines()[-1] if str(e) else type(e).__name__}); rebuild the shards "
+                "with `mcis shards build --verify full` or set data.dali_guard=full"
+            ) from e
+        batch = _to_torch(images, loader.device)  # (B, 3, S, S) float32
+        for i in range(len(metas)):
+            # source_info is "<shard path>:<offset>:<member name>"; the key is the member's stem
+            member = metas[i].source_info().rsplit(":", 1)[-1]
+            raw = {"__key__": member.split(".", 1)[0], "json": bytes(np.asarray(metas.at(i)))}
+            raw["jpg"] = b"(decoded by DALI)"
+            try:
+                key, labels, domain, _ = parse_record(raw, spec.num_classes)
+            except ValueError:
+                stats.bad_record += 1
+                stats.note_bad(raw["__key__"])
+                continue
+            if not int(np.asarray(oks.at(i))[0]):
+                stats.bad_decode += 1
+                stats.note_bad(key)
+                continue
+            stats.samples += 1
+            # clone: a view would keep the whole DALI batch alive while the pool holds the image
+            for m, n in pool.push(PoolItem(key, labels, domain, batch[i].clone())):
+                pending.append((m, n))
+                if len(pending) < spec.batch_size:
+                    continue
+                ready, pending = pending, []
+                emitted += 1
+                if emitted > skip:
+                    yield _collate(ready, spec.num_classes, pool, stats)
+                if emitted == total:
+                    return
+
+
+def _collate(pairs, num_classes: int, pool: PairPool, stats: WorkerStats) -> dict:
+    ms, ns = [p[0] for p in pairs], [p[1] for p in pairs]
+    labels = torch.zeros(2, len(pairs), num_classes)
+    for i, (m, n) in enumerate(pairs):
+        labels[0, i, list(m.labels)] = 1
+        labels[1, i, list(n.labels)] = 1
+    return {
+        "image_m": torch.stack([m.payload for m in ms]),  # (B, 3, S, S), already normalised
+        "image_n": torch.stack([n.payload for n in ns]),
+        "labels_m": labels[0],
+        "labels_n": labels[1],
+        "domain_m": torch.tensor([m.domain for m in ms]),
+        "domain_n": torch.tensor([n.domain for n in ns]),
+        "pair_type": torch.tensor([pair_type(m.domain, n.domain) for m, n in pairs]),
+        "key_m": [m.key for m in ms],
+        "key_n": [n.key for n in ns],
+        "stats": {
+            "worker": {**stats.__dict__, "bad_keys": list(stats.bad_keys)},
+            "pairs": {**pool.stats.__dict__, "pair_types": list(pool.stats.pair_types)},
+        },
+    }
