@@ -16,6 +16,7 @@ import webdataset as wds
 from webdataset.gopen import gopen_schemes
 
 from mcis_dist.cli import main
+from mcis_dist.data.stream import register_webdataset_s3
 from mcis_dist.shards.build import BuildOptions, build_dataset
 from mcis_dist.shards.manifest import read_manifest
 from mcis_dist.shards.synthetic import SyntheticSpec
@@ -50,11 +51,8 @@ def test_build_to_s3_matches_local_and_reads_back(s3_endpoint, s3_bucket, tmp_pa
     assert [s["sha256"] for s in remote["shards"]] == [s["sha256"] for s in local["shards"]]
 
     # webdataset streams the shards straight from S3 through a registered s3 handler.
-    def s3_open(u, mode="rb", bufsize=8192):
-        return open_url(u, endpoint_url=s3_endpoint)
-
     old = gopen_schemes.get("s3")
-    gopen_schemes["s3"] = s3_open
+    register_webdataset_s3(endpoint_url=s3_endpoint)
     try:
         urls = [f"{url}/train/{s['name']}" for s in remote["shards"]]
         keys = [json.loads(x["json"])["key"] for x in wds.WebDataset(urls, shardshuffle=False)]

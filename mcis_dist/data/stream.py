@@ -100,6 +100,19 @@ def parse_record(raw: dict, num_classes: int) -> tuple[str, tuple[int, ...], int
     return key, labels, domain, data
 
 
+def register_webdataset_s3(endpoint_url: str | None = None) -> None:
+    """Let webdataset open ``s3://`` URLs itself (``wds.WebDataset("s3://b/p/shard-{000000..000009}.tar")``)
+    through boto3, with the standard AWS credentials and an optional endpoint."""
+    from webdataset.gopen import gopen_schemes
+
+    def gopen_s3(url, mode="rb", bufsize=8192):
+        if mode[0] != "r":
+            raise ValueError(f"{url}: the s3 handler only reads (mode {mode!r})")
+        return open_url(url, endpoint_url=endpoint_url)
+
+    gopen_schemes["s3"] = gopen_s3
+
+
 def iter_shard(url: str, endpoint_url: str | None = None):
     """Raw samples (dicts of member bytes, ``__key__``) of one shard, in tar order."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
