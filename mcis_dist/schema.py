@@ -51,8 +51,8 @@ class ShardsConfig(ConfigSection):
 class DataConfig(ConfigSection):
     """The classifier's pair loader (``mcis_dist.data``)."""
 
-    train_url: str = Field(
-        "shards/built/demo/train", description="Split folder of training shards (local or s3://)."
+    train_url: str | None = Field(
+        None, description="Split folder of training shards; default: <shards.url>/train."
     )
     backend: Literal["auto", "webdataset", "dali"] = Field(
         "auto", description="Decoding backend; auto = DALI on a GPU, webdataset otherwise."
@@ -113,6 +113,12 @@ class ExperimentConfig(ConfigSection):
         default_factory=SyntheticConfig, description="Synthetic data."
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Pair loader.")
+
+    @model_validator(mode="after")
+    def _derive_urls(self):
+        if self.data.train_url is None:  # the shards this experiment builds feed its loader
+            self.data.train_url = f"{self.shards.url.rstrip('/')}/train"
+        return self
 
     @field_validator("name")
     @classmethod

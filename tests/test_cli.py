@@ -123,8 +123,11 @@ def test_demo_builds_shards_and_saves_the_resolved_config(tmp_path, capsys, monk
     assert code == 0
     out = capsys.readouterr().out
     assert "Building the built-in dataset" in out and "[train]" in out and "[val]" in out
+    assert "3 batches (" in out and "formed without waiting" in out
+    png = tmp_path / "runs" / "demo" / "pairs.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = (tmp_path / "runs" / "demo" / "config.yaml").read_text()
-    assert "num_train: 24" in saved
+    assert "num_train: 24" in saved and f"train_url: {tmp_path}/shards/train" in saved
     assert (
         json.loads((tmp_path / "shards" / "val" / "manifest.json").read_text())["num_samples"] == 6
     )

@@ -86,6 +86,8 @@ class PairLoader:
             rank, world_size = rank_and_world()
         if not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} is outside a world of {world_size}")
+        if not cfg.train_url:
+            raise LoaderError("data.train_url is not set: name the training split's shard folder")
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.backend = resolve_backend(backend or cfg.backend)
