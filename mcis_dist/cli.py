@@ -101,6 +101,18 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("url", help="a split folder (OUT/train) or a dataset folder (OUT)")
     _add_storage_args(v)
 
+    w = sub.add_parser("weights", help="convert pretrained weights")
+    wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    c = wsub.add_parser(
+        "convert-resnet38",
+        help="MXNet ImageNet ResNet-38 .params → PyTorch state dict",
+        description="Read the MXNet NDArray file of the ImageNet ResNet-38 weights "
+        "(ilsvrc-cls_rna-a1_cls1000_ep-0001.params) directly, without mxnet, map its keys onto "
+        "mcis_dist's ResNet-38 and save a plain state dict (.pth).",
+    )
+    c.add_argument("src", help="the .params file")
+    c.add_argument("dst", help="the .pth file to write")
+
     d = sub.add_parser(
         "demo",
         help="run the pipeline on the built-in dataset",
@@ -222,6 +234,19 @@ def cmd_shards_verify(args) -> int:
     return status
 
 
+def cmd_weights_convert(args) -> int:
+    from mcis_dist.models.weights import convert_resnet38
+
+    summary = convert_resnet38(args.src, args.dst)
+    print(
+        f"{summary['destination']}: {summary['tensors']} tensors, "
+        f"{summary['parameters']:,} parameters from {summary['source']}"
+    )
+    if summary.get("dropped"):
+        print(f"  dropped (classifier): {', '.join(summary['dropped'])}")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from mcis_dist.demo import run_demo
 
@@ -230,6 +255,8 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from mcis_dist.config import ConfigError
+    from mcis_dist.data.loader import LoaderError
+    from mcis_dist.models.weights import WeightsError
     from mcis_dist.shards.build import BuildError
     from mcis_dist.shards.manifest import ManifestError
     from mcis_dist.shards.sources import SourceError
@@ -241,12 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         ("shards", "build"): cmd_shards_build,
         ("shards", "info"): cmd_shards_info,
         ("shards", "verify"): cmd_shards_verify,
+        ("weights", "convert-resnet38"): cmd_weights_convert,
         ("demo", None): cmd_demo,
     }
-    handler = handlers[(args.command, getattr(args, "shards_command", None))]
+    action = getattr(args, "shards_command", None) or getattr(args, "weights_command", None)
+    handler = handlers[(args.command, action)]
     try:
         return handler(args)
-    except (UserError, ConfigError, BuildError, ManifestError, SourceError, StorageError) as e:
+    except (UserError, ConfigError, BuildError, ManifestError, SourceError, StorageError,
+            LoaderError, WeightsError) as e:  # fmt: skip
         print(f"mcis: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

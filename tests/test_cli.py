@@ -137,3 +137,12 @@ def test_demo_rejects_a_bad_override(capsys):
     assert main(["demo", "synthetic.num_trian=5"]) == 2
     err = capsys.readouterr().err
     assert "num_trian" in err and "num_train" in err
+
+
+def test_weights_convert_refuses_a_bad_params_file(tmp_path, capsys):
+    bad = tmp_path / "resnet38.params"
+    bad.write_bytes(b"\x12\x01\x00\x00\x00\x00\x00\x00" + b"garbage")
+    assert main(["weights", "convert-resnet38", str(bad), str(tmp_path / "out.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mcis: error: ") and "resnet38.params" in err and "Traceback" not in err
+    assert not (tmp_path / "out.pth").exists()
