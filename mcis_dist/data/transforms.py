@@ -65,15 +65,52 @@ def augment(img: torch.Tensor, spec: AugmentSpec, rng: np.random.Generator) -> t
     if spec.hflip and rng.random() < 0.5:
         img = TF.horizontal_flip(img)
     b, c, s, hue = spec.color_jitter
-    if b > 0:
-        img = TF.adjust_brightness(img, float(rng.uniform(max(0.0, 1 - b), 1 + b)))
-    if c > 0:
-        img = TF.adjust_contrast(img, float(rng.uniform(max(0.0, 1 - c), 1 + c)))
-    if s > 0:
-        img = TF.adjust_saturation(img, float(rng.uniform(max(0.0, 1 - s), 1 + s)))
-    if hue > 0:
-        img = TF.adjust_hue(img, float(rng.uniform(-hue, hue)))
+    if b or c or s or hue:
+        factors = (
+            float(rng.uniform(max(0.0, 1 - b), 1 + b)) if b else 1.0,
+            float(rng.uniform(max(0.0, 1 - c), 1 + c)) if c else 1.0,
+            float(rng.uniform(max(0.0, 1 - s), 1 + s)) if s else 1.0,
+            float(rng.uniform(-hue, hue)) if hue else 0.0,
+        )
+        img = color_jitter(img, *factors)
     return random_crop(img, spec.crop_size, spec.fill, rng)
+
+
+# RGB -> YIQ (NTSC). Y is the luma torchvision's grayscale uses, so saturation and hue below leave
+# a grey pixel grey.
+_YIQ = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]],
+    dtype=torch.float64,
+)
+
+
+def jitter_matrix(brightness: float, contrast: float, saturation: float, hue: float):
+    """(A, k): colour jitter as one affine map, x' = A x + k * mean_luma(x).
+
+    brightness multiplies; contrast blends with the image's mean luma (torchvision's
+    definitions); saturation blends each pixel with its luma (torchvision's); hue rotates the
+    chroma plane of YIQ by ``hue`` turns (as DALI's hsv does; torchvision shifts H in HSV,
+    which is close but costs a non-linear round trip). Composed in that order, the map is
+    linear up to the contrast term, so the whole jitter costs one 3x3 product per pixel.
+    """
+    theta = -2 * np.pi * hue  # sign: a positive hue turns red towards yellow, as torchvision
+    rot = torch.tensor(
+        [[1, 0, 0], [0, np.cos(theta), -np.sin(theta)], [0, np.sin(theta), np.cos(theta)]],
+        dtype=torch.float64,
+    )
+    luma = _YIQ[0:1]  # (1, 3)
+    sat = saturation * torch.eye(3, dtype=torch.float64) + (1 - saturation) * luma.expand(3, 3)
+    chroma = torch.linalg.inv(_YIQ) @ rot @ _YIQ @ sat
+    return chroma * (brightness * contrast), (1 - contrast) * brightness
+
+
+def color_jitter(img: torch.Tensor, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0):
+    """(3, H, W) uint8 → (3, H, W) uint8 with the jitter of :func:`jitter_matrix`."""
+    a, k = jitter_matrix(brightness, contrast, saturation, hue)
+    x = img.float()  # (3, H, W)
+    mean_luma = (_YIQ[0].float() @ x.flatten(1)).mean()
+    out = torch.einsum("ij,jhw->ihw", a.float(), x) + k * mean_luma
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def random_crop(img: torch.Tensor, size: int, fill, rng: np.random.Generator) -> torch.Tensor:
