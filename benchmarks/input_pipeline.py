@@ -29,9 +29,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from shards_build import make_jpeg  # the photo-like JPEGs of the shards_build benchmark
 
 from common import parse_args, print_table, timeit, write_results
+from shards_build import make_jpeg  # the photo-like JPEGs of the shards_build benchmark
 
 NAME = "input_pipeline"
 BATCH = 8  # pairs per batch

@@ -1,0 +1,274 @@
+"""The co-attention classifier of MCIS (ECCV 2020, §3.1-3.2) on any stride-8 backbone.
+
+For a pair (I_m, I_n) with backbone features F_m, F_n (B, C, H, W) the head produces six class
+score vectors (B, K):
+
+* single-image scores s_m, s_n = GAP(phi(F)) (Eq. 1);
+* co-attentive scores GAP(phi_co(F^{m∩n})) from the co-attention of Eq. 2-4 (Eq. 5);
+* contrastive scores GAP(phi_co(F ⊙ (1 - B))) with the class-agnostic co-attention
+  B = sigmoid(W_B F^{m∩n}) (Eq. 6-8, loss Eq. 9).
+
+Paper by default, the authors' code's variants as options (docs/REFERENCE.md §1): phi_co is a
+separate 1x1 conv without bias in the authors' code; the paper says "the same phi"
+(``shared_phi=True``). With ``domains=3`` there are three W_P (§3.2, extra data): pair type 0
+target-target, 1 extra-extra, 2 cross-domain.
+
+Because phi is a 1x1 convolution (affine), GAP(phi(F)) = phi(GAP(F)): scores are computed on
+pooled features, which is exact and cheaper; the dense maps phi(F) are the localization maps
+(``single_round_cam``, ``coattentive_cam``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mcis_dist.models.coattention import Backend, coattention
+
+PAIR_TARGET, PAIR_EXTRA, PAIR_CROSS = 0, 1, 2  # pair types when domains == 3 (§3.2)
+
+
+@dataclass
+class MCISOutput:
+    """Class scores (logits, before the sigmoid), each (B, K)."""
+
+    single_m: Tensor  # s_m = GAP(phi(F_m))                       Eq. 1
+    single_n: Tensor  # s_n
+    coatt_m: Tensor  # s_m^{m∩n} = GAP(phi_co(F_m^{m∩n}))          Eq. 5
+    coatt_n: Tensor  # s_n^{m∩n}
+    contrast_m: Tensor  # s_m^{m\n} = GAP(phi_co(F_m ⊙ A_m^{m\n}))  Eq. 8-9
+    contrast_n: Tensor  # s_n^{n\m}
+
+
+class MCISClassifier(nn.Module):
+    """Backbone + co-attention head (Eq. 1-9).
+
+    Args:
+        backbone: module with ``out_channels: int`` whose ``forward(x)`` returns
+            (B, out_channels, H/8, W/8) (``forward_features`` and ``new_parameters`` optional).
+        num_classes: K, foreground classes.
+        domains: number of W_P matrices: 1, or 3 (target-target, extra-extra, cross-domain).
+        shared_phi: use phi (with its bias) for the co-attentive and contrastive features too,
+            as the paper says; default False is the authors' code: a separate bias-free phi_co.
+        phi_bias: bias of the single-image phi (authors: True).
+        gate_bias: bias of W_B (authors: False).
+        chunk_size: positions per block of the memory-efficient co-attention.
+        coattention_backend: "chunked" or "sdpa" (see ``coattention``).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        num_classes: int,
+        domains: int = 1,
+        shared_phi: bool = False,
+        phi_bias: bool = True,
+        gate_bias: bool = False,
+        chunk_size: int | None = None,
+        coattention_backend: Backend = "chunked",
+    ) -> None:
+        super().__init__()
+        channels = getattr(backbone, "out_channels", None)
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"backbone needs an int attribute out_channels, got {channels!r}")
+        if domains not in (1, 3):
+            raise ValueError(f"domains must be 1 or 3, got {domains}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.backbone = backbone
+        self.num_classes, self.domains, self.shared_phi = num_classes, domains, shared_phi
+        self.chunk_size, self.coattention_backend = chunk_size, coattention_backend
+        self.phi = nn.Conv2d(channels, num_classes, 1, bias=phi_bias)  # Eq. 1
+        self.phi_coatt = None if shared_phi else nn.Conv2d(channels, num_classes, 1, bias=False)
+        self.w_p = nn.Parameter(torch.empty(domains, channels, channels))  # Eq. 2
+        self.w_b = nn.Conv2d(channels, 1, 1, bias=gate_bias)  # Eq. 6
+        self.reset_head()
+
+    def reset_head(self) -> None:
+        """Initialise the head as the authors' code: phi ~ N(0, 2/K) with zero bias, W_P like
+        ``nn.Linear`` (U(-1/sqrt(C), 1/sqrt(C))), phi_co and W_B with PyTorch's conv default."""
+        nn.init.normal_(self.phi.weight, 0.0, math.sqrt(2.0 / self.num_classes))
+        if self.phi.bias is not None:
+            nn.init.zeros_(self.phi.bias)
+        bound = 1.0 / math.sqrt(self.w_p.shape[-1])
+        nn.init.uniform_(self.w_p, -bound, bound)
+        for conv in (self.phi_coatt, self.w_b):
+            if conv is not None:
+                conv.reset_parameters()
+
+    @property
+    def phi_co(self) -> nn.Conv2d:
+        """The class-aware layer applied to co-attentive and contrastive features."""
+        return self.phi if self.phi_coatt is None else self.phi_coatt
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(
+        self, image_m: Tensor, image_n: Tensor, pair_type: int | Tensor | None = None
+    ) -> MCISOutput:
+        """Images (B, 3, H, W) (m and n may differ in size) -> ``MCISOutput``.
+
+        Images of equal size go through the backbone as one batch of 2B (the built-in
+        backbones keep BatchNorm frozen, so this equals two passes).
+        """
+        if image_m.shape == image_n.shape:  # one backbone pass for both images
+            fm, fn = self.backbone(torch.cat([image_m, image_n])).chunk(2)
+        else:
+            fm, fn = self.backbone(image_m), self.backbone(image_n)
+        return self.forward_features(fm, fn, pair_type)
+
+    def forward_features(
+        self, fm: Tensor, fn: Tensor, pair_type: int | Tensor | None = None
+    ) -> MCISOutput:
+        """The head on backbone features fm (B, C, Hm, Wm) and fn (B, C, Hn, Wn)."""
+        m_coatt, n_coatt = self.coattentive_features(fm, fn, pair_type)
+        gate_m = torch.sigmoid(self.w_b(m_coatt))  # (B, 1, Hm, Wm)  B_m^{m∩n}  Eq. 6
+        gate_n = torch.sigmoid(self.w_b(n_coatt))  # (B, 1, Hn, Wn)  B_n^{m∩n}
+        return MCISOutput(
+            single_m=_scores(self.phi, fm),
+            single_n=_scores(self.phi, fn),
+            coatt_m=_scores(self.phi_co, m_coatt),
+            coatt_n=_scores(self.phi_co, n_coatt),
+            contrast_m=_scores(self.phi_co, fm * (1 - gate_m)),  # Eq. 7-8
+            contrast_n=_scores(self.phi_co, fn * (1 - gate_n)),
+        )
+
+    def coattentive_features(
+        self, fm: Tensor, fn: Tensor, pair_type: int | Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(F_m^{m∩n}, F_n^{m∩n}) of Eq. 4, each pair with the W_P of its pair type."""
+        types = _pair_types(pair_type, fm.shape[0], self.domains, fm.device)
+        if types is None or types.numel() == 0:
+            return self._coattention(fm, fn, self.w_p[0])
+        if bool((types == types[0]).all()):
+            return self._coattention(fm, fn, self.w_p[int(types[0])])
+        m_out, n_out = torch.empty_like(fm), torch.empty_like(fn)
+        for d in types.unique().tolist():  # one co-attention call per pair type
+            idx = (types == d).nonzero().squeeze(1)
+            m_part, n_part = self._coattention(fm[idx], fn[idx], self.w_p[d])
+            m_out = m_out.index_copy(0, idx, m_part.to(m_out.dtype))
+            n_out = n_out.index_copy(0, idx, n_part.to(n_out.dtype))
+        return m_out, n_out
+
+    def _coattention(self, fm: Tensor, fn: Tensor, w_p: Tensor) -> tuple[Tensor, Tensor]:
+        n_from_m, m_from_n = coattention(
+            fm, fn, w_p, chunk_size=self.chunk_size, backend=self.coattention_backend
+        )
+        return m_from_n, n_from_m  # (F_m^{m∩n}, F_n^{m∩n})
+
+    # ---- parameters ---------------------------------------------------------------------
+    def head_parameters(self) -> list[nn.Parameter]:
+        """phi, phi_co, W_P and W_B."""
+        mods = [self.phi, self.w_b] + ([self.phi_coatt] if self.phi_coatt is not None else [])
+        return [self.w_p] + [p for m in mods for p in m.parameters()]
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained from scratch (the authors' x10 lr): the head, plus the backbone's
+        own ``new_parameters()`` when it has one."""
+        own = self.head_parameters()
+        extra = getattr(self.backbone, "new_parameters", None)
+        return own + (list(extra()) if callable(extra) else [])
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters split for the authors' lr multipliers: pretrained weights (x1)
+        and biases (x2), new weights (x10) and biases (x20). Frozen parameters are left out."""
+        new = {id(p) for p in self.new_parameters()}
+        groups: dict[str, list[nn.Parameter]] = {
+            "pretrained_weight": [], "pretrained_bias": [], "new_weight": [], "new_bias": [],
+        }  # fmt: skip
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                kind = "bias" if name.endswith("bias") else "weight"
+                groups[f"{'new' if id(p) in new else 'pretrained'}_{kind}"].append(p)
+        return groups
+
+
+def _scores(phi: nn.Conv2d, feats: Tensor) -> Tensor:
+    """GAP(phi(F)) = phi(GAP(F)) for a 1x1 conv: (B, C, H, W) -> (B, K)."""
+    pooled = feats.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    return phi(pooled).flatten(1)  # (B, K)
+
+
+def _pair_types(
+    pair_type: int | Tensor | None, batch: int, domains: int, device: torch.device
+) -> Tensor | None:
+    if pair_type is None:
+        if domains != 1:
+            raise ValueError(f"pair_type is required with domains={domains}")
+        return None
+    types = torch.as_tensor(pair_type, device=device).long().reshape(-1)
+    if types.numel() == 1:
+        types = types.expand(batch)
+    if types.numel() != batch:
+        raise ValueError(f"pair_type needs one entry per pair ({batch}), got {types.numel()}")
+    if batch and (int(types.min()) < 0 or int(types.max()) >= domains):
+        raise ValueError(f"pair_type must be in [0, {domains}), got {types.tolist()}")
+    return types
+
+
+# ---- localization maps (§3.2) -----------------------------------------------------------
+@torch.no_grad()
+def single_round_cam(model: MCISClassifier, images: Tensor) -> Tensor:
+    """Single-round maps S_n = phi(F_n), raw (pre-ReLU): (B, 3, H, W) -> (B, K, H/8, W/8)."""
+    return model.phi(model.backbone(images))
+
+
+@torch.no_grad()
+def coattentive_cam(
+    model: MCISClassifier,
+    image: Tensor,
+    related_images: Tensor,
+    class_k: int,
+    pair_type: int | None = None,
+) -> Tensor:
+    """Multi-round map of class k (§3.2): L_k = 1/|R| sum_r phi_co(F^{n∩r})[k], raw.
+
+    The image takes the place of m and each related image that of n, as the authors'
+    inference does: F^{n∩r} = F_r A_r is the image's co-attentive feature read from r, and the
+    class layer is the one trained on co-attentive features (Eq. 5).
+
+    Args:
+        image: (3, H, W) or (1, 3, H, W).
+        related_images: (R, 3, H', W') images labelled with class k.
+    Returns:
+        (H/8, W/8).
+    """
+    if not 0 <= class_k < model.num_classes:
+        raise ValueError(f"class_k must be in [0, {model.num_classes}), got {class_k}")
+    image = image.unsqueeze(0) if image.dim() == 3 else image
+    feats = model.backbone(image)  # (1, C, h, w)
+    related = model.backbone(related_images)  # (R, C, h', w')
+    feats = feats.expand(len(related), -1, -1, -1)  # (R, C, h, w)
+    m_coatt, _ = model.coattentive_features(feats, related, pair_type)  # (R, C, h, w)
+    w = model.phi_co.weight[class_k : class_k + 1]  # (1, C, 1, 1)
+    b = None if model.phi_co.bias is None else model.phi_co.bias[class_k : class_k + 1]
+    return F.conv2d(m_coatt, w, b).mean(dim=0)[0]  # (R, 1, h, w) -> (h, w)
+
+
+@torch.no_grad()
+def coattentive_cams(model: MCISClassifier, image: Tensor, related: Mapping[int, Tensor]) -> Tensor:
+    """``coattentive_cam`` for every labelled class k -> related images; other classes stay 0.
+
+    Returns (K, H/8, W/8) raw maps.
+    """
+    maps = None
+    for k, images in related.items():
+        cam = coattentive_cam(model, image, images, k)
+        if maps is None:
+            maps = cam.new_zeros((model.num_classes, *cam.shape))
+        maps[k] = cam
+    if maps is None:
+        raise ValueError("related must name at least one class")
+    return maps
+
+
+def normalize_cam(cams: Tensor, eps: float = 1e-5) -> Tensor:
+    """ReLU, then divide every map by its own maximum: (..., h, w) -> values in [0, 1]."""
+    cams = F.relu(cams)
+    peak = cams.amax(dim=(-2, -1), keepdim=True)
+    return cams / (peak + eps)
