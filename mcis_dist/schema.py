@@ -103,6 +103,65 @@ class DataConfig(ConfigSection):
         return self
 
 
+class ModelConfig(ConfigSection):
+    """The co-attention classifier (``mcis_dist.models``)."""
+
+    backbone: str = Field(
+        "resnet38_tiny",
+        description="resnet38, vgg16, resnet38_tiny or torchvision:<name> (build_backbone).",
+    )
+    weights: str | None = Field(
+        None, description="Pretrained backbone weights (.pth state dict, or torchvision VGG-16)."
+    )
+    domains: Literal[1, 3] = Field(1, description="W_P matrices: 1, or 3 for extra-data pairs.")
+    shared_phi: bool = Field(False, description="Paper: one φ; authors' code: a separate φ.")
+    chunk_size: int | None = Field(None, ge=1, description="Co-attention query block size.")
+
+
+class TrainConfig(ConfigSection):
+    """Classifier training on Ray Train (``mcis train-cls``)."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU nodes).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker.")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per CPU worker.")
+    epochs: int = Field(15, ge=1, description="Training epochs.")
+    lr: float = Field(1e-3, gt=0, description="Base learning rate (backbone weights).")
+    lr_mult: list[float] = Field(
+        [1.0, 2.0, 10.0, 20.0],
+        description="lr multipliers: pretrained weights, pretrained biases, new weights, biases.",
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(True, description="Nesterov momentum (authors' VOC code).")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (not on biases).")
+    schedule: Literal["step", "poly"] = Field(
+        "step", description="step: ×gamma at step_epochs (VOC); poly: (1-it/max)^power (LID)."
+    )
+    step_epochs: list[int] = Field([5, 10], description="Epochs at which the step schedule decays.")
+    gamma: float = Field(0.1, gt=0, le=1, description="Step schedule decay factor.")
+    poly_power: float = Field(0.9, gt=0, description="Poly schedule power.")
+    warmup_iters: int = Field(0, ge=0, description="Linear warm-up iterations.")
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="Mixed precision; fp16 (with GradScaler) needs a GPU."
+    )
+    channels_last: bool = Field(False, description="channels_last memory format.")
+    loss_single: float = Field(1.0, ge=0, description="Weight of Eq. 1 (single-image loss).")
+    loss_coattention: float = Field(1.0, ge=0, description="Weight of Eq. 5 (co-attention).")
+    loss_contrastive: float = Field(1.0, ge=0, description="Weight of Eq. 9 (contrastive).")
+    contrastive_from_epoch: int = Field(2, ge=0, description="Epoch the contrastive loss starts.")
+    loss_reduction: Literal["paper", "authors"] = Field(
+        "paper", description="paper: m and n terms added; authors: averaged as their code."
+    )
+    checkpoint_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0: off).")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept (the newest).")
+    report_every_steps: int = Field(20, ge=1, description="Metrics reported to Ray every N steps.")
+    max_failures: int = Field(3, ge=0, description="Worker failures survived by restarting.")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "stop", description="A NaN/inf loss: skip the step, or stop naming the step and terms."
+    )
+    seed: int = Field(0, ge=0, description="Seed of model init and training randomness.")
+
+
 class ExperimentConfig(ConfigSection):
     """One experiment: its name, where its runs live, and its sections."""
 
@@ -113,6 +172,8 @@ class ExperimentConfig(ConfigSection):
         default_factory=SyntheticConfig, description="Synthetic data."
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Pair loader.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Classifier model.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Classifier training.")
 
     @model_validator(mode="after")
     def _derive_urls(self):
