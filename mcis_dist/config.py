@@ -378,7 +378,7 @@ def describe_schema(schema: type[BaseModel], prefix: str = "") -> list[tuple[str
 # re-exported here so that `from mcis_dist.config import ExperimentConfig` keeps working.
 from mcis_dist.schema import DataConfig as DataConfig  # noqa: E402
 from mcis_dist.schema import ExperimentConfig as ExperimentConfig  # noqa: E402
+from mcis_dist.schema import ModelConfig as ModelConfig  # noqa: E402
 from mcis_dist.schema import ShardsConfig as ShardsConfig  # noqa: E402
 from mcis_dist.schema import SyntheticConfig as SyntheticConfig  # noqa: E402
-from mcis_dist.schema import ModelConfig as ModelConfig  # noqa: E402
 from mcis_dist.schema import TrainConfig as TrainConfig  # noqa: E402
