@@ -101,6 +101,16 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("url", help="a split folder (OUT/train) or a dataset folder (OUT)")
     _add_storage_args(v)
 
+    t = sub.add_parser(
+        "train-cls",
+        help="train the co-attention classifier on Ray Train",
+        description="Train (or resume) the co-attention classifier with Ray Train: an embedded "
+        "local Ray, or the cluster in RAY_ADDRESS / the one `ray job submit` runs in. Re-running "
+        "the same command (same name and run_root) resumes from the newest checkpoint.",
+    )
+    t.add_argument("--config", required=True, help="experiment YAML")
+    t.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
     w = sub.add_parser("weights", help="convert pretrained weights")
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     c = wsub.add_parser(
@@ -247,6 +257,24 @@ def cmd_weights_convert(args) -> int:
     return EXIT_OK
 
 
+def cmd_train_cls(args) -> int:
+    from mcis_dist.config import dump_config, load_config
+    from mcis_dist.storage import open_storage
+    from mcis_dist.train.classifier import run_url, train_classifier
+
+    cfg = load_config(args.config, args.overrides)
+    run = open_storage(run_url(cfg), endpoint_url=cfg.shards.endpoint_url)
+    run.check_writable()
+    run.write_bytes("config.yaml", dump_config(cfg).encode())
+    result = train_classifier(cfg)
+    m = result.metrics or {}
+    print(
+        f"train-cls: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
+        f"checkpoint {result.checkpoint.path if result.checkpoint else None}"
+    )
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from mcis_dist.demo import run_demo
 
@@ -261,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     from mcis_dist.shards.manifest import ManifestError
     from mcis_dist.shards.sources import SourceError
     from mcis_dist.storage import StorageError
+    from mcis_dist.train.classifier import TrainingError
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home by default
     args = _build_parser().parse_args(argv)
@@ -269,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         ("shards", "info"): cmd_shards_info,
         ("shards", "verify"): cmd_shards_verify,
         ("weights", "convert-resnet38"): cmd_weights_convert,
+        ("train-cls", None): cmd_train_cls,
         ("demo", None): cmd_demo,
     }
     action = getattr(args, "shards_command", None) or getattr(args, "weights_command", None)
@@ -276,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except (UserError, ConfigError, BuildError, ManifestError, SourceError, StorageError,
-            LoaderError, WeightsError) as e:  # fmt: skip
+            LoaderError, WeightsError, TrainingError) as e:  # fmt: skip
         print(f"mcis: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,0 +1,82 @@
+"""What a classifier checkpoint holds, and how it is written and read.
+
+One file, ``checkpoint.pt``, inside the checkpoint directory that Ray Train uploads to the run's
+storage (local or s3://; Ray keeps the newest ``keep_checkpoints`` and registers a checkpoint only
+once its upload finished, so a crash mid-write never leaves one that loads as valid). It holds
+plain data only — tensors, numbers, strings, lists, dicts — so it loads with
+``torch.load(weights_only=True)``: a checkpoint from a stranger cannot run code.
+
+Contents: the model (unwrapped from DDP), optimizer, LR scheduler, GradScaler, epoch and global
+step, every rank's loader position and every rank's RNG states (torch, numpy, python), and the
+resolved experiment config. Restoring all of them is what makes a resumed run end with the same
+weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, not plain data, or for another model."""
+
+
+def rng_state() -> dict:
+    """This process's RNG states as plain data."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(directory: str | Path, state: dict) -> Path:
+    path = Path(directory) / CHECKPOINT_FILE
+    torch.save(state, path)
+    return path
+
+
+def load(directory: str | Path) -> dict:
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} holds no {CHECKPOINT_FILE}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an UnpicklingError for anything but plain data
+        raise CheckpointError(
+            f"{path} is not a plain-data checkpoint and will not be loaded (it would need "
+            f"arbitrary unpickling): {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
+    """Load weights, naming every missing, unexpected or mis-shaped key on a mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        raise CheckpointError(f"{where} does not match the configured model ({'; '.join(parts)})")
+    model.load_state_dict(state)
