@@ -232,7 +232,8 @@ def load_config(
 
     ``schema`` defaults to :class:`ExperimentConfig`. Every failure is a :class:`ConfigError`.
     """
-    schema = schema or ExperimentConfig  # type: ignore[assignment]
+    if schema is None:
+        from mcis_dist.schema import ExperimentConfig as schema  # noqa: N813
     overrides = [overrides] if isinstance(overrides, str) else list(overrides)
     data: Any = {}
     source = "<overrides>" if overrides else "<defaults>"
@@ -374,11 +375,16 @@ def describe_schema(schema: type[BaseModel], prefix: str = "") -> list[tuple[str
     return rows
 
 
-# The experiment schema lives in its own module (the machinery above, the settings there); it is
-# re-exported here so that `from mcis_dist.config import ExperimentConfig` keeps working.
-from mcis_dist.schema import DataConfig as DataConfig  # noqa: E402
-from mcis_dist.schema import ExperimentConfig as ExperimentConfig  # noqa: E402
-from mcis_dist.schema import ModelConfig as ModelConfig  # noqa: E402
-from mcis_dist.schema import ShardsConfig as ShardsConfig  # noqa: E402
-from mcis_dist.schema import SyntheticConfig as SyntheticConfig  # noqa: E402
-from mcis_dist.schema import TrainConfig as TrainConfig  # noqa: E402
+# The experiment schema lives in its own module (the machinery above, the settings there). Its
+# classes are re-exported lazily, so `from mcis_dist.config import ExperimentConfig` works and
+# importing either module first never meets a half-initialised other.
+_SCHEMA_NAMES = ("DataConfig", "ExperimentConfig", "ModelConfig", "ShardsConfig",
+                 "SyntheticConfig", "TrainConfig")  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _SCHEMA_NAMES:
+        from mcis_dist import schema
+
+        return getattr(schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

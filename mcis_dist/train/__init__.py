@@ -1,0 +1,1 @@
+"""Classifier training: optimiser, learning-rate schedule and the worker loop."""
