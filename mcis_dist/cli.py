@@ -260,10 +260,10 @@ def cmd_weights_convert(args) -> int:
 def cmd_train_cls(args) -> int:
     from mcis_dist.config import dump_config, load_config
     from mcis_dist.storage import open_storage
-    from mcis_dist.train.classifier import run_url, train_classifier
+    from mcis_dist.train.classifier import endpoint_url, run_url, train_classifier
 
     cfg = load_config(args.config, args.overrides)
-    run = open_storage(run_url(cfg), endpoint_url=cfg.shards.endpoint_url)
+    run = open_storage(run_url(cfg), endpoint_url=endpoint_url(cfg))
     run.check_writable()
     run.write_bytes("config.yaml", dump_config(cfg).encode())
     result = train_classifier(cfg)

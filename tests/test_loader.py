@@ -309,3 +309,13 @@ def _train_on_pairs(shards, backend):
             losses.append(loss.item())
     n = len(loader)
     assert np.mean(losses[-n:]) < np.mean(losses[:n]) - 0.02, (losses[:n], losses[-n:])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_iterating_never_draws_from_the_global_rng(shards, workers):
+    """A run resumed mid-epoch creates its loader iterator at another point of the training than
+    an uninterrupted run; if that drew from torch's global RNG, dropout masks would differ."""
+    loader = PairLoader(cfg(shards, num_workers=workers), rank=0, world_size=1, device="cpu")
+    before = torch.get_rng_state()
+    epoch(loader, n=2)
+    assert torch.equal(before, torch.get_rng_state())

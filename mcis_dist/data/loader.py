@@ -178,6 +178,9 @@ class PairLoader:
             stream, batch_size=None, num_workers=workers,
             multiprocessing_context=self.cfg.mp_context if workers else None,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
+            # its own generator: creating the iterator must not draw from the global RNG, or a
+            # run resumed mid-epoch would see different dropout masks than an uninterrupted one
+            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch),
         )  # fmt: skip
         yield from loader
 

@@ -197,7 +197,6 @@ def train_loop_per_worker(config: dict) -> None:
                 f"checkpoint was written by {len(saved['loaders'])} workers, this run has {world}"
             )
         loader.load_state_dict(saved["loaders"][rank])
-        ckpt.set_rng_state(saved["rng"][rank])
     if device.type == "cuda" and any(
         isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
     ):
@@ -209,6 +208,8 @@ def train_loop_per_worker(config: dict) -> None:
         LossView(net), parallel_strategy_kwargs={"find_unused_parameters": partial}
     )
 
+    if restored is not None:  # last, so nothing after it draws random numbers before training
+        ckpt.set_rng_state(saved["rng"][rank])
     every = cfg.train.checkpoint_every_steps
     window: list[dict] = []
 
@@ -274,7 +275,8 @@ def run_url(cfg: ExperimentConfig) -> str:
     return f"{root}/{cfg.name}/{RUN_SUBDIR}"
 
 
-def _endpoint(cfg: ExperimentConfig) -> str | None:
+def endpoint_url(cfg: ExperimentConfig) -> str | None:
+    """The S3 endpoint for the run's storage (the shards' or the loader's, else the env's)."""
     return cfg.shards.endpoint_url or cfg.data.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
 
 
@@ -285,7 +287,7 @@ def _storage(cfg: ExperimentConfig):
         return root, None
     from pyarrow import fs
 
-    endpoint = _endpoint(cfg)
+    endpoint = endpoint_url(cfg)
     kwargs = {}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
@@ -348,7 +350,7 @@ def train_classifier(cfg: ExperimentConfig, log=print):
             name=RUN_SUBDIR, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[MetricsCallback(run_url(cfg), _endpoint(cfg), t.epochs)],
+            callbacks=[MetricsCallback(run_url(cfg), endpoint_url(cfg), t.epochs)],
         ),
     )  # fmt: skip
     log(f"train-cls: {t.num_workers} workers, {t.epochs} epochs, run storage {storage_path}")

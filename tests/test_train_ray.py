@@ -1,0 +1,210 @@
+"""`mcis train-cls` on real local Ray clusters: 2 CPU workers train and the loss falls; a run
+killed mid-way and re-run ends with the same weights as an uninterrupted one; a worker killed
+mid-run is replaced and the run finishes; S3 run storage; `ray job submit`; bad configs fail
+before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcis_dist.cli import main
+from mcis_dist.config import load_config
+from mcis_dist.train.checkpoint import load as load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+BASE = [
+    "train.num_workers=2", "train.epochs=4", "train.lr=0.01", "train.report_every_steps=6",
+    "train.max_failures=0", "data.batch_size=4", "data.num_workers=0", "data.crop_size=64",
+    "data.resize_long=[64,96]", "data.pool_size=32", "train.schedule=step", "train.step_epochs=[3]",
+]  # fmt: skip
+
+
+def env() -> dict:
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+            "PYTHONUNBUFFERED": "1"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ray") / "shards"
+    assert main(["shards", "build", "--source", "synthetic", "--num-train", "96", "--num-val", "4",
+                 "--shard-size", "0.1", "--workers", "1", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    return out
+
+
+def train_cmd(shards: Path, run_root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mcis_dist.cli", "train-cls", "--config",
+            str(REPO / "configs" / "demo.yaml"), f"shards.url={shards}", f"run_root={run_root}",
+            *BASE, *extra]  # fmt: skip
+
+
+def run(cmd, timeout=420) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def final_checkpoint(run_root: Path) -> dict:
+    cls = run_root / "demo" / "cls"
+    snapshot = json.loads((cls / "checkpoint_manager_snapshot.json").read_text())
+    assert snapshot
+    newest = sorted(p for p in cls.iterdir() if p.name.startswith("checkpoint_2"))[-1]
+    return load_checkpoint(newest)
+
+
+def metrics(run_root: Path) -> list[dict]:
+    lines = (run_root / "demo" / "cls" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def test_two_workers_train_and_the_loss_falls(shards, tmp_path):
+    proc = run(train_cmd(shards, tmp_path / "runs"))
+    assert "train-cls: done, epoch 4" in proc.stdout
+    m = [r for r in metrics(tmp_path / "runs") if "single" in r]
+    assert m[-1]["epoch"] == 4 or m[-1]["step"] == 48
+    first, last = m[0]["single"], m[-1]["single"]
+    assert last < first - 0.05, (first, last)
+    timed = [r for r in m if "images_per_s" in r]
+    assert timed and all(r["images_per_s"] > 0 and 0 <= r["data_wait_share"] <= 1 for r in timed)
+    ck = final_checkpoint(tmp_path / "runs")
+    assert ck["state"]["epoch"] == 4 and ck["state"]["step"] == 4 * 12
+    assert len(ck["loaders"]) == 2 and ck["loaders"][0]["epoch"] == 4
+    saved = load_config(tmp_path / "runs" / "demo" / "cls" / "config.yaml")
+    assert saved.train.epochs == 4 and (tmp_path / "runs" / "demo" / "cls" / "tensorboard").is_dir()
+    kept = [
+        p
+        for p in (tmp_path / "runs" / "demo" / "cls").iterdir()
+        if p.name.startswith("checkpoint_2")
+    ]
+    assert len(kept) <= 3  # keep_checkpoints
+
+
+def test_killed_run_resumes_to_the_same_weights(shards, tmp_path):
+    extra = ["train.checkpoint_every_steps=5", "train.epochs=3"]
+    run(train_cmd(shards, tmp_path / "straight", *extra))
+    reference = final_checkpoint(tmp_path / "straight")
+
+    cmd = train_cmd(shards, tmp_path / "killed", *extra)
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    cls = tmp_path / "killed" / "demo" / "cls"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        done = [p for p in cls.glob("checkpoint_2*") if (p / "checkpoint.pt").exists()]
+        if len(done) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-run
+    proc.wait()
+    interrupted = load_checkpoint(sorted(cls.glob("checkpoint_2*"))[-1])
+    assert 0 < interrupted["state"]["step"] < reference["state"]["step"]
+
+    resumed = run(cmd)  # the same command again
+    assert "train-cls: done, epoch 3" in resumed.stdout
+    final = final_checkpoint(tmp_path / "killed")
+    assert final["state"]["step"] == reference["state"]["step"]
+    for k, v in reference["model"].items():
+        assert torch.allclose(final["model"][k].float(), v.float(), atol=1e-5, rtol=1e-4), k
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes(shards, tmp_path):
+    cmd = train_cmd(shards, tmp_path / "runs", "train.max_failures=2", "train.checkpoint_every_steps=4",
+                    "train.epochs=3")  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+    cls = tmp_path / "runs" / "demo" / "cls"
+    deadline = time.monotonic() + 300
+    killed = None
+    while time.monotonic() < deadline and killed is None:
+        if any((p / "checkpoint.pt").exists() for p in cls.glob("checkpoint_2*")):
+            pids = _train_worker_pids()
+            if pids:
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    assert killed is not None, "no Ray Train worker found to kill"
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-4000:]
+    assert "train-cls: done, epoch 3" in out
+    assert final_checkpoint(tmp_path / "runs")["state"]["step"] == 3 * 12
+
+
+def test_run_storage_on_s3(shards, tmp_path, s3_endpoint, s3_bucket):
+    import boto3
+
+    extra = [
+        f"run_root=s3://{s3_bucket}/runs",
+        f"data.endpoint_url={s3_endpoint}",
+        "train.epochs=1",
+    ]
+    proc = subprocess.run(train_cmd(shards, tmp_path / "unused", *extra), env=env(),
+                          capture_output=True, text=True, timeout=420)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint)
+            .list_objects_v2(Bucket=s3_bucket)["Contents"]]  # fmt: skip
+    assert any(
+        k.startswith("runs/demo/cls/checkpoint_") and k.endswith("checkpoint.pt") for k in keys
+    )
+    assert "runs/demo/cls/metrics.jsonl" in keys and "runs/demo/cls/config.yaml" in keys
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_local_head(shards, tmp_path):
+    ray = str(Path(sys.executable).parent / "ray")
+    port, dash = _free_port(), _free_port()
+    temp = Path("/tmp") / f"ray-{os.getpid()}-{port}"  # short: unix socket paths are limited
+    e = {**env(), "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                    "--disable-usage-stats", f"--temp-dir={temp}"], env=e, check=True,
+                   capture_output=True, timeout=180)  # fmt: skip
+    try:
+        cmd = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
+               str(REPO), "--", sys.executable, "-m", "mcis_dist.cli", "train-cls", "--config",
+               "configs/demo.yaml", f"shards.url={shards}", f"run_root={tmp_path / 'runs'}",
+               *BASE, "train.epochs=1"]  # fmt: skip
+        proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=420)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout.lower()
+        assert final_checkpoint(tmp_path / "runs")["state"]["epoch"] == 1
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=e, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.num_workers=64", "needs 64 CPUs; the cluster has"),
+        ("train.amp=fp16", "fp16 needs GPUs"),
+        ("data.train_url=/nonexistent/train", "does not exist"),
+        ("train.lrr=0.1", "override 'train.lrr=0.1': unknown key 'lrr' (did you mean 'lr'"),
+    ],
+)
+def test_bad_configs_fail_before_any_worker_starts(shards, tmp_path, override, words):
+    proc = subprocess.run(train_cmd(shards, tmp_path / "runs", override), env=env(),
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "runs").glob("demo/cls/checkpoint_*"))
