@@ -208,3 +208,17 @@ def test_bad_configs_fail_before_any_worker_starts(shards, tmp_path, override, w
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert words in proc.stderr and "Traceback" not in proc.stderr
     assert not list((tmp_path / "runs").glob("demo/cls/checkpoint_*"))
+
+
+def test_a_non_finite_loss_stops_naming_the_step_or_is_skipped(shards, tmp_path):
+    """A learning rate that makes the loss blow up: `stop` ends the run with the step and the
+    terms named; `skip` drops those steps, counts them and finishes."""
+    explode = ["train.lr=1.0e+12", "train.epochs=1", "train.checkpoint_every_steps=2"]
+    proc = subprocess.run(train_cmd(shards, tmp_path / "stop", *explode, "train.nonfinite=stop"),
+                          env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert "non-finite loss at epoch 0, step" in proc.stderr and "total=" in proc.stderr
+    proc = run(train_cmd(shards, tmp_path / "skip", *explode, "train.nonfinite=skip"))
+    assert "train-cls: done, epoch 1" in proc.stdout
+    final = final_checkpoint(tmp_path / "skip")
+    assert final["state"]["skipped"] > 0

@@ -354,10 +354,23 @@ def train_classifier(cfg: ExperimentConfig, log=print):
         ),
     )  # fmt: skip
     log(f"train-cls: {t.num_workers} workers, {t.epochs} epochs, run storage {storage_path}")
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the workers' errors: surface the first one plainly
+        raise TrainingError(f"training failed: {_worker_error(e)}") from e
     if result.error is not None:
-        raise TrainingError(f"training failed: {result.error}")
+        raise TrainingError(f"training failed: {_worker_error(result.error)}")
     return result
+
+
+def _worker_error(e: BaseException) -> str:
+    """The line of a wrapped worker error that says what went wrong."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "TrainingError: " in ln:
+            return ln.split("TrainingError: ", 1)[1]
+    errors = [ln for ln in lines if "Error: " in ln and not ln.startswith("File ")]
+    return errors[-1] if errors else (lines[0] if lines else type(e).__name__)
 
 
 def final_loss(result) -> float:
