@@ -54,6 +54,9 @@ class DataConfig(ConfigSection):
     train_url: str | None = Field(
         None, description="Split folder of training shards; default: <shards.url>/train."
     )
+    extra_urls: list[str] = Field(
+        [], description="More split folders mixed into the stream (extra single-label/web data)."
+    )
     backend: Literal["auto", "webdataset", "dali"] = Field(
         "auto", description="Decoding backend; auto = DALI on a GPU, webdataset otherwise."
     )

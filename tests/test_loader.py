@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mcis_dist.config import DataConfig
 from mcis_dist.data.loader import LoaderError, PairLoader
@@ -319,3 +320,54 @@ def test_iterating_never_draws_from_the_global_rng(shards, workers):
     before = torch.get_rng_state()
     epoch(loader, n=2)
     assert torch.equal(before, torch.get_rng_state())
+
+
+@pytest.fixture(scope="module")
+def web_split(tmp_path_factory):
+    """Extra data in another domain: single-label class folders of synthetic images, built with
+    the folder source as `web` and the same class list as the target shards."""
+    from mcis_dist.shards.synthetic import class_names, synthetic_sample
+
+    root = tmp_path_factory.mktemp("web")
+    names = class_names(SPEC)
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    for i in range(40):
+        s = synthetic_sample(SyntheticSpec(num_train=40, num_val=1, seed=7), "train", i)
+        folder = root / "web" / names[s.labels[0]]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(s.image).save(folder / f"{i}.jpg", quality=90)
+    opts = BuildOptions(shard_size_mb=0.05, workers=1, progress=False)
+    build_dataset("folder", LocalStorage(root / "shards"), opts, ["train"],
+                  {"folder_root": str(root / "web"), "classes": str(root / "classes.txt"),
+                   "domain": "web"}, log=lambda *_: None)  # fmt: skip
+    return root / "shards" / "train"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extra_domains_mix_into_the_stream_with_pair_types(shards, web_split, backend):
+    mixed = cfg(shards, extra_urls=[str(web_split)], backend=backend, num_workers=1)
+    loader = PairLoader(mixed, rank=0, world_size=1, device="cpu")
+    assert len(loader) == (90 + 40) // 4
+    batches = epoch(loader)
+    kinds = torch.cat([b["pair_type"] for b in batches]).bincount(minlength=3)
+    assert kinds[0] > 0 and kinds[2] > 0  # target–target and cross-domain pairs
+    for b in batches:
+        both_extra = (b["domain_m"] > 0) & (b["domain_n"] > 0)
+        one_extra = (b["domain_m"] > 0) ^ (b["domain_n"] > 0)
+        assert torch.equal(b["pair_type"] == 1, both_extra)
+        assert torch.equal(b["pair_type"] == 2, one_extra)
+        assert ((b["labels_m"] * b["labels_n"]).sum(1) > 0).all()
+    steered = cfg(shards, extra_urls=[str(web_split)], backend=backend, num_workers=1,
+                  cross_domain_share=1.0)  # fmt: skip
+    cross = epoch(PairLoader(steered, rank=0, world_size=1, device="cpu"))
+    share = torch.cat([b["pair_type"] == 2 for b in cross]).float().mean()
+    assert share > kinds[2] / kinds.sum()  # steering raises the share of cross-domain pairs
+
+
+def test_extra_data_with_another_class_list_is_refused(shards, tmp_path):
+    other = tmp_path / "other"
+    build_dataset("synthetic", LocalStorage(other), BuildOptions(shard_size_mb=1, workers=1, progress=False),
+                  ["train"], {"spec": SyntheticSpec(num_train=8, num_val=1, num_classes=5)},
+                  log=lambda *_: None)  # fmt: skip
+    with pytest.raises(LoaderError, match=r"has classes .*\(5\), but .*\(8\)"):
+        PairLoader(cfg(shards, extra_urls=[str(other / "train")]), rank=0, world_size=1)

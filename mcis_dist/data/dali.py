@@ -32,7 +32,7 @@ import torch
 from mcis_dist.data.pairs import PairPool, PoolItem, pair_type
 from mcis_dist.data.stream import WorkerStats, parse_record
 from mcis_dist.shards.images import ImageError, check_image
-from mcis_dist.storage import is_s3_url, open_storage
+from mcis_dist.storage import is_s3_url
 
 
 def _placeholder() -> np.ndarray:
@@ -61,19 +61,20 @@ class _Guard:
 def local_index_paths(loader) -> list[str]:
     """The ``.idx`` of every shard as a local path (downloaded once into ``index_cache`` for
     s3:// shards: DALI 2.4 reads tars from S3 but wants local index files)."""
-    storage, manifest = loader.storage, loader.manifest
-    if not is_s3_url(storage.describe()):
-        return [storage.describe(s["index"]) for s in manifest["shards"]]
     cache = Path(os.path.expanduser(loader.cfg.index_cache))
     paths = []
-    for s in manifest["shards"]:
-        local = cache / s["index_sha256"][:2] / f"{s['index_sha256']}.idx"  # content-addressed
-        if not local.is_file():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_suffix(".tmp")
-            tmp.write_bytes(open_storage(storage.describe()).read_bytes(s["index"]))
-            os.replace(tmp, local)
-        paths.append(str(local))
+    for manifest, storage in loader.sources:
+        for s in manifest["shards"]:
+            if not is_s3_url(storage.describe()):
+                paths.append(storage.describe(s["index"]))
+                continue
+            local = cache / s["index_sha256"][:2] / f"{s['index_sha256']}.idx"  # by content
+            if not local.is_file():
+                local.parent.mkdir(parents=True, exist_ok=True)
+                tmp = local.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(storage.read_bytes(s["index"]))
+                os.replace(tmp, local)
+            paths.append(str(local))
     return paths
 
 

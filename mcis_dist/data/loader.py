@@ -69,6 +69,10 @@ def _sizes(storage) -> dict[str, int]:
         raise LoaderError(str(e)) from None
 
 
+def _brief(names: list[str]) -> str:
+    return f"[{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}] ({len(names)})"
+
+
 def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise LoaderError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -94,14 +98,30 @@ class PairLoader:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.manifest, self.storage = open_manifest(cfg.train_url, cfg.endpoint_url)
         self.num_classes = len(self.manifest["classes"])
+        # Extra splits (single-label or web data, paper §3.2) join the same stream; their
+        # samples carry their own domain tags, which pick the pair types.
+        self.sources = [(self.manifest, self.storage)]
+        for url in cfg.extra_urls:
+            manifest, storage = open_manifest(url, cfg.endpoint_url)
+            if manifest["classes"] != self.manifest["classes"]:
+                raise LoaderError(
+                    f"{storage.describe()} has classes {_brief(manifest['classes'])}, but "
+                    f"{self.storage.describe()} has {_brief(self.manifest['classes'])}: extra "
+                    "data must be built with the same class list (--classes)"
+                )
+            self.sources.append((manifest, storage))
+        shard_urls = tuple(
+            st.describe(s["name"]) for m, st in self.sources for s in m["shards"]
+        )  # fmt: skip
         self.augment = AugmentSpec(
             crop_size=cfg.crop_size, resize_long=tuple(cfg.resize_long), hflip=cfg.hflip,
             color_jitter=tuple(cfg.color_jitter), mean=tuple(cfg.mean), std=tuple(cfg.std),
         )  # fmt: skip
         workers = cfg.num_workers if self.backend == "webdataset" else 1
         self.spec = StreamSpec(
-            shard_urls=tuple(self.storage.describe(s["name"]) for s in self.manifest["shards"]),
-            num_samples=self.manifest["num_samples"], num_classes=self.num_classes,
+            shard_urls=shard_urls,
+            num_samples=sum(m["num_samples"] for m, _ in self.sources),
+            num_classes=self.num_classes,
             batch_size=cfg.batch_size, augment=self.augment, rank=rank, world_size=world_size,
             num_workers=max(1, workers), seed=cfg.seed, pool_size=cfg.pool_size,
             max_wait=cfg.max_wait, cross_domain_share=cfg.cross_domain_share,

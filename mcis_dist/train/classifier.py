@@ -336,7 +336,8 @@ def train_classifier(cfg: ExperimentConfig, log=print):
 
     from mcis_dist.data.loader import open_manifest
 
-    open_manifest(cfg.data.train_url, cfg.data.endpoint_url)  # fails fast on missing shards
+    for url in [cfg.data.train_url, *cfg.data.extra_urls]:  # fails fast on missing shards
+        open_manifest(url, cfg.data.endpoint_url)
     storage_path, filesystem = _storage(cfg)
     ensure_ray()
     check_resources(cfg)
