@@ -222,3 +222,13 @@ def test_a_non_finite_loss_stops_naming_the_step_or_is_skipped(shards, tmp_path)
     assert "train-cls: done, epoch 1" in proc.stdout
     final = final_checkpoint(tmp_path / "skip")
     assert final["state"]["skipped"] > 0
+
+
+def test_bf16_autocast_and_channels_last_on_the_cpu(shards, tmp_path):
+    proc = run(train_cmd(shards, tmp_path / "runs", "train.amp=bf16", "train.channels_last=true",
+                         "train.epochs=1", "train.num_workers=1"))  # fmt: skip
+    assert "train-cls: done, epoch 1" in proc.stdout
+    losses = [r["total"] for r in metrics(tmp_path / "runs") if "total" in r]
+    assert losses and all(0 < x < 10 for x in losses)  # finite, sane values under bf16
+    final = final_checkpoint(tmp_path / "runs")
+    assert all(v.dtype == torch.float32 for v in final["model"].values() if v.is_floating_point())
