@@ -76,3 +76,15 @@ def write(path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module: at test sizes a second thread gains little, and on
+    a busy 2-core machine two spinning OpenMP threads made small tensor ops 10-1000x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,14 +27,7 @@ RESNET38_PARAMS = 105_070_912
 VGG16_EXTRA_PARAMS = 3 * (512 * 512 * 9 + 512)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: at test sizes a second one gains little, and on a busy 2-core
-    machine two spinning OpenMP threads made these tests 2-3x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

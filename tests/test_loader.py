@@ -277,15 +277,10 @@ def test_rank_and_world_come_from_the_environment_outside_ray(shards, monkeypatc
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_training_step_consumes_pair_batches(shards, backend):
+def test_a_training_step_consumes_pair_batches(shards, backend, one_thread):
     """Pair batches drive a real optimisation: a small two-stream classifier (a stand-in for the
     co-attention model) trained on them for two epochs lowers its multilabel loss."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread wake-ups cost more than they save
-    try:
-        _train_on_pairs(shards, backend)
-    finally:
-        torch.set_num_threads(threads)
+    _train_on_pairs(shards, backend)
 
 
 def _train_on_pairs(shards, backend):

@@ -28,14 +28,6 @@ def train_split(tmp_path_factory):
     return out / "train"
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: thread wake-ups cost more than they save
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("backend", ["webdataset", "dali"])
 def test_classifier_trains_on_pairs_in_a_plain_loop(train_split, backend, one_thread):
     torch.manual_seed(0)

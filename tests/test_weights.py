@@ -26,15 +26,7 @@ from mcis_dist.models import (
 )
 from mcis_dist.models.weights import mxnet_to_torch_key
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: at test sizes a second one gains little, and on a busy 2-core
-    machine two spinning OpenMP threads made these tests 2-3x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- an MXNet ``mx.nd.save`` writer, written from the format description ---------------------

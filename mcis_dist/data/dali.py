@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcis_dist.data.pairs import PairPool, PoolItem, pair_type
-from mcis_dist.data.stream import WorkerStats, parse_record
+from mcis_dist.data.pairs import PairPool, PoolItem
+from mcis_dist.data.stream import WorkerStats, collate_pairs, parse_record
 from mcis_dist.shards.images import ImageError, check_image
 from mcis_dist.storage import is_s3_url
 
@@ -186,29 +186,6 @@ def dali_pair_batches(loader, epoch: int, skip: int):
                 ready, pending = pending, []
                 emitted += 1
                 if emitted > skip:
-                    yield _collate(ready, spec.num_classes, pool, stats)
+                    yield collate_pairs(ready, spec.num_classes, lambda it: it.payload, pool, stats)
                 if emitted == total:
                     return
-
-
-def _collate(pairs, num_classes: int, pool: PairPool, stats: WorkerStats) -> dict:
-    ms, ns = [p[0] for p in pairs], [p[1] for p in pairs]
-    labels = torch.zeros(2, len(pairs), num_classes)
-    for i, (m, n) in enumerate(pairs):
-        labels[0, i, list(m.labels)] = 1
-        labels[1, i, list(n.labels)] = 1
-    return {
-        "image_m": torch.stack([m.payload for m in ms]),  # (B, 3, S, S), already normalised
-        "image_n": torch.stack([n.payload for n in ns]),
-        "labels_m": labels[0],
-        "labels_n": labels[1],
-        "domain_m": torch.tensor([m.domain for m in ms]),
-        "domain_n": torch.tensor([n.domain for n in ns]),
-        "pair_type": torch.tensor([pair_type(m.domain, n.domain) for m, n in pairs]),
-        "key_m": [m.key for m in ms],
-        "key_n": [n.key for n in ns],
-        "stats": {
-            "worker": {**stats.__dict__, "bad_keys": list(stats.bad_keys)},
-            "pairs": {**pool.stats.__dict__, "pair_types": list(pool.stats.pair_types)},
-        },
-    }

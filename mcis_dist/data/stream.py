@@ -221,28 +221,31 @@ class PairStream(IterableDataset):
                         return
 
     def _collate(self, pairs, pool: PairPool, stats: WorkerStats) -> dict:
-        spec = self.spec
-        k = spec.num_classes
+        augment = self.spec.augment
+        return collate_pairs(pairs, self.spec.num_classes, lambda it: it.payload.get(augment),
+                             pool, stats)  # fmt: skip
 
-        def multi_hot(items):
-            out = torch.zeros(len(items), k)
-            for i, it in enumerate(items):
-                out[i, list(it.labels)] = 1
-            return out
 
-        ms, ns = [p[0] for p in pairs], [p[1] for p in pairs]
-        return {
-            "image_m": torch.stack([m.payload.get(spec.augment) for m in ms]),  # (B, 3, S, S) uint8
-            "image_n": torch.stack([n.payload.get(spec.augment) for n in ns]),
-            "labels_m": multi_hot(ms),  # (B, K)
-            "labels_n": multi_hot(ns),
-            "domain_m": torch.tensor([m.domain for m in ms]),
-            "domain_n": torch.tensor([n.domain for n in ns]),
-            "pair_type": torch.tensor([pair_type(m.domain, n.domain) for m, n in pairs]),
-            "key_m": [m.key for m in ms],
-            "key_n": [n.key for n in ns],
-            "stats": {
-                "worker": {**stats.__dict__, "bad_keys": list(stats.bad_keys)},
-                "pairs": {**pool.stats.__dict__, "pair_types": list(pool.stats.pair_types)},
-            },
-        }
+def collate_pairs(pairs, num_classes: int, image_of, pool: PairPool, stats: WorkerStats) -> dict:
+    """A batch in the loader's raw format from ``(m, n)`` pool items; ``image_of(item)`` gives
+    an item's (3, S, S) image (uint8 from the webdataset backend, normalised from DALI)."""
+    ms, ns = [p[0] for p in pairs], [p[1] for p in pairs]
+    labels = torch.zeros(2, len(pairs), num_classes)  # (2, B, K) multi-hot
+    for i, (m, n) in enumerate(pairs):
+        labels[0, i, list(m.labels)] = 1
+        labels[1, i, list(n.labels)] = 1
+    return {
+        "image_m": torch.stack([image_of(m) for m in ms]),  # (B, 3, S, S)
+        "image_n": torch.stack([image_of(n) for n in ns]),
+        "labels_m": labels[0],
+        "labels_n": labels[1],
+        "domain_m": torch.tensor([m.domain for m in ms]),
+        "domain_n": torch.tensor([n.domain for n in ns]),
+        "pair_type": torch.tensor([pair_type(m.domain, n.domain) for m, n in pairs]),
+        "key_m": [m.key for m in ms],
+        "key_n": [n.key for n in ns],
+        "stats": {
+            "worker": {**stats.__dict__, "bad_keys": list(stats.bad_keys)},
+            "pairs": {**pool.stats.__dict__, "pair_types": list(pool.stats.pair_types)},
+        },
+    }
