@@ -155,6 +155,10 @@ class TrainConfig(ConfigSection):
     loss_reduction: Literal["paper", "authors"] = Field(
         "paper", description="paper: m and n terms added; authors: averaged as their code."
     )
+    seam: bool = Field(
+        False, description="SEAM's equivariant attention (PCM, ER + ECR) on image m (LID)."
+    )
+    seam_weight: float = Field(1.0, ge=0, description="Weight of SEAM's ER + ECR losses.")
     checkpoint_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0: off).")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept (the newest).")
     report_every_steps: int = Field(20, ge=1, description="Metrics reported to Ray every N steps.")

@@ -199,11 +199,12 @@ def test_ray_job_submit_against_a_local_head(shards, tmp_path):
         ("train.num_workers=64", "needs 64 CPUs; the cluster has"),
         ("train.amp=fp16", "fp16 needs GPUs"),
         ("data.train_url=/nonexistent/train", "does not exist"),
+        ("train.seam=true model.backbone=vgg16", "train.seam needs conv4/conv5 taps"),
         ("train.lrr=0.1", "override 'train.lrr=0.1': unknown key 'lrr' (did you mean 'lr'"),
     ],
 )
 def test_bad_configs_fail_before_any_worker_starts(shards, tmp_path, override, words):
-    proc = subprocess.run(train_cmd(shards, tmp_path / "runs", override), env=env(),
+    proc = subprocess.run(train_cmd(shards, tmp_path / "runs", *override.split()), env=env(),
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert words in proc.stderr and "Traceback" not in proc.stderr
@@ -232,3 +233,14 @@ def test_bf16_autocast_and_channels_last_on_the_cpu(shards, tmp_path):
     assert losses and all(0 < x < 10 for x in losses)  # finite, sane values under bf16
     final = final_checkpoint(tmp_path / "runs")
     assert all(v.dtype == torch.float32 for v in final["model"].values() if v.is_floating_point())
+
+
+def test_seam_trains_alongside_the_co_attention(shards, tmp_path):
+    proc = run(train_cmd(shards, tmp_path / "runs", "train.seam=true", "train.epochs=1",
+                         "train.num_workers=1"))  # fmt: skip
+    assert "train-cls: done, epoch 1" in proc.stdout
+    m = [r for r in metrics(tmp_path / "runs") if "seam_er" in r]
+    assert m and all(r["seam_er"] >= 0 and r["seam_ecr"] >= 0 for r in m)
+    assert all(r["total"] >= r["single"] + r["coattention"] for r in m)
+    final = final_checkpoint(tmp_path / "runs")
+    assert final["pcm"] and all(torch.isfinite(v).all() for v in final["pcm"].values())

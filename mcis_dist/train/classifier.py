@@ -55,6 +55,36 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> MCISClassifier:
     )  # fmt: skip
 
 
+def build_pcm(cfg: ExperimentConfig, backbone) -> torch.nn.Module | None:
+    """SEAM's PCM on the backbone's conv4/conv5 taps (ResNet-38 family), when train.seam."""
+    if not cfg.train.seam:
+        return None
+    from mcis_dist.models.seam import PixelCorrelationModule
+
+    channels = getattr(backbone, "feature_channels", {})
+    if not {"conv4", "conv5"} <= set(channels):
+        raise TrainingError(
+            f"train.seam needs a backbone with conv4/conv5 taps (resnet38, resnet38_tiny); "
+            f"model.backbone={cfg.model.backbone!r} has {sorted(channels) or 'none'}"
+        )
+    return PixelCorrelationModule(low_channels=channels["conv4"], high_channels=channels["conv5"])
+
+
+class _Trainable(torch.nn.Module):
+    """The classifier plus the PCM, for the optimizer: the PCM's parameters are new (x10/x20)."""
+
+    def __init__(self, net: MCISClassifier, pcm: torch.nn.Module | None):
+        super().__init__()
+        self.net, self.pcm = net, pcm
+
+    def param_groups(self) -> dict[str, list]:
+        groups = self.net.param_groups()
+        if self.pcm is not None:
+            for name, p in self.pcm.named_parameters():
+                groups["new_bias" if name.endswith("bias") else "new_weight"].append(p)
+        return groups
+
+
 def loss_weights(cfg: ExperimentConfig) -> LossWeights:
     t = cfg.train
     return LossWeights(single=t.loss_single, coattention=t.loss_coattention,
@@ -101,6 +131,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, sta
             epoch=epoch, weights=weights, contrastive_from_epoch=cfg.train.contrastive_from_epoch,
             reduction=cfg.train.loss_reduction,
         )  # fmt: skip
+        if cfg.train.seam:
+            from mcis_dist.models.seam import seam_losses
+
+            cam1, rv1, cam2, rv2 = (x.float() for x in _view(model).seam)
+            seam = seam_losses(cam1, rv1, cam2, rv2, batch["labels_m"])
+            terms["seam_er"], terms["seam_ecr"] = seam["er"], seam["ecr"]
+            terms["total"] = terms["total"] + cfg.train.seam_weight * seam["total"]
         loss = terms["total"]
         finite = _all_ranks_agree(bool(torch.isfinite(loss)), device)
         if not finite:
@@ -145,15 +182,24 @@ class LossView(torch.nn.Module):
     output stays available as ``last`` for reporting every term.
     """
 
-    def __init__(self, net: MCISClassifier):
+    def __init__(self, net: MCISClassifier, pcm: torch.nn.Module | None = None):
         super().__init__()
         self.net = net
+        self.pcm = pcm  # SEAM's pixel correlation module (REFERENCE §5), when train.seam
         self.active = OUTPUTS
         self.last = None
+        self.seam = None
 
     def forward(self, xm, xn, pair_type=None):
         self.last = self.net(xm, xn, pair_type)
-        return tuple(getattr(self.last, name) for name in self.active)
+        outputs = tuple(getattr(self.last, name) for name in self.active)
+        if self.pcm is not None:  # SEAM on image m: itself and a 0.3x view, CAMs and PCM maps
+            from mcis_dist.models.seam import seam_cams, seam_view
+
+            self.seam = (*seam_cams(self.net.phi, self.net.backbone, self.pcm, xm),
+                         *seam_cams(self.net.phi, self.net.backbone, self.pcm, seam_view(xm)))  # fmt: skip
+            outputs += self.seam
+        return outputs
 
 
 def active_outputs(cfg: ExperimentConfig, epoch: int) -> tuple[str, ...]:
@@ -178,7 +224,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     loader = PairLoader(cfg.data, rank=rank, world_size=world, device=device)
     model = build_model(cfg, num_classes=len(loader.manifest["classes"]))
-    optimizer = build_optimizer(model, cfg.train)
+    pcm = build_pcm(cfg, model.backbone)
+    optimizer = build_optimizer(_Trainable(model, pcm), cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, iters_per_epoch=len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     state = {"epoch": 0, "step": 0, "skipped": 0}
@@ -188,6 +235,8 @@ def train_loop_per_worker(config: dict) -> None:
         with restored.as_directory() as d:
             saved = ckpt.load(d)
         ckpt.load_model_state(model, saved["model"], where=f"checkpoint {restored.path}")
+        if pcm is not None:
+            ckpt.load_model_state(pcm, saved["pcm"], where=f"checkpoint {restored.path} (PCM)")
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
@@ -205,7 +254,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Epochs whose loss leaves some outputs out have parameters without gradients (LossView).
     partial = any(active_outputs(cfg, e) != OUTPUTS for e in range(cfg.train.epochs))
     model = ray.train.torch.prepare_model(
-        LossView(net), parallel_strategy_kwargs={"find_unused_parameters": partial}
+        LossView(net, pcm), parallel_strategy_kwargs={"find_unused_parameters": partial}
     )
 
     if restored is not None:  # last, so nothing after it draws random numbers before training
@@ -230,6 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 ckpt.save(tmp, {
                     "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "pcm": pcm.state_dict() if pcm is not None else {},
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "state": dict(state), "loaders": loaders, "rng": rngs,
                     "config": dump_config(cfg),
@@ -327,6 +377,11 @@ def check_resources(cfg: ExperimentConfig) -> None:
         )
     if t.amp == "fp16" and not t.use_gpu:
         raise TrainingError("train.amp=fp16 needs GPUs (use bf16 or none on the CPU)")
+    if t.seam and cfg.model.backbone not in ("resnet38", "resnet38_tiny"):
+        raise TrainingError(
+            f"train.seam needs conv4/conv5 taps: model.backbone resnet38 or resnet38_tiny, "
+            f"not {cfg.model.backbone!r}"
+        )
 
 
 def train_classifier(cfg: ExperimentConfig, log=print):
