@@ -155,6 +155,11 @@ class TrainConfig(ConfigSection):
     loss_reduction: Literal["paper", "authors"] = Field(
         "paper", description="paper: m and n terms added; authors: averaged as their code."
     )
+    self_pair_terms: bool = Field(
+        False,
+        description="Authors' code: extra Eq. 1/5 terms pairing each image with its flip, "
+        "0.75x and 2x copies (6 more forward passes per step).",
+    )
     seam: bool = Field(
         False, description="SEAM's equivariant attention (PCM, ER + ECR) on image m (LID)."
     )

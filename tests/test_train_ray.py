@@ -244,3 +244,13 @@ def test_seam_trains_alongside_the_co_attention(shards, tmp_path):
     assert all(r["total"] >= r["single"] + r["coattention"] for r in m)
     final = final_checkpoint(tmp_path / "runs")
     assert final["pcm"] and all(torch.isfinite(v).all() for v in final["pcm"].values())
+
+
+def test_the_authors_self_pair_terms(shards, tmp_path):
+    proc = run(train_cmd(shards, tmp_path / "runs", "train.self_pair_terms=true", "train.epochs=1",
+                         "train.num_workers=1", "model.domains=3"))  # fmt: skip
+    assert "train-cls: done, epoch 1" in proc.stdout
+    m = [r for r in metrics(tmp_path / "runs") if "self_pairs" in r]
+    assert m and all(r["self_pairs"] > 0 for r in m)
+    assert all(r["total"] == pytest.approx(r["single"] + r["coattention"] + r["self_pairs"], rel=1e-4)
+               for r in m)  # epoch 0: no contrastive term yet  # fmt: skip

@@ -121,8 +121,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, sta
         memory = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         xm = batch["image_m"].to(memory_format=memory)
         xn = batch["image_n"].to(memory_format=memory)
+        multi = cfg.model.domains > 1
+        self_types = None  # a self-pair is target–target (0) or extra–extra (1)
+        if cfg.train.self_pair_terms:
+            self_types = tuple((batch[f"domain_{s}"] > 0).long() if multi else None for s in "mn")
         with amp_context(cfg, device):
-            model(xm, xn, batch["pair_type"] if cfg.model.domains > 1 else None)
+            model(xm, xn, batch["pair_type"] if multi else None, self_pairs=self_types)
         out = _view(model).last
         out = dataclasses.replace(out, **{f.name: getattr(out, f.name).float()
                                           for f in dataclasses.fields(out)})  # fmt: skip
@@ -131,6 +135,18 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, sta
             epoch=epoch, weights=weights, contrastive_from_epoch=cfg.train.contrastive_from_epoch,
             reduction=cfg.train.loss_reduction,
         )  # fmt: skip
+        if cfg.train.self_pair_terms:
+            from mcis_dist.losses import self_pair_loss
+
+            own = [batch["labels_m"]] * 3 + [batch["labels_n"]] * 3  # one per view, m then n
+            extra = sum(
+                self_pair_loss(dataclasses.replace(o, **{f.name: getattr(o, f.name).float()
+                                                         for f in dataclasses.fields(o)}),
+                               y, reduction=cfg.train.loss_reduction)["total"]
+                for o, y in zip(_view(model).self_pairs, own, strict=True)
+            )  # fmt: skip
+            terms["self_pairs"] = extra
+            terms["total"] = terms["total"] + extra
         if cfg.train.seam:
             from mcis_dist.models.seam import seam_losses
 
@@ -190,9 +206,18 @@ class LossView(torch.nn.Module):
         self.last = None
         self.seam = None
 
-    def forward(self, xm, xn, pair_type=None):
+    def forward(self, xm, xn, pair_type=None, self_pairs: tuple | None = None):
         self.last = self.net(xm, xn, pair_type)
         outputs = tuple(getattr(self.last, name) for name in self.active)
+        self.self_pairs = []
+        if self_pairs is not None:  # authors' extra terms: (I, flip I), (I, 0.75x I), (I, 2x I)
+            from mcis_dist.losses import self_pair_views
+
+            for x, same_domain in zip((xm, xn), self_pairs, strict=True):  # an image's own type
+                for view in self_pair_views(x):
+                    out = self.net(x, view, same_domain)
+                    self.self_pairs.append(out)
+                    outputs += (out.single_m, out.single_n, out.coatt_m, out.coatt_n)
         if self.pcm is not None:  # SEAM on image m: itself and a 0.3x view, CAMs and PCM maps
             from mcis_dist.models.seam import seam_cams, seam_view
 
