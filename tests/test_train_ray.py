@@ -171,16 +171,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_port(port: int, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
 def test_ray_job_submit_against_a_local_head(shards, tmp_path):
+    """A real head (`ray start --head --block`, so that stopping it stops only this cluster, not
+    every Ray process of the user as `ray stop` would) and `ray job submit` of the CLI."""
     ray = str(Path(sys.executable).parent / "ray")
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"ray-{os.getpid()}-{port}"  # short: unix socket paths are limited
     e = {**env(), "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                    "--disable-usage-stats", f"--temp-dir={temp}"], env=e, check=True,
-                   capture_output=True, timeout=180)  # fmt: skip
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--disable-usage-stats", f"--temp-dir={temp}"],
+        env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
     try:
+        _wait_port(dash)
         cmd = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
                str(REPO), "--", sys.executable, "-m", "mcis_dist.cli", "train-cls", "--config",
                "configs/demo.yaml", f"shards.url={shards}", f"run_root={tmp_path / 'runs'}",
@@ -190,7 +206,12 @@ def test_ray_job_submit_against_a_local_head(shards, tmp_path):
         assert "succeeded" in proc.stdout.lower()
         assert final_checkpoint(tmp_path / "runs")["state"]["epoch"] == 1
     finally:
-        subprocess.run([ray, "stop", "--force"], env=e, capture_output=True, timeout=120)
+        head.send_signal(signal.SIGTERM)  # `--block` stops the head's processes on SIGTERM
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
 
 
 @pytest.mark.parametrize(
