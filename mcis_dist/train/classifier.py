@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -452,8 +451,3 @@ def _worker_error(e: BaseException) -> str:
             return ln.split("TrainingError: ", 1)[1]
     errors = [ln for ln in lines if "Error: " in ln and not ln.startswith("File ")]
     return errors[-1] if errors else (lines[0] if lines else type(e).__name__)
-
-
-def final_loss(result) -> float:
-    value = (result.metrics or {}).get("total", math.nan)
-    return float(value)
