@@ -118,16 +118,18 @@ def test_a_killed_build_resumes_to_the_same_shards(tmp_path):
 def test_demo_builds_shards_and_saves_the_resolved_config(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(["demo", "--config", str(REPO / "configs" / "demo.yaml"),
-                 "synthetic.num_train=24", "synthetic.num_val=6", "shards.workers=1",
+                 "synthetic.num_train=32", "synthetic.num_val=6", "shards.workers=1",
+                 "train.epochs=1",
                  f"shards.url={tmp_path}/shards", f"run_root={tmp_path}/runs"])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
     assert "Building the built-in dataset" in out and "[train]" in out and "[val]" in out
-    assert "3 batches (" in out and "formed without waiting" in out
+    assert "4 batches (" in out and "formed without waiting" in out
+    assert "[3/3] Training the co-attention classifier" in out and "done: epoch 1, step 2" in out
     png = tmp_path / "runs" / "demo" / "pairs.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = (tmp_path / "runs" / "demo" / "config.yaml").read_text()
-    assert "num_train: 24" in saved and f"train_url: {tmp_path}/shards/train" in saved
+    assert "num_train: 32" in saved and f"train_url: {tmp_path}/shards/train" in saved
     assert (
         json.loads((tmp_path / "shards" / "val" / "manifest.json").read_text())["num_samples"] == 6
     )

@@ -369,18 +369,20 @@ def _storage(cfg: ExperimentConfig):
     return root[len("s3://") :], fs.S3FileSystem(**kwargs)
 
 
-def ensure_ray() -> None:
+def ensure_ray() -> bool:
     """Use the cluster in RAY_ADDRESS (or the one ``ray job submit`` runs in); otherwise start an
-    embedded local Ray bound to 127.0.0.1 that sends no usage statistics."""
+    embedded local Ray bound to 127.0.0.1 that sends no usage statistics. True if it started
+    (and so owns) an embedded Ray."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+        return False
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    return True
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
@@ -408,17 +410,52 @@ def check_resources(cfg: ExperimentConfig) -> None:
         )
 
 
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A copy whose local paths (shards, weights, run root) are absolute; URLs stay as they are."""
+
+    def fix(value: str | None) -> str | None:
+        if value is None or "://" in value:
+            return value
+        return str(Path(value).expanduser().absolute())
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.train_url = fix(cfg.data.train_url)
+    cfg.data.extra_urls = [fix(u) for u in cfg.data.extra_urls]
+    cfg.shards.url = fix(cfg.shards.url)
+    cfg.model.weights = fix(cfg.model.weights)
+    cfg.run_root = fix(cfg.run_root)
+    return cfg
+
+
 def train_classifier(cfg: ExperimentConfig, log=print):
     """Validate, then run (or resume) the training; returns Ray's ``Result``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    cfg = absolute_paths(cfg)  # Ray workers run in another working directory
 
     from mcis_dist.data.loader import open_manifest
 
     for url in [cfg.data.train_url, *cfg.data.extra_urls]:  # fails fast on missing shards
         open_manifest(url, cfg.data.endpoint_url)
     storage_path, filesystem = _storage(cfg)
-    ensure_ray()
+    started = ensure_ray()
+    try:
+        return _fit(cfg, storage_path, filesystem, log)
+    finally:
+        if started:  # an embedded Ray this call started ends with it
+            import ray
+
+            ray.shutdown()
+
+
+def _fit(cfg: ExperimentConfig, storage_path: str, filesystem, log):
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchTrainer
+
     check_resources(cfg)
     t = cfg.train
     trainer = TorchTrainer(
@@ -431,6 +468,7 @@ def train_classifier(cfg: ExperimentConfig, log=print):
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=[MetricsCallback(run_url(cfg), endpoint_url(cfg), t.epochs)],
+            logging_config=LoggingConfig(log_level="WARNING"),  # our progress line suffices
         ),
     )  # fmt: skip
     log(f"train-cls: {t.num_workers} workers, {t.epochs} epochs, run storage {storage_path}")
