@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 T = TypeVar("T", bound=BaseModel)
 SECRET_KEY_RE = re.compile(r"(secret|password|token|access_key|secret_key)$", re.IGNORECASE)
 MASK = "***"
-_EXPONENT = re.compile(r"[-+]?\d+[eE][-+]?\d+")  # a float YAML 1.1 reads as a string
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # floats YAML 1.1 reads as strings
 _OPS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 _Overrides = Sequence[tuple[tuple[str, ...], str]]  # (key path, override text), in order
 
@@ -173,7 +173,10 @@ def _format_errors(exc: ValidationError, schema: type[BaseModel], source: str, o
                 want += " or null"
             line = f"{source}: {key}: expected {want}, got {_got(err['input'])}"
             if isinstance(err["input"], str) and _EXPONENT.fullmatch(err["input"]):
-                line += " (YAML 1.1 reads 1e-3 as a string: write 1.0e-3)"
+                line += (
+                    " (YAML 1.1 reads 1e-3 and 1.0e12 as strings: write 1.0e-3 or 1.0e+12, "
+                    "with a dot and a signed exponent)"
+                )
         for okey, text in reversed(ovr):  # the last override touching this key is responsible
             if okey[: len(parts)] == parts or parts[: len(okey)] == okey:
                 line += f" [from override '{text}']"
