@@ -111,6 +111,36 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="experiment YAML")
     t.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
+    m = sub.add_parser(
+        "cams",
+        help="localization maps of a split, sharded over Ray actors",
+        description="Compute localization maps (single-round or co-attentive, multi-scale x "
+        "flip) for every image of cams.split_url with the trained classifier, one CAM shard per "
+        "input shard, on a pool of Ray actors. Re-running skips finished shards; a lost actor's "
+        "shard is redone by another.",
+    )
+    m.add_argument("--config", required=True, help="experiment YAML")
+    m.add_argument("--checkpoint", default=None,
+                   help="classifier checkpoint folder or .pt, local or s3:// (default: the "
+                   "newest of <run_root>/<name>/cls)")  # fmt: skip
+    m.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
+    e = sub.add_parser("eval", help="evaluate a stage's outputs against masks")
+    esub = e.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    ec = esub.add_parser(
+        "cams",
+        help="CAM mIoU with a background-threshold sweep, per-class IoU and an overlay grid",
+        description="CAM mIoU on the mapped split's masks at cams.bg_threshold, plus the sweep "
+        "over cams.eval_thresholds (the sweep's best threshold looks at ground truth: reported, "
+        "never used by a later stage). Writes eval.json and overlays.png.",
+    )
+    ec.add_argument("--config", required=True, help="experiment YAML")
+    ec.add_argument("--cams", default=None, help="CAM folder (default: cams.out_url)")
+    ec.add_argument("--thresholds", default=None,
+                    help="sweep, e.g. 0:0.6:0.05 or 0.1,0.2 (default: cams.eval_thresholds)")  # fmt: skip
+    ec.add_argument("--out", default=None, help="where eval.json goes (default: <cams>/eval)")
+    ec.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
     w = sub.add_parser("weights", help="convert pretrained weights")
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     c = wsub.add_parser(
@@ -275,6 +305,28 @@ def cmd_train_cls(args) -> int:
     return EXIT_OK
 
 
+def cmd_cams(args) -> int:
+    from mcis_dist.cams.stage import compute_cams
+    from mcis_dist.config import load_config
+
+    compute_cams(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
+    return EXIT_OK
+
+
+def cmd_eval_cams(args) -> int:
+    from mcis_dist.cams.evaluate import evaluate_cams
+    from mcis_dist.config import load_config
+    from mcis_dist.evaluation import parse_thresholds
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        thresholds = parse_thresholds(args.thresholds) if args.thresholds else None
+    except ValueError as e:
+        raise UserError(f"--thresholds: {e}") from None
+    evaluate_cams(cfg, cams_url=args.cams, thresholds=thresholds, out_url=args.out)
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from mcis_dist.demo import run_demo
 
@@ -285,10 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     from mcis_dist.config import ConfigError
     from mcis_dist.data.loader import LoaderError
     from mcis_dist.models.weights import WeightsError
+    from mcis_dist.sharded import StageError
     from mcis_dist.shards.build import BuildError
     from mcis_dist.shards.manifest import ManifestError
     from mcis_dist.shards.sources import SourceError
     from mcis_dist.storage import StorageError
+    from mcis_dist.train.checkpoint import CheckpointError
     from mcis_dist.train.classifier import TrainingError
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home by default
@@ -299,14 +353,17 @@ def main(argv: list[str] | None = None) -> int:
         ("shards", "verify"): cmd_shards_verify,
         ("weights", "convert-resnet38"): cmd_weights_convert,
         ("train-cls", None): cmd_train_cls,
+        ("cams", None): cmd_cams,
+        ("eval", "cams"): cmd_eval_cams,
         ("demo", None): cmd_demo,
     }
-    action = getattr(args, "shards_command", None) or getattr(args, "weights_command", None)
+    action = next((getattr(args, a) for a in ("shards_command", "weights_command", "eval_command")
+                   if getattr(args, a, None)), None)  # fmt: skip
     handler = handlers[(args.command, action)]
     try:
         return handler(args)
     except (UserError, ConfigError, BuildError, ManifestError, SourceError, StorageError,
-            LoaderError, WeightsError, TrainingError) as e:  # fmt: skip
+            LoaderError, WeightsError, TrainingError, StageError, CheckpointError) as e:  # fmt: skip
         print(f"mcis: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

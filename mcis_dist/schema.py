@@ -174,6 +174,78 @@ class TrainConfig(ConfigSection):
     seed: int = Field(0, ge=0, description="Seed of model init and training randomness.")
 
 
+class CamsConfig(ConfigSection):
+    """Localization maps (``mcis cams``, paper §3.2) and their evaluation (``mcis eval cams``)."""
+
+    split_url: str | None = Field(
+        None, description="Split folder whose images get maps; default: data.train_url."
+    )
+    out_url: str | None = Field(
+        None, description="Output folder of the CAM shards; default: <run_root>/<name>/cams."
+    )
+    checkpoint: str | None = Field(
+        None, description="Classifier checkpoint (folder or .pt); default: the newest of the run."
+    )
+    mode: Literal["single", "coattentive"] = Field(
+        "coattentive", description="single: S_n (Eq. 1); coattentive: K related images per class."
+    )
+    related: int = Field(3, ge=1, description="Related images per labelled class (|R|, Table 5).")
+    related_pool: int = Field(
+        0,
+        ge=0,
+        description="Draw related images from a fixed per-class pool of this size (0: all "
+        "images of the class); small pools make the feature cache hit.",
+    )
+    related_size: int | None = Field(
+        None, ge=16, description="Long side of related images, pixels; default: data.crop_size."
+    )
+    contrastive: bool = Field(
+        False,
+        description="Also average contrastive maps against images without the class "
+        "(Eq. 7-8; Table 2: adds nothing).",
+    )
+    self_pairs: bool = Field(
+        False,
+        description="Authors' code: the image's flip, 0.75x and 2x copies as extra related "
+        "images of every class.",
+    )
+    scales: list[float] = Field([0.5, 1.0, 1.5, 2.0], description="Test scales of the image.")
+    flip: bool = Field(True, description="Also run every scale flipped.")
+    out_stride: int = Field(8, ge=1, description="Stored maps' stride to the image (1: full size).")
+    num_actors: int = Field(
+        0, ge=0, description="Actors; 0: one per GPU, or one per cpus_per_actor."
+    )
+    use_gpu: bool = Field(False, description="One GPU per actor.")
+    cpus_per_actor: int = Field(1, ge=1, description="CPUs reserved per actor.")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per CPU actor.")
+    amp: bool = Field(True, description="fp16 autocast on GPUs (ignored on CPUs).")
+    feature_cache_mb: int = Field(
+        512, ge=0, description="Per-actor LRU cache of related images' features, MB (0: off)."
+    )
+    max_failures: int = Field(3, ge=0, description="Lost actors replaced before the stage fails.")
+    seed: int = Field(0, ge=0, description="Seed of the related-image draws.")
+    bg_threshold: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Background score of CAM label maps (set here, never picked "
+        "by looking at ground truth).",
+    )
+    eval_thresholds: list[float] = Field(
+        [round(0.05 * i, 2) for i in range(13)],
+        description="Background thresholds swept by `mcis eval cams` (reporting only).",
+    )
+    eval_grid: int = Field(8, ge=0, description="Images in the overlay grid of `mcis eval cams`.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales={self.scales}: expected a non-empty list of values > 0")
+        if not self.eval_thresholds or not all(0 <= t <= 1 for t in self.eval_thresholds):
+            raise ValueError(f"eval_thresholds={self.eval_thresholds}: expected values in [0, 1]")
+        return self
+
+
 class ExperimentConfig(ConfigSection):
     """One experiment: its name, where its runs live, and its sections."""
 
@@ -186,11 +258,16 @@ class ExperimentConfig(ConfigSection):
     data: DataConfig = Field(default_factory=DataConfig, description="Pair loader.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Classifier model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Classifier training.")
+    cams: CamsConfig = Field(default_factory=CamsConfig, description="Localization maps.")
 
     @model_validator(mode="after")
     def _derive_urls(self):
         if self.data.train_url is None:  # the shards this experiment builds feed its loader
             self.data.train_url = f"{self.shards.url.rstrip('/')}/train"
+        if self.cams.split_url is None:
+            self.cams.split_url = self.data.train_url
+        if self.cams.out_url is None:
+            self.cams.out_url = f"{self.run_root.rstrip('/')}/{self.name}/cams"
         return self
 
     @field_validator("name")

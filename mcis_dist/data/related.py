@@ -21,8 +21,10 @@ __all__ = ["RelatedSampler"]
 class RelatedSampler:
     """Draws and reads related samples of one split (its manifest and storage)."""
 
-    def __init__(self, manifest: dict, storage, seed: int = 0):
-        self.manifest, self.storage, self.seed = manifest, storage, seed
+    def __init__(self, manifest: dict, storage, seed: int = 0, pool: int = 0):
+        """``pool`` > 0: related images of class k come from a fixed, seeded set of ``pool``
+        samples of k (so their features can be cached and reused); 0: from all of them."""
+        self.manifest, self.storage, self.seed, self.pool = manifest, storage, seed, pool
         self.keys = [k for s in manifest["shards"] for k in s["keys"]]
         self._global = {k: g for g, k in enumerate(self.keys)}
         self._firsts = np.array([s["first"] for s in manifest["shards"]])
@@ -43,7 +45,7 @@ class RelatedSampler:
         holds ``k`` (the caller falls back to single-round maps)."""
         if not 0 <= k < len(self.manifest["classes"]):
             raise ValueError(f"class {k} is outside 0..{len(self.manifest['classes']) - 1}")
-        members = self.manifest["class_index"][k]
+        members = self._members(k)
         skip = self._global.get(exclude_key) if exclude_key is not None else None
         candidates = [g for g in members if g != skip]
         if not candidates:
@@ -52,6 +54,31 @@ class RelatedSampler:
         rng = np.random.default_rng([self.seed, query, k])
         picked = rng.choice(len(candidates), size=min(n, len(candidates)), replace=False)
         return [candidates[int(i)] for i in picked]
+
+    def _members(self, k: int) -> list[int]:
+        members = self.manifest["class_index"][k]
+        if not self.pool or len(members) <= self.pool:
+            return members
+        rng = np.random.default_rng([self.seed, k, 1])  # the class's fixed pool
+        return sorted(members[int(i)] for i in rng.choice(len(members), self.pool, replace=False))
+
+    def draw_without(self, k: int, n: int, exclude_key: str | None = None) -> list[int]:
+        """Up to ``n`` distinct samples that do *not* hold class ``k`` (for contrastive maps),
+        seeded like :meth:`draw`."""
+        if not 0 <= k < len(self.manifest["classes"]):
+            raise ValueError(f"class {k} is outside 0..{len(self.manifest['classes']) - 1}")
+        holding = set(self.manifest["class_index"][k])
+        skip = self._global.get(exclude_key) if exclude_key is not None else None
+        query = zlib.crc32((exclude_key or "").encode("utf-8"))
+        rng = np.random.default_rng([self.seed, query, k, 2])
+        picked: list[int] = []
+        # Rejection sampling: cheap when most samples lack k (the usual case), exact otherwise.
+        for g in rng.permutation(len(self.keys)).tolist():
+            if g not in holding and g != skip:
+                picked.append(g)
+                if len(picked) == n:
+                    break
+        return picked
 
     def _rows(self, shard: int) -> list[dict[str, tuple[int, int]]]:
         """Per sample of a shard: member extension → (offset, size), from its ``.idx``."""

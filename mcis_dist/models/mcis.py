@@ -243,11 +243,58 @@ def coattentive_cam(
     image = image.unsqueeze(0) if image.dim() == 3 else image
     feats = model.backbone(image)  # (1, C, h, w)
     related = model.backbone(related_images)  # (R, C, h', w')
-    feats = feats.expand(len(related), -1, -1, -1)  # (R, C, h, w)
-    m_coatt, _ = model.coattentive_features(feats, related, pair_type)  # (R, C, h, w)
+    return coattentive_map(model, feats, related, class_k, pair_type)[0]
+
+
+def _class_layer(model: MCISClassifier, class_k: int) -> tuple[Tensor, Tensor | None]:
     w = model.phi_co.weight[class_k : class_k + 1]  # (1, C, 1, 1)
     b = None if model.phi_co.bias is None else model.phi_co.bias[class_k : class_k + 1]
-    return F.conv2d(m_coatt, w, b).mean(dim=0)[0]  # (R, 1, h, w) -> (h, w)
+    return w, b
+
+
+def _pairs_of(feats: Tensor, related: Tensor) -> tuple[Tensor, Tensor]:
+    """Every query with every related image: (B, C, h, w), (R, C, h', w') -> (B·R, ...) each."""
+    b, r = feats.shape[0], related.shape[0]
+    return feats.repeat_interleave(r, dim=0), related.repeat(b, 1, 1, 1)
+
+
+@torch.no_grad()
+def coattentive_map(
+    model: MCISClassifier,
+    feats: Tensor,
+    related_feats: Tensor,
+    class_k: int,
+    pair_type: int | None = None,
+) -> Tensor:
+    """``coattentive_cam`` on backbone features, for a batch of queries (e.g. an image and its
+    flip): feats (B, C, h, w), related_feats (R, C, h', w') -> (B, h, w) raw maps
+    1/|R| sum_r phi_co(F_q^{q∩r})[k]."""
+    b, r = feats.shape[0], related_feats.shape[0]
+    q, rel = _pairs_of(feats, related_feats)  # (B·R, C, h, w), (B·R, C, h', w')
+    q_coatt, _ = model.coattentive_features(q, rel, pair_type)  # (B·R, C, h, w)
+    w, bias = _class_layer(model, class_k)
+    maps = F.conv2d(q_coatt, w, bias)  # (B·R, 1, h, w)
+    return maps.view(b, r, *maps.shape[-2:]).mean(dim=1)  # (B, h, w)
+
+
+@torch.no_grad()
+def contrastive_map(
+    model: MCISClassifier,
+    feats: Tensor,
+    other_feats: Tensor,
+    class_k: int,
+    pair_type: int | None = None,
+) -> Tensor:
+    """Contrastive map of class k (Eq. 6-8) against images *without* k: the query's features
+    with the parts it shares with each other image o masked out, F_q ⊙ (1 − B_q^{q∩o}), through
+    phi_co; averaged over the others. feats (B, C, h, w), other_feats (O, C, h', w') -> (B, h, w)."""
+    b, o = feats.shape[0], other_feats.shape[0]
+    q, other = _pairs_of(feats, other_feats)
+    q_coatt, _ = model.coattentive_features(q, other, pair_type)  # (B·O, C, h, w)
+    gate = torch.sigmoid(model.w_b(q_coatt))  # (B·O, 1, h, w)   B_q^{q∩o}  Eq. 6
+    w, bias = _class_layer(model, class_k)
+    maps = F.conv2d(q * (1 - gate), w, bias)  # (B·O, 1, h, w)   Eq. 7-8
+    return maps.view(b, o, *maps.shape[-2:]).mean(dim=1)
 
 
 @torch.no_grad()

@@ -80,3 +80,33 @@ def load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
                 parts.append(f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
         raise CheckpointError(f"{where} does not match the configured model ({'; '.join(parts)})")
     model.load_state_dict(state)
+
+
+def newest_checkpoint(run_storage) -> str | None:
+    """Name of the newest ``checkpoint_*`` folder of a Ray Train run (Ray names them by time)."""
+    names = [d for d in run_storage.list_dirs() if d.startswith("checkpoint_")]
+    return max(names) if names else None
+
+
+def load_from(url: str, endpoint_url: str | None = None) -> tuple[dict, str]:
+    """Load a checkpoint from a folder holding ``checkpoint.pt`` or a ``.pt`` file, local or
+    s3://; returns (state, the file's URL). Plain data only, like :func:`load`."""
+    import io
+
+    from mcis_dist.storage import StorageError, open_storage
+
+    url = url.rstrip("/")
+    parent, name = url.rsplit("/", 1) if url.endswith(".pt") else (url, CHECKPOINT_FILE)
+    storage = open_storage(parent, endpoint_url=endpoint_url)
+    where = storage.describe(name)
+    try:
+        blob = storage.read_bytes(name)
+    except StorageError as e:
+        raise CheckpointError(f"cannot read checkpoint {where}: {e}") from None
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), where
+    except Exception as e:
+        raise CheckpointError(
+            f"{where} is not a plain-data checkpoint and will not be loaded (it would need "
+            f"arbitrary unpickling): {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None

@@ -1,0 +1,182 @@
+"""``mcis eval cams``: CAM mIoU against the masks of the mapped split (REFERENCE §6).
+
+Each stored map (L, h, w) at stride s is resized bilinearly to (h·s, w·s) and cropped to the
+image (H, W); a pixel's label is the argmax over [threshold, maps], 0 (background) when the
+threshold wins. IoU per class (background included) from a confusion matrix summed over every
+pixel whose mask is not 255.
+
+Two numbers are reported, and kept apart on purpose:
+
+* at ``cams.bg_threshold``, the threshold the config fixed in advance: the CAMs' quality as the
+  later stages will use them;
+* the sweep over ``cams.eval_thresholds`` and its best threshold: how published WSSS papers
+  report CAM quality. Choosing that threshold looks at ground truth, so it is for reporting only;
+  no stage of this package ever reads it back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mcis_dist.cams.stage import _abs, _endpoint, iter_cam_shard, read_cam_manifest
+from mcis_dist.config import ExperimentConfig
+from mcis_dist.evaluation import ConfusionMatrix, ThresholdSweep, format_table
+from mcis_dist.evaluation.overlay import cam_panel, save_grid
+from mcis_dist.sharded import StageError, Timer
+from mcis_dist.storage import open_storage
+
+__all__ = ["upsample_cams", "evaluate_cams", "cam_labels"]
+
+
+def upsample_cams(maps: np.ndarray, stride: int, size: tuple[int, int]) -> np.ndarray:
+    """(L, h, w) maps at ``stride`` -> (L, H, W) float32 on the image's pixel grid."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape[0] == 0:
+        return np.zeros((0, *size), dtype=np.float32)
+    if stride == 1 and maps.shape[1:] == tuple(size):
+        return maps
+    t = torch.from_numpy(maps)[None]  # (1, L, h, w)
+    up = F.interpolate(t, size=(maps.shape[1] * stride, maps.shape[2] * stride),
+                       mode="bilinear", align_corners=False)  # fmt: skip
+    return up[0, :, : size[0], : size[1]].numpy()
+
+
+def cam_labels(scores: np.ndarray, class_ids, threshold: float) -> np.ndarray:
+    """(L, H, W) scores -> (H, W) label map: 0 where max < threshold... ties to background."""
+    if len(class_ids) == 0:
+        return np.zeros(scores.shape[1:], dtype=np.uint8)
+    best = scores.argmax(axis=0)
+    labels = np.asarray(class_ids, dtype=np.int64)[best] + 1
+    labels[scores.max(axis=0) <= threshold] = 0
+    return labels.astype(np.uint8)
+
+
+def _mask(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("L") if im.mode not in ("L", "P") else im, dtype=np.uint8)
+
+
+def _rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds=None,
+                  out_url: str | None = None, log=print) -> dict:  # fmt: skip
+    """Evaluate a finished CAM folder against its split's masks; write ``eval.json`` (and
+    ``overlays.png``) to ``out_url`` (default ``<cams>/eval``) and return the results."""
+    from tqdm import tqdm
+
+    from mcis_dist.data.loader import open_manifest
+    from mcis_dist.data.stream import iter_shard
+
+    timer, endpoint = Timer(), _endpoint(cfg)
+    cams_url = _abs(cams_url or cfg.cams.out_url)
+    manifest, cams = read_cam_manifest(cams_url, endpoint)
+    source_manifest, source = open_manifest(manifest["source"]["url"], endpoint)
+    classes = manifest["classes"]
+    names = ["background", *classes]
+    fixed = cfg.cams.bg_threshold
+    sweep_t = sorted(set(thresholds if thresholds is not None else cfg.cams.eval_thresholds))
+    sweep = ThresholdSweep(len(names), sorted({*sweep_t, fixed}))
+    counts = {"images": 0, "no_mask": 0, "no_cam": 0, "bad": 0}
+    panels: list = []
+    by_source = {s["name"]: s for s in source_manifest["shards"]}
+    with tqdm(total=manifest["samples"], desc="eval cams", unit="img", disable=None) as bar:
+        for shard in manifest["shards"]:
+            if shard["source"] not in by_source:
+                raise StageError(f"{cams.describe(shard['name'])} was made from {shard['source']},"
+                                 f" which {source.describe()} no longer has")  # fmt: skip
+            maps = {meta["key"]: (meta, m) for meta, m in iter_cam_shard(cams, shard["name"])}
+            for raw in iter_shard(source.describe(shard["source"]),
+                                  getattr(source, "endpoint_url", None)):  # fmt: skip
+                key = raw["__key__"]
+                if key not in maps:
+                    counts["no_cam"] += 1
+                    continue
+                if "mask.png" not in raw:
+                    counts["no_mask"] += 1
+                    continue
+                meta, m = maps[key]
+                try:
+                    gt = _mask(raw["mask.png"])
+                    if list(gt.shape) != meta["size"]:
+                        raise ValueError(f"mask {gt.shape} but image {meta['size']}")
+                    scores = upsample_cams(m, meta["stride"], tuple(meta["size"]))
+                    sweep.update(scores, meta["labels"], gt)
+                except ValueError as e:
+                    counts["bad"] += 1
+                    log(f"eval cams: skipped {key}: {e}")
+                    continue
+                counts["images"] += 1
+                bar.update(1)
+                if len(panels) < cfg.cams.eval_grid:
+                    rgb = _rgb(raw.get("jpg", raw.get("png")))
+                    pred = cam_labels(scores, meta["labels"], fixed)
+                    panels.append((key, cam_panel(rgb, scores, [classes[k] for k in meta["labels"]],
+                                                  label_map=pred, gt=gt)))  # fmt: skip
+    if counts["images"] == 0:
+        raise StageError(
+            f"none of the {manifest['samples']} mapped images of {manifest['source']['url']} has a "
+            f"mask: CAM mIoU needs a split with masks (e.g. the synthetic train split)"
+        )
+    at_fixed = sweep.matrix_at(fixed)
+    best_t, best = _best(sweep, sweep_t)
+    result = {
+        "cams": cams.describe(),
+        "split": manifest["source"]["url"],
+        "mode": manifest["settings"]["mode"],
+        **counts,
+        "thresholds": sweep_t,
+        "miou": [round(sweep.matrix_at(t).miou(), 6) for t in sweep_t],
+        "threshold": fixed,
+        "at_threshold": at_fixed.to_dict(names),
+        "best_threshold": best_t,
+        "best": best.to_dict(names),
+        "note": "best_threshold is chosen by looking at ground truth: for reporting only",
+        "seconds": timer(),
+    }
+    out = open_storage(_abs(out_url) if out_url else cams.describe("eval"), endpoint_url=endpoint)
+    out.write_bytes("eval.json", json.dumps(result, indent=1).encode())
+    if panels:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_grid([cells for _, (cells, _c) in panels], Path(tmp) / "overlays.png",
+                             captions=[caps for _, (_x, caps) in panels])  # fmt: skip
+            out.upload_file(path, "overlays.png")
+    result["out"] = out.describe()
+    log(_report(result, sweep_t, names, at_fixed))
+    return result
+
+
+def _best(sweep: ThresholdSweep, thresholds) -> tuple[float, ConfusionMatrix]:
+    scored = [(sweep.matrix_at(t).miou(), -i, t) for i, t in enumerate(thresholds)]
+    _, _, t = max(scored)
+    return t, sweep.matrix_at(t)
+
+
+def _report(result: dict, thresholds, names, at_fixed: ConfusionMatrix) -> str:
+    sweep = "  ".join(
+        f"{t:.2f}:{100 * m:.1f}" for t, m in zip(thresholds, result["miou"], strict=True)
+    )
+    lines = [
+        f"eval cams: {result['images']} images of {result['split']} ({result['mode']} maps)",
+        f"  sweep (threshold:mIoU%)  {sweep}",
+        f"  best (oracle, reporting only): {100 * result['best']['miou']:.1f} at "
+        f"{result['best_threshold']:.2f}",
+        format_table(
+            names,
+            at_fixed.iou(),
+            title=f"IoU per class at cams.bg_threshold={result['threshold']:.2f}",
+        ),  # fmt: skip
+        f"  written: {result['out']}/eval.json"
+        + (", overlays.png" if result.get("images") else ""),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""Localization maps of one image: single-round or co-attentive, multi-scale × flip (§3.2).
+
+Plain PyTorch, no Ray: ``CamEngine.cams(rgb, labels, key)`` returns one max-normalised map per
+labelled class. The Ray stage (``mcis_dist.cams.stage``) calls it for every image of a shard.
+
+For each test scale s the image is resized to s·(H, W) and run with its mirror image as one
+batch of 2; each raw map is flipped back, passed through ReLU, resized to the output grid
+(ceil(H / out_stride), ceil(W / out_stride)) and summed over scales and flips; each class's sum
+is finally divided by its own maximum (``normalize_cam``), so maps lie in [0, 1].
+
+* ``single``: S_n[k] = phi(F_n)[k] (Eq. 1).
+* ``coattentive``: for each labelled class k, |R| related images holding k are drawn (seeded by
+  the image's key; ``RelatedSampler``); the map is 1/|R| Σ_r phi_co(F_n^{n∩r})[k]
+  (``coattentive_map``). A class no other image holds falls back to S_n[k] (counted).
+  Options: ``contrastive`` also averages in contrastive maps against |R| images without k
+  (``contrastive_map``); ``self_pairs`` adds the image's own flip, 0.75× and 2× copies to every
+  class's related set (the authors' code).
+
+Related images are resized to a long side of ``related_size`` and their backbone features are
+kept in a bounded LRU cache (``FeatureCache``), so an image drawn as related by many queries is
+decoded and encoded once per actor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mcis_dist.data.pairs import DOMAIN_IDS, pair_type
+from mcis_dist.data.transforms import decode_rgb, normalize
+from mcis_dist.models.mcis import (
+    MCISClassifier,
+    coattentive_map,
+    contrastive_map,
+    normalize_cam,
+)
+
+__all__ = ["CamSettings", "FeatureCache", "CamEngine", "resize_long"]
+
+
+@dataclass
+class CamSettings:
+    mode: str = "coattentive"  # single | coattentive
+    related: int = 3
+    contrastive: bool = False
+    self_pairs: bool = False
+    scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    flip: bool = True
+    out_stride: int = 8
+    related_size: int = 256
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    amp: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> CamSettings:
+        c = cfg.cams
+        return cls(
+            mode=c.mode, related=c.related, contrastive=c.contrastive, self_pairs=c.self_pairs,
+            scales=tuple(c.scales), flip=c.flip, out_stride=c.out_stride,
+            related_size=c.related_size or cfg.data.crop_size,
+            mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), amp=c.amp,
+        )  # fmt: skip
+
+
+@dataclass
+class FeatureCache:
+    """LRU cache of feature tensors, bounded by their total bytes (0: caches nothing)."""
+
+    max_bytes: int
+    hits: int = 0
+    misses: int = 0
+    _items: OrderedDict = field(default_factory=OrderedDict)
+    _bytes: int = 0
+
+    def get(self, key):
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item
+
+    def put(self, key, value) -> None:
+        size = _nbytes(value)
+        if size > self.max_bytes:
+            return
+        if key in self._items:
+            self._bytes -= _nbytes(self._items.pop(key))
+        self._items[key] = value
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= _nbytes(old)
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self._items),
+                "mb": round(self._bytes / 2**20, 1)}  # fmt: skip
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    return sum(_nbytes(v) for v in value) if isinstance(value, tuple) else 64
+
+
+def resize_long(x: Tensor, long_side: int) -> Tensor:
+    """(B, 3, H, W) -> the same aspect with max(H, W) = long_side (bilinear)."""
+    h, w = x.shape[-2:]
+    s = long_side / max(h, w)
+    return F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                         align_corners=False)  # fmt: skip
+
+
+def _rescale(x: Tensor, s: float) -> Tensor:
+    if s == 1.0:
+        return x
+    h, w = x.shape[-2:]
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class CamEngine:
+    """Computes the maps of one image at a time with a loaded classifier (eval mode).
+
+    Args:
+        model: the trained classifier, on ``device``, in eval mode.
+        settings: ``CamSettings``.
+        sampler: a ``RelatedSampler`` over the split (co-attentive mode only).
+        cache_bytes: bound of the related-feature cache (0: no cache).
+    """
+
+    def __init__(self, model: MCISClassifier, settings: CamSettings, sampler=None,
+                 device: torch.device | str = "cpu", cache_bytes: int = 0) -> None:  # fmt: skip
+        if settings.mode not in ("single", "coattentive"):
+            raise ValueError(f"mode must be 'single' or 'coattentive', got {settings.mode!r}")
+        if settings.mode == "coattentive" and sampler is None:
+            raise ValueError("coattentive maps need a RelatedSampler")
+        self.model, self.s, self.sampler = model, settings, sampler
+        self.device = torch.device(device)
+        self.cache = FeatureCache(cache_bytes)
+        self.counts = {"fallback_classes": 0, "fallback_images": 0, "related_bad": 0}
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def _autocast(self):
+        on_gpu = self.device.type == "cuda" and self.s.amp
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=on_gpu)
+
+    def prepare(self, rgb: Tensor) -> Tensor:
+        """(3, H, W) uint8 -> (1, 3, H, W) normalised float on the device."""
+        return normalize(rgb.unsqueeze(0).to(self.device), self.s.mean, self.s.std)
+
+    def features(self, x: Tensor) -> Tensor:
+        with self._autocast():
+            return self.model.backbone(x).float()
+
+    def related_features(self, g: int) -> tuple[Tensor, int] | None:
+        """(features (1, C, h', w'), domain id) of sample g of the split, cached; None if its
+        image cannot be read or decoded (counted)."""
+        hit = self.cache.get(g)
+        if hit is not None:
+            return hit
+        try:
+            sample = self.sampler.read(g)
+            meta = json.loads(sample["json"])
+            data = sample.get("jpg", sample.get("png"))
+            x = resize_long(self.prepare(decode_rgb(data)), self.s.related_size)
+        except Exception:
+            self.counts["related_bad"] += 1
+            return None
+        item = (self.features(x), DOMAIN_IDS.get(meta.get("domain", "target"), 0))
+        self.cache.put(g, item)
+        return item
+
+    def _flip_batch(self, x: Tensor) -> Tensor:
+        return torch.cat([x, x.flip(-1)]) if self.s.flip else x
+
+    def _accumulate(self, total: Tensor, maps: Tensor, out_size) -> Tensor:
+        """maps (B, L, h, w) raw (B = 1 or 2 with the flip) -> total += Σ_B up(ReLU(maps))."""
+        if self.s.flip:
+            maps = torch.stack([maps[0], maps[1].flip(-1)])
+        up = F.interpolate(F.relu(maps.float()), size=out_size, mode="bilinear",
+                           align_corners=False)  # fmt: skip
+        return total + up.sum(dim=0)
+
+    # ---- the maps -------------------------------------------------------------------------
+    @torch.no_grad()
+    def cams(self, rgb: Tensor, labels, key: str = "", domain: int = 0) -> tuple[Tensor, list[int]]:
+        """Maps of the labelled classes: (L, ceil(H/s), ceil(W/s)) float32 in [0, 1] (s the
+        output stride), in the order of ``labels``; and the classes that fell back to S_n."""
+        labels = [int(k) for k in labels]
+        x = self.prepare(rgb)  # (1, 3, H, W)
+        h, w = x.shape[-2:]
+        out_size = (math.ceil(h / self.s.out_stride), math.ceil(w / self.s.out_stride))
+        related, fallback = self._related_sets(x, labels, key, domain)
+        total = x.new_zeros((len(labels), *out_size))
+        for scale in self.s.scales:
+            feats = self.features(self._flip_batch(_rescale(x, scale)))  # (B, C, h, w)
+            with self._autocast():
+                maps = torch.stack([self._class_map(feats, k, related.get(k)) for k in labels],
+                                   dim=1)  # (B, L, h, w)  # fmt: skip
+            total = self._accumulate(total, maps, out_size)
+        if fallback:
+            self.counts["fallback_classes"] += len(fallback)
+            self.counts["fallback_images"] += 1
+        return normalize_cam(total), fallback
+
+    def _class_map(self, feats: Tensor, k: int, rel) -> Tensor:
+        """(B, h, w) raw map of class k: S_n[k], or the co-attentive (+ contrastive) average."""
+        if rel is None:  # single-round mode, or no other image holds k
+            phi = self.model.phi
+            bias = None if phi.bias is None else phi.bias[k : k + 1]
+            return F.conv2d(feats, phi.weight[k : k + 1], bias)[:, 0]
+        pos, neg = rel
+        maps = [coattentive_map(self.model, feats, f, k, t) for f, t in pos]
+        maps += [contrastive_map(self.model, feats, f, k, t) for f, t in neg]
+        return torch.stack(maps).mean(dim=0)
+
+    def _related_sets(self, x: Tensor, labels: list[int], key: str, domain: int):
+        """class -> (related [(feats, pair type)], others [(feats, pair type)]) and fallbacks."""
+        if self.s.mode == "single":
+            return {}, []
+        domains = self.model.domains
+
+        def typed(item):
+            feats, d = item
+            return feats, (pair_type(domain, d) if domains == 3 else None)
+
+        own = []
+        if self.s.self_pairs:  # the authors' self-pair copies: flip, 0.75x, 2x
+            own_type = 0 if domains == 3 else None
+            own = [(self.features(v), own_type)
+                   for v in (x.flip(-1), _rescale(x, 0.75), _rescale(x, 2.0))]  # fmt: skip
+        related, fallback = {}, []
+        for k in labels:
+            got = [self.related_features(g) for g in self.sampler.draw(k, self.s.related, key)]
+            pos = [typed(i) for i in got if i is not None]
+            neg = []
+            if self.s.contrastive:
+                others = self.sampler.draw_without(k, self.s.related, key)
+                neg = [typed(i) for i in map(self.related_features, others) if i is not None]
+            if not pos:
+                fallback.append(k)
+                continue
+            related[k] = (pos + own, neg)
+        return related, fallback

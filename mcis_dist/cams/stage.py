@@ -1,0 +1,365 @@
+"""``mcis cams``: localization maps for a whole split, sharded over a pool of Ray actors.
+
+One output shard per input shard (``cams-NNNNNN.tar``, same keys in the same order, minus the
+images that could not be read), each sample holding
+
+* ``<key>.cam.npy``: float16 (L, ceil(H/s), ceil(W/s)) maps in [0, 1], one per labelled class,
+  in the order of ``labels`` (s = ``cams.out_stride``);
+* ``<key>.json``: ``{"key", "labels", "size": [H, W], "stride", "fallback": [classes mapped
+  single-round because no other image holds them]}``.
+
+Plus the DALI-style ``.idx`` of each tar, a part record per shard and ``manifest.json``
+(format ``mcis-cams/1``) written last. See ``mcis_dist.sharded`` for the resume and fault rules.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcis_dist.config import ExperimentConfig, config_from_dict
+from mcis_dist.sharded import (
+    StageError,
+    Timer,
+    actor_options,
+    existing_parts,
+    fingerprint,
+    plan_actors,
+    run_sharded,
+    stage_complete,
+    write_part,
+)
+from mcis_dist.shards.manifest import MANIFEST_NAME
+from mcis_dist.storage import open_storage
+
+FORMAT = "mcis-cams/1"
+MAX_LISTED = 1000  # skipped samples listed by key in a manifest (all are counted)
+
+__all__ = ["FORMAT", "CamActor", "compute_cams", "encode_cam", "decode_cam", "iter_cam_shard"]
+
+
+# ---------------------------------------------------------------------------------- the format
+def encode_cam(cams: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(cams, dtype=np.float16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_cam(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def cam_shard_name(index: int) -> str:
+    return f"cams-{index:06d}.tar"
+
+
+def iter_cam_shard(storage, name: str):
+    """(meta dict, maps float16 (L, h, w)) of every sample of one CAM shard, in order."""
+    from mcis_dist.data.stream import iter_shard
+
+    for raw in iter_shard(storage.describe(name), getattr(storage, "endpoint_url", None)):
+        yield json.loads(raw["json"]), decode_cam(raw["cam.npy"])
+
+
+# ------------------------------------------------------------------------------------ settings
+def stage_settings(cfg: ExperimentConfig) -> dict:
+    """What the maps depend on (the fingerprint's settings): not where or how fast they run."""
+    c = cfg.cams
+    keep = ("mode", "related", "related_pool", "related_size", "contrastive", "self_pairs",
+            "scales", "flip", "out_stride", "seed")  # fmt: skip
+    out = {k: getattr(c, k) for k in keep}
+    out["related_size"] = c.related_size or cfg.data.crop_size
+    out["mean"], out["std"] = cfg.data.mean, cfg.data.std
+    out["model"] = cfg.model.model_dump()
+    return out
+
+
+def _abs(url: str | None) -> str | None:
+    if url is None or "://" in url:
+        return url
+    return str(Path(url).expanduser().absolute())
+
+
+def _endpoint(cfg: ExperimentConfig) -> str | None:
+    from mcis_dist.train.classifier import endpoint_url
+
+    return endpoint_url(cfg)
+
+
+def resolve_checkpoint(cfg: ExperimentConfig, checkpoint: str | None) -> tuple[dict, str]:
+    """(model state dict, where) of the checkpoint to map with: the given URL, the config's, or
+    the newest of the experiment's classifier run."""
+    from mcis_dist.train import checkpoint as ckpt
+    from mcis_dist.train.classifier import run_url
+
+    url = checkpoint or cfg.cams.checkpoint
+    if url is None:
+        run = open_storage(run_url(cfg), endpoint_url=_endpoint(cfg))
+        newest = ckpt.newest_checkpoint(run)
+        if newest is None:
+            raise StageError(
+                f"no classifier checkpoint under {run.describe()}: run `mcis train-cls` with this "
+                f"config first, or name one with --checkpoint / cams.checkpoint"
+            )
+        url = run.describe(newest)
+    state, where = ckpt.load_from(_abs(url), endpoint_url=_endpoint(cfg))
+    if not isinstance(state, dict) or "model" not in state:
+        raise StageError(f"{where} is not a classifier checkpoint (it has no 'model' entry)")
+    return state["model"], where
+
+
+def check_model_state(cfg: ExperimentConfig, state: dict, num_classes: int, where: str) -> None:
+    """Build the configured model and load the state: a mismatch names the keys."""
+    from mcis_dist.train import checkpoint as ckpt
+    from mcis_dist.train.classifier import build_model
+
+    model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"weights": None})}), num_classes)  # fmt: skip
+    try:
+        ckpt.load_model_state(model, state, where=f"checkpoint {where}")
+    except ckpt.CheckpointError as e:
+        raise StageError(f"{e} (model section: {cfg.model.model_dump()})") from None
+
+
+# ---------------------------------------------------------------------------------- the worker
+class CamActor:
+    """One model for the actor's life; ``run(job)`` maps one input shard to one CAM shard."""
+
+    def __init__(self, experiment: dict, state: dict, num_classes: int) -> None:
+        from mcis_dist.cams.infer import CamEngine, CamSettings
+        from mcis_dist.data.loader import open_manifest
+        from mcis_dist.data.related import RelatedSampler
+        from mcis_dist.train.classifier import build_model
+
+        cfg = config_from_dict(experiment, ExperimentConfig, source="<cams config>")
+        cfg.model.weights = None  # the checkpoint has every weight
+        self.cfg, self.num_classes = cfg, num_classes
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.cams.torch_threads)
+        model = build_model(cfg, num_classes)
+        model.load_state_dict(state)
+        self.model = model.to(self.device).eval()
+        endpoint = _endpoint(cfg)
+        manifest, self.source = open_manifest(cfg.cams.split_url, endpoint, check_shards=False)
+        self.out = open_storage(cfg.cams.out_url, endpoint_url=endpoint)
+        sampler = None
+        if cfg.cams.mode == "coattentive":
+            sampler = RelatedSampler(manifest, self.source, seed=cfg.cams.seed,
+                                     pool=cfg.cams.related_pool)  # fmt: skip
+        self.engine = CamEngine(self.model, CamSettings.from_config(cfg), sampler, self.device,
+                                cache_bytes=cfg.cams.feature_cache_mb * 2**20)  # fmt: skip
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, job: dict) -> dict:
+        from mcis_dist.data.stream import iter_shard, parse_record
+        from mcis_dist.data.transforms import decode_rgb
+        from mcis_dist.shards.build import ShardWriter
+
+        start, name = time.perf_counter(), job["name"]
+        keys, skipped, fallback = [], [], {}
+        counts_before = dict(self.engine.counts)
+        cache_before = (self.engine.cache.hits, self.engine.cache.misses)
+        endpoint = getattr(self.source, "endpoint_url", None)
+        with self.out.staged(name) as staged:
+            writer = ShardWriter(staged.path)
+            try:
+                for raw in iter_shard(self.source.describe(job["source"]), endpoint):
+                    key = raw.get("__key__", "?")
+                    try:
+                        key, labels, domain, data = parse_record(raw, self.num_classes)
+                        rgb = decode_rgb(data)
+                    except Exception as e:  # a bad sample is skipped and listed
+                        skipped.append({"key": key, "reason": _reason(e)})
+                        continue
+                    maps, fell = self.engine.cams(rgb, labels, key, domain)
+                    meta = {"key": key, "labels": list(labels), "size": list(rgb.shape[-2:]),
+                            "stride": self.cfg.cams.out_stride, "fallback": fell}  # fmt: skip
+                    writer.write({"__key__": key, "cam.npy": encode_cam(maps.cpu().numpy()),
+                                  "json": json.dumps(meta).encode()})  # fmt: skip
+                    keys.append(key)
+                    for k in fell:
+                        fallback[str(k)] = fallback.get(str(k), 0) + 1
+            except Exception as e:  # an unreadable or truncated input shard: keep what was read
+                skipped.append({"key": f"{job['source']}:*", "reason": f"shard: {_reason(e)}"})
+            index = writer.close().encode()
+            if not keys:
+                staged.discard()
+        record = {
+            "name": name, "index": job["index"], "source": job["source"],
+            "fingerprint": job["fingerprint"], "samples": len(keys), "keys": keys,
+            "skipped": skipped, "fallback_by_class": fallback,
+            "fallback_images": self.engine.counts["fallback_images"] - counts_before["fallback_images"],
+            "related_bad": self.engine.counts["related_bad"] - counts_before["related_bad"],
+            "cache_hits": self.engine.cache.hits - cache_before[0],
+            "cache_misses": self.engine.cache.misses - cache_before[1],
+            "seconds": round(time.perf_counter() - start, 3),
+        }  # fmt: skip
+        if keys:
+            idx_name = name.replace(".tar", ".idx")
+            self.out.write_bytes(idx_name, index)
+            record.update(index_name=idx_name, bytes=writer.bytes, sha256=writer.sha256)
+        write_part(self.out, record)
+        return record
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------- the driver
+def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print) -> dict:
+    """Maps for every image of ``cams.split_url`` into ``cams.out_url``; returns the manifest.
+    Skips finished shards (and the whole stage when its manifest is complete)."""
+    from tqdm import tqdm
+
+    from mcis_dist.data.loader import open_manifest
+    from mcis_dist.train.classifier import absolute_paths
+
+    cfg = absolute_paths(cfg)
+    cfg.cams.split_url, cfg.cams.out_url = _abs(cfg.cams.split_url), _abs(cfg.cams.out_url)
+    cfg.cams.checkpoint = _abs(checkpoint or cfg.cams.checkpoint)
+    timer, endpoint = Timer(), _endpoint(cfg)
+    source_manifest, _ = open_manifest(cfg.cams.split_url, cfg.data.endpoint_url or endpoint)
+    classes = source_manifest["classes"]
+    state, where = resolve_checkpoint(cfg, cfg.cams.checkpoint)
+    check_model_state(cfg, state, len(classes), where)
+    out = open_storage(cfg.cams.out_url, endpoint_url=endpoint)
+    out.check_writable()
+    model_id = fingerprint(where, {k: list(v.shape) + [float(v.float().sum())]
+                                   for k, v in state.items()})  # fmt: skip
+    source_id = [s["sha256"] for s in source_manifest["shards"]]
+    stage_fp = fingerprint(stage_settings(cfg), model_id, source_id)
+    done = stage_complete(out, stage_fp)
+    if done is not None:
+        log(f"cams: {out.describe()} is complete ({done['samples']} maps); nothing to do")
+        return done
+
+    parts = existing_parts(out)
+    jobs, kept = [], {}
+    for i, shard in enumerate(source_manifest["shards"]):
+        name = cam_shard_name(i)
+        job_fp = fingerprint(stage_fp, shard["sha256"])
+        record = parts.get(name)
+        if record is not None and record.get("fingerprint") == job_fp:
+            kept[name] = record
+        else:
+            jobs.append({"name": name, "index": i, "source": shard["name"],
+                         "samples": shard["samples"], "fingerprint": job_fp})  # fmt: skip
+    total = sum(s["samples"] for s in source_manifest["shards"])
+    log(f"cams: {cfg.cams.mode} maps of {total} images in {len(source_manifest['shards'])} "
+        f"shards from {cfg.cams.split_url}, checkpoint {where}"
+        + (f"; {len(kept)} shards already done" if kept else ""))  # fmt: skip
+
+    records = list(kept.values())
+    if jobs:
+        records += _run_actors(cfg, jobs, state, len(classes), total - _done(kept), log, tqdm)
+    manifest = assemble_manifest(cfg, records, source_manifest, stage_fp, where, timer())
+    out.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    log(f"cams: {manifest['samples']} maps in {len(manifest['shards'])} shards at "
+        f"{out.describe()} ({manifest['skipped_count']} skipped, "
+        f"{manifest['fallback']['images']} images with single-round fallbacks) in {timer():.1f} s")  # fmt: skip
+    return manifest
+
+
+def _done(kept: dict) -> int:
+    return sum(r["samples"] + len(r["skipped"]) for r in kept.values())
+
+
+def _run_actors(cfg, jobs, state, num_classes, todo, log, tqdm) -> list[dict]:
+    import ray
+
+    from mcis_dist.train.classifier import ensure_ray
+
+    started = ensure_ray()
+    try:
+        c = cfg.cams
+        n = plan_actors(c.num_actors, c.use_gpu, c.cpus_per_actor, len(jobs))
+        experiment, state_ref = json.loads(cfg.model_dump_json()), ray.put(state)
+        remote = ray.remote(CamActor).options(**actor_options(c.use_gpu, c.cpus_per_actor))
+        log(f"cams: {len(jobs)} shards to map on {n} actors")
+        with tqdm(total=todo, desc="cams", unit="img", disable=None) as bar:
+            return run_sharded(
+                jobs, lambda: remote.remote(experiment, state_ref, num_classes), n,
+                max_failures=c.max_failures, log=log, what="shard",
+                progress=lambda r: bar.update(r["samples"] + len(r["skipped"])),
+            )  # fmt: skip
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def assemble_manifest(cfg, records, source_manifest, stage_fp, where, seconds) -> dict:
+    records = sorted(records, key=lambda r: r["index"])
+    skipped = [{**s, "shard": r["source"]} for r in records for s in r["skipped"]]
+    by_class: dict[str, int] = {}
+    for r in records:
+        for k, n in r["fallback_by_class"].items():
+            by_class[k] = by_class.get(k, 0) + n
+    compute = sum(r["seconds"] for r in records)
+    samples = sum(r["samples"] for r in records)
+    hits, misses = sum(r["cache_hits"] for r in records), sum(r["cache_misses"] for r in records)
+    return {
+        "format": FORMAT,
+        "fingerprint": stage_fp,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"url": cfg.cams.split_url, "samples": source_manifest["num_samples"]},
+        "checkpoint": where,
+        "classes": source_manifest["classes"],
+        "settings": stage_settings(cfg),
+        "shards": [
+            {
+                "name": r["name"],
+                "index": r["index"],
+                "source": r["source"],
+                "samples": r["samples"],
+                "keys": r["keys"],
+                "bytes": r.get("bytes", 0),
+                "sha256": r.get("sha256"),
+                "index_name": r.get("index_name"),
+            }
+            for r in records
+            if r["samples"]
+        ],  # fmt: skip
+        "samples": samples,
+        "skipped_count": len(skipped),
+        "skipped": skipped[:MAX_LISTED],
+        "fallback": {
+            "images": sum(r["fallback_images"] for r in records),
+            "classes": sum(by_class.values()),
+            "by_class": by_class,
+        },  # fmt: skip
+        "related_bad": sum(r["related_bad"] for r in records),
+        "feature_cache": {
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+        },  # fmt: skip
+        "seconds": {
+            "wall": seconds,
+            "compute": round(compute, 3),
+            "images_per_s_per_actor": round(samples / compute, 3) if compute else None,
+        },  # fmt: skip
+    }
+
+
+def read_cam_manifest(url: str, endpoint_url: str | None = None) -> tuple[dict, object]:
+    """(manifest, storage) of a finished CAM folder; a clear error otherwise."""
+    storage = open_storage(url, endpoint_url=endpoint_url)
+    if not storage.exists(MANIFEST_NAME):
+        raise StageError(f"{storage.describe()} has no {MANIFEST_NAME}: run `mcis cams` first "
+                         f"(or it is still running)")  # fmt: skip
+    manifest = json.loads(storage.read_bytes(MANIFEST_NAME))
+    if manifest.get("format") != FORMAT:
+        raise StageError(f"{storage.describe(MANIFEST_NAME)} is not a CAM manifest "
+                         f"(format {manifest.get('format')!r}, expected {FORMAT!r})")  # fmt: skip
+    return manifest, storage
