@@ -1,0 +1,1 @@
+"""AffinityNet and random-walk pseudo masks (REFERENCE §4)."""
