@@ -121,8 +121,9 @@ class ModelConfig(ConfigSection):
     chunk_size: int | None = Field(None, ge=1, description="Co-attention query block size.")
 
 
-class TrainConfig(ConfigSection):
-    """Classifier training on Ray Train (``mcis train-cls``)."""
+class RunnerConfig(ConfigSection):
+    """Training on Ray Train, shared by every trained stage (classifier, AffinityNet, DeepLab):
+    workers, optimiser, schedule, precision, checkpoints and fault tolerance."""
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU nodes).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -148,6 +149,19 @@ class TrainConfig(ConfigSection):
         "none", description="Mixed precision; fp16 (with GradScaler) needs a GPU."
     )
     channels_last: bool = Field(False, description="channels_last memory format.")
+    checkpoint_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0: off).")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept (the newest).")
+    report_every_steps: int = Field(20, ge=1, description="Metrics reported to Ray every N steps.")
+    max_failures: int = Field(3, ge=0, description="Worker failures survived by restarting.")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "stop", description="A NaN/inf loss: skip the step, or stop naming the step and terms."
+    )
+    seed: int = Field(0, ge=0, description="Seed of model init and training randomness.")
+
+
+class TrainConfig(RunnerConfig):
+    """Classifier training on Ray Train (``mcis train-cls``): the runner plus Eq. 10's terms."""
+
     loss_single: float = Field(1.0, ge=0, description="Weight of Eq. 1 (single-image loss).")
     loss_coattention: float = Field(1.0, ge=0, description="Weight of Eq. 5 (co-attention).")
     loss_contrastive: float = Field(1.0, ge=0, description="Weight of Eq. 9 (contrastive).")
@@ -164,14 +178,6 @@ class TrainConfig(ConfigSection):
         False, description="SEAM's equivariant attention (PCM, ER + ECR) on image m (LID)."
     )
     seam_weight: float = Field(1.0, ge=0, description="Weight of SEAM's ER + ECR losses.")
-    checkpoint_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0: off).")
-    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept (the newest).")
-    report_every_steps: int = Field(20, ge=1, description="Metrics reported to Ray every N steps.")
-    max_failures: int = Field(3, ge=0, description="Worker failures survived by restarting.")
-    nonfinite: Literal["skip", "stop"] = Field(
-        "stop", description="A NaN/inf loss: skip the step, or stop naming the step and terms."
-    )
-    seed: int = Field(0, ge=0, description="Seed of model init and training randomness.")
 
 
 class CamsConfig(ConfigSection):
@@ -246,6 +252,109 @@ class CamsConfig(ConfigSection):
         return self
 
 
+class JointDataConfig(ConfigSection):
+    """Images joined with per-pixel labels (confident labels or pseudo masks) by key, augmented
+    together: random rescale, crop padded with the mean (image) and 255 (labels), flip."""
+
+    batch_size: int = Field(8, ge=1, description="Images per batch, per rank.")
+    num_workers: int = Field(0, ge=0, description="Loader worker processes per rank.")
+    mp_context: Literal["fork", "forkserver", "spawn"] = Field(
+        "forkserver", description="How loader workers start (forkserver/spawn inside Ray)."
+    )
+    crop_size: int = Field(448, ge=16, description="Square crop, pixels.")
+    scale: list[float] = Field([0.9, 1.5], description="Random rescale factor range [lo, hi].")
+    hflip: bool = Field(True, description="Random horizontal flip.")
+    shuffle_buffer: int = Field(256, ge=1, description="Per-worker sample shuffle buffer.")
+    seed: int = Field(0, ge=0, description="Seed of shard order, shuffling and augmentation.")
+
+    @model_validator(mode="after")
+    def _check_scale(self):
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale={self.scale}: expected [lo, hi] with 0 < lo <= hi")
+        return self
+
+
+class AffinityTrainConfig(RunnerConfig):
+    """AffinityNet training (REFERENCE §4: 8 epochs, lr 0.01 ResNet-38 / 0.1 VGG, poly 0.9)."""
+
+    epochs: int = Field(8, ge=1, description="Training epochs.")
+    lr: float = Field(0.01, gt=0, description="Base learning rate (backbone weights).")
+    schedule: Literal["step", "poly"] = Field("poly", description="Learning-rate schedule.")
+    nesterov: bool = Field(False, description="Nesterov momentum.")
+
+
+class AffinityConfig(ConfigSection):
+    """AffinityNet (REFERENCE §4): confident labels from the CAMs, then ``mcis affinity``."""
+
+    cams_url: str | None = Field(None, description="CAM folder; default: cams.out_url.")
+    out_url: str | None = Field(
+        None, description="Labels and run folder; default: <run_root>/<name>/affinity."
+    )
+    label_mode: Literal["alpha", "threshold"] = Field(
+        "alpha", description="alpha: backgrounds (1-max)^alpha_low/high; threshold: constants."
+    )
+    alpha_low: float = Field(4.0, gt=0, description="Background power of confident foreground.")
+    alpha_high: float = Field(32.0, gt=0, description="Background power of confident background.")
+    fg_threshold: float = Field(0.3, ge=0, le=1, description="threshold mode: foreground above.")
+    bg_threshold: float = Field(0.05, ge=0, le=1, description="threshold mode: background below.")
+    crf: bool = Field(False, description="Dense CRF on both label score maps (REFERENCE §6).")
+    backbone: str | None = Field(None, description="AffinityNet backbone; default: model.backbone.")
+    init_from_classifier: bool = Field(
+        True, description="Start the backbone from the classifier checkpoint's backbone."
+    )
+    head_width: float = Field(1.0, gt=0, description="Head width multiplier (64/128/256 x it).")
+    radius: int = Field(5, ge=1, description="Pair radius at stride 8.")
+    data: JointDataConfig = Field(default_factory=JointDataConfig, description="Loader.")
+    train: AffinityTrainConfig = Field(
+        default_factory=AffinityTrainConfig, description="Ray Train runner."
+    )
+    num_actors: int = Field(0, ge=0, description="Label actors; 0: one per cpus_per_actor CPUs.")
+    cpus_per_actor: int = Field(1, ge=1, description="CPUs per label actor.")
+    max_failures: int = Field(3, ge=0, description="Lost label actors replaced before failing.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.bg_threshold > self.fg_threshold:
+            raise ValueError(
+                f"bg_threshold ({self.bg_threshold}) must be <= fg_threshold ({self.fg_threshold})"
+            )
+        return self
+
+
+class MasksConfig(ConfigSection):
+    """Pseudo masks (``mcis masks``): random walk with AffinityNet (LID), saliency-guided
+    labels (VOC route, REFERENCE §4b), or thresholded CAMs (the baseline)."""
+
+    mode: Literal["random_walk", "saliency", "cams"] = Field(
+        "random_walk", description="random_walk (LID), saliency (VOC), or cams (baseline)."
+    )
+    cams_url: str | None = Field(None, description="CAM folder; default: cams.out_url.")
+    checkpoint: str | None = Field(
+        None, description="AffinityNet checkpoint; default: the newest of the affinity run."
+    )
+    out_url: str | None = Field(
+        None, description="Pseudo-mask shards; default: <run_root>/<name>/masks."
+    )
+    beta: float = Field(8.0, gt=0, description="Affinity power beta of T = D^-1 A^beta.")
+    steps: int = Field(256, ge=0, description="Random-walk steps t.")
+    radius: int = Field(5, ge=1, description="Random-walk neighbourhood radius at stride 8.")
+    background: Literal["constant", "power"] = Field(
+        "constant", description="constant: bg_threshold (LID 0.2); power: (1-max)^bg_power."
+    )
+    bg_threshold: float = Field(0.2, ge=0, le=1, description="Constant background score.")
+    bg_power: float = Field(16.0, gt=0, description="Background power (psa).")
+    ignore_margin: float = Field(
+        0.0, ge=0, le=1, description="Pixels whose best two scores differ by less: 255 (0: off)."
+    )
+    crf: bool = Field(False, description="Dense CRF on the final scores before the argmax.")
+    num_actors: int = Field(0, ge=0, description="Actors; 0: one per GPU or cpus_per_actor CPUs.")
+    use_gpu: bool = Field(False, description="One GPU per actor.")
+    cpus_per_actor: int = Field(1, ge=1, description="CPUs reserved per actor.")
+    torch_threads: int = Field(1, ge=1, description="torch threads per CPU actor.")
+    max_failures: int = Field(3, ge=0, description="Lost actors replaced before the stage fails.")
+    eval_grid: int = Field(8, ge=0, description="Images in the overlay grid of `mcis eval masks`.")
+
+
 class ExperimentConfig(ConfigSection):
     """One experiment: its name, where its runs live, and its sections."""
 
@@ -259,6 +368,8 @@ class ExperimentConfig(ConfigSection):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Classifier model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Classifier training.")
     cams: CamsConfig = Field(default_factory=CamsConfig, description="Localization maps.")
+    affinity: AffinityConfig = Field(default_factory=AffinityConfig, description="AffinityNet.")
+    masks: MasksConfig = Field(default_factory=MasksConfig, description="Pseudo masks.")
 
     @model_validator(mode="after")
     def _derive_urls(self):
@@ -266,8 +377,17 @@ class ExperimentConfig(ConfigSection):
             self.data.train_url = f"{self.shards.url.rstrip('/')}/train"
         if self.cams.split_url is None:
             self.cams.split_url = self.data.train_url
+        run = f"{self.run_root.rstrip('/')}/{self.name}"
         if self.cams.out_url is None:
-            self.cams.out_url = f"{self.run_root.rstrip('/')}/{self.name}/cams"
+            self.cams.out_url = f"{run}/cams"
+        if self.affinity.cams_url is None:
+            self.affinity.cams_url = self.cams.out_url
+        if self.affinity.out_url is None:
+            self.affinity.out_url = f"{run}/affinity"
+        if self.masks.cams_url is None:
+            self.masks.cams_url = self.cams.out_url
+        if self.masks.out_url is None:
+            self.masks.out_url = f"{run}/masks"
         return self
 
     @field_validator("name")

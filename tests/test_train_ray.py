@@ -264,7 +264,8 @@ def test_seam_trains_alongside_the_co_attention(shards, tmp_path):
     assert m and all(r["seam_er"] >= 0 and r["seam_ecr"] >= 0 for r in m)
     assert all(r["total"] >= r["single"] + r["coattention"] for r in m)
     final = final_checkpoint(tmp_path / "runs")
-    assert final["pcm"] and all(torch.isfinite(v).all() for v in final["pcm"].values())
+    pcm = final["extra"]["pcm"]
+    assert pcm and all(torch.isfinite(v).all() for v in pcm.values())
 
 
 def test_the_authors_self_pair_terms(shards, tmp_path):

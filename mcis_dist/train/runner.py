@@ -1,0 +1,358 @@
+"""The training machinery every trained stage shares: classifier, AffinityNet, DeepLab.
+
+A stage plugs in a :class:`Stage`: how to build its model and loader on a worker, and its loss.
+Everything else is here, once: SGD with the lr groups and the schedule (``optim``), AMP (bf16
+autocast, or fp16 with ``GradScaler`` on GPUs), DDP via ``prepare_model``, non-finite losses
+(stop naming the step, or skip it on every rank together), metrics every N steps, checkpoints
+(model, optimizer, schedule, scaler, every rank's loader position and RNG states, the config)
+to local or S3 run storage, exact resume, and Ray's ``max_failures`` restarts.
+
+Read top to bottom: ``run_epoch`` is plain PyTorch; ``train_loop_per_worker`` is what each Ray
+Train worker runs; ``fit`` is the driver, which only assembles ``ScalingConfig``/``RunConfig``.
+Stages register in ``STAGES`` (filled by ``mcis_dist.train.stages``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mcis_dist.config import ExperimentConfig, config_from_dict, dump_config
+from mcis_dist.train import checkpoint as ckpt
+from mcis_dist.train.optim import build_optimizer, make_scheduler
+
+__all__ = ["Built", "Stage", "TrainingError", "fit", "run_epoch", "train_loop_per_worker"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss under ``nonfinite: stop``, a bad setup)."""
+
+
+@dataclass
+class Built:
+    """A stage's pieces on one worker.
+
+    ``model`` holds the weights saved as the checkpoint's ``"model"`` and gives the optimizer its
+    lr groups (``param_groups()``); ``forward`` is what DDP wraps (default: ``model``);
+    ``loss(wrapped, batch, epoch) -> (terms with "total", images in the batch)``; ``extra``
+    modules are saved and restored by name next to the model (e.g. SEAM's PCM)."""
+
+    model: torch.nn.Module
+    loader: object  # len(), set_epoch, state_dict/load_state_dict, device, stats
+    loss: Callable
+    forward: torch.nn.Module | None = None
+    extra: dict[str, torch.nn.Module] = field(default_factory=dict)
+    optimised: torch.nn.Module | None = None  # param_groups() source; default: model
+    find_unused_parameters: bool = False
+    before_epoch: Callable[[int], None] | None = None
+    loader_metrics: Callable[[], dict] | None = None
+
+
+@dataclass
+class Stage:
+    name: str  # registry key
+    runner: Callable[[ExperimentConfig], object]  # the RunnerConfig section
+    run_url: Callable[[ExperimentConfig], str]  # where checkpoints and metrics go
+    build: Callable[[ExperimentConfig, int, int, torch.device], Built]
+    check: Callable[[ExperimentConfig], None] | None = None  # stage-specific setup checks
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def _stage(name: str) -> Stage:
+    if not STAGES:
+        import mcis_dist.train.stages  # noqa: F401  (fills STAGES)
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise TrainingError(f"unknown stage {name!r}; valid: {sorted(STAGES)}") from None
+
+
+# ---------------------------------------------------------------------------------- plain torch
+def amp_context(runner, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(runner.amp)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank iff ``flag`` is true on every rank (so all skip or stop together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([0 if flag else 1], device=device)
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def gather(obj):
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_epoch(wrapped, built: Built, optimizer, scheduler, scaler, runner, epoch, state, on_step):
+    """One epoch of ``built.loss``; ``on_step(step_metrics)`` after every optimiser step."""
+    device = built.loader.device
+    if built.before_epoch is not None:
+        built.before_epoch(epoch)
+    wrapped.train()
+    wait_start = time.perf_counter()
+    for batch in built.loader:
+        data_s = time.perf_counter() - wait_start
+        with amp_context(runner, device):
+            terms, images = built.loss(wrapped, batch, epoch)
+        loss = terms["total"]
+        if not all_ranks_agree(bool(torch.isfinite(loss)), device):
+            values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            if runner.nonfinite == "stop":
+                raise TrainingError(
+                    f"non-finite loss at epoch {epoch}, step {state['step']} ({values}); "
+                    "the last good checkpoint is kept"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            state["skipped"] += 1
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        scheduler.step()
+        state["step"] += 1
+        on_step({k: float(v.detach()) for k, v in terms.items()}
+                | {"lr": optimizer.param_groups[0]["lr"], "data_s": data_s, "images": images})  # fmt: skip
+        wait_start = time.perf_counter()
+
+
+def summarise(window: list[dict], state: dict, built: Built) -> dict:
+    out = {"epoch": state["epoch"], "step": state["step"], "skipped_steps": state["skipped"]}
+    if window:
+        for k in window[0]:
+            if k not in ("images", "data_s"):
+                out[k] = sum(w[k] for w in window) / len(window)
+        out["images"] = sum(w["images"] for w in window)
+        out["data_wait_s"] = sum(w["data_s"] for w in window)
+    if built.loader_metrics is not None:
+        out.update(built.loader_metrics())
+    if torch.cuda.is_available():
+        out["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+# ---------------------------------------------------------------------------- the Ray Train worker
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    stage = _stage(config["stage"])
+    cfg = config_from_dict(config["experiment"], ExperimentConfig, source=f"<{stage.name} config>")
+    runner = stage.runner(cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(runner.torch_threads)
+    torch.manual_seed(runner.seed)  # same initial weights everywhere (DDP also broadcasts)
+
+    built = stage.build(cfg, rank, world, device)
+    optimizer = build_optimizer(built.optimised or built.model, runner)
+    scheduler = make_scheduler(optimizer, runner, iters_per_epoch=len(built.loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=runner.amp == "fp16")
+    state = {"epoch": 0, "step": 0, "skipped": 0}
+
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            saved = ckpt.load(d)
+        where = f"checkpoint {restored.path}"
+        ckpt.load_model_state(built.model, saved["model"], where=where)
+        for name, module in built.extra.items():
+            ckpt.load_model_state(module, saved["extra"][name], where=f"{where} ({name})")
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state.update(saved["state"])
+        if len(saved["loaders"]) != world:
+            raise TrainingError(
+                f"checkpoint was written by {len(saved['loaders'])} workers, this run has {world}"
+            )
+        built.loader.load_state_dict(saved["loaders"][rank])
+    forward = built.forward or built.model
+    if device.type == "cuda" and any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+        for m in forward.modules()
+    ):
+        forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(forward)  # GPU only
+    wrapped = ray.train.torch.prepare_model(
+        forward, parallel_strategy_kwargs={"find_unused_parameters": built.find_unused_parameters}
+    )
+    if restored is not None:  # last, so nothing after it draws random numbers before training
+        ckpt.set_rng_state(saved["rng"][rank])
+    every = runner.checkpoint_every_steps
+    window: list[dict] = []
+    last: dict = {}
+
+    def report(with_checkpoint: bool, epoch_end: bool) -> None:
+        metrics = {**last, **summarise(window, state, built)}  # the latest loss if no new step
+        metrics["epoch_end"] = epoch_end
+        last.update({k: v for k, v in metrics.items() if k == "lr" or k == "total"
+                     or (window and k in window[0] and k not in ("images", "data_s"))})  # fmt: skip
+        window.clear()
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        loaders, rngs = gather(built.loader.state_dict()), gather(ckpt.rng_state())
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                ckpt.save(tmp, {
+                    "model": built.model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "extra": {n: m.state_dict() for n, m in built.extra.items()},
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "state": dict(state), "loaders": loaders, "rng": rngs,
+                    "stage": stage.name, "config": dump_config(cfg),
+                })  # fmt: skip
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def on_step(m: dict) -> None:
+        window.append(m)
+        if every and state["step"] % every == 0:
+            report(with_checkpoint=True, epoch_end=False)
+        elif state["step"] % runner.report_every_steps == 0:
+            report(with_checkpoint=False, epoch_end=False)
+
+    for epoch in range(state["epoch"], runner.epochs):
+        built.loader.set_epoch(epoch)
+        run_epoch(wrapped, built, optimizer, scheduler, scaler, runner, epoch, state, on_step)
+        state["epoch"] = epoch + 1
+        report(with_checkpoint=True, epoch_end=True)
+
+
+# ------------------------------------------------------------------------------------ the driver
+def endpoint_url(cfg: ExperimentConfig) -> str | None:
+    """The S3 endpoint for the run's storage (the shards' or the loader's, else the env's)."""
+    return cfg.shards.endpoint_url or cfg.data.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def absolute_url(url: str) -> str:
+    return url if "://" in url else str(Path(url).expanduser().absolute())
+
+
+def run_storage(url: str, cfg: ExperimentConfig):
+    """(storage_path, run name, pyarrow filesystem or None) of a run folder URL for RunConfig."""
+    url = absolute_url(url).rstrip("/")
+    root, name = url.rsplit("/", 1)
+    if not root.startswith("s3://"):
+        return root, name, None
+    from pyarrow import fs
+
+    endpoint = endpoint_url(cfg)
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs = {"endpoint_override": host, "scheme": scheme or "https"}
+    return root[len("s3://") :], name, fs.S3FileSystem(**kwargs)
+
+
+def ensure_ray() -> bool:
+    """Use the cluster in RAY_ADDRESS (or the one ``ray job submit`` runs in); otherwise start an
+    embedded local Ray bound to 127.0.0.1 that sends no usage statistics. True if it started
+    (and so owns) an embedded Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return False
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    return True
+
+
+def check_resources(runner, what: str) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    need_cpu = runner.num_workers * runner.cpus_per_worker
+    if have.get("CPU", 0) < need_cpu:
+        raise TrainingError(
+            f"{what}.num_workers={runner.num_workers} × {what}.cpus_per_worker="
+            f"{runner.cpus_per_worker} needs {need_cpu} CPUs; the cluster has {have.get('CPU', 0):g}"
+        )
+    if runner.use_gpu and have.get("GPU", 0) < runner.num_workers:
+        raise TrainingError(
+            f"{what}.num_workers={runner.num_workers} with use_gpu needs {runner.num_workers} "
+            f"GPUs; the cluster has {have.get('GPU', 0):g}"
+        )
+    if runner.amp == "fp16" and not runner.use_gpu:
+        raise TrainingError(f"{what}.amp=fp16 needs GPUs (use bf16 or none on the CPU)")
+
+
+def fit(cfg: ExperimentConfig, stage_name: str, what: str, log=print):
+    """Run (or resume) a stage's training on Ray Train; returns Ray's ``Result``.
+    ``what`` names the config section in messages (``train``, ``affinity.train``)."""
+    stage = _stage(stage_name)
+    started = ensure_ray()
+    try:
+        return _fit(cfg, stage, what, log)
+    finally:
+        if started:  # an embedded Ray this call started ends with it
+            import ray
+
+            ray.shutdown()
+
+
+def _fit(cfg: ExperimentConfig, stage: Stage, what: str, log):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mcis_dist.train.metrics import MetricsCallback
+
+    runner = stage.runner(cfg)
+    check_resources(runner, what)
+    if stage.check is not None:
+        stage.check(cfg)
+    url = absolute_url(stage.run_url(cfg))
+    storage_path, name, filesystem = run_storage(url, cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "stage": stage.name},
+        scaling_config=ScalingConfig(num_workers=runner.num_workers, use_gpu=runner.use_gpu,
+                                     resources_per_worker={"CPU": runner.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=runner.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=runner.keep_checkpoints),
+            callbacks=[MetricsCallback(url, endpoint_url(cfg), runner.epochs)],
+            logging_config=LoggingConfig(log_level="WARNING"),  # our progress line suffices
+        ),
+    )  # fmt: skip
+    log(f"{stage.name}: {runner.num_workers} workers, {runner.epochs} epochs, run storage {url}")
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the workers' errors: surface the first one plainly
+        raise TrainingError(f"training failed: {worker_error(e)}") from e
+    if result.error is not None:
+        raise TrainingError(f"training failed: {worker_error(result.error)}")
+    return result
+
+
+def worker_error(e: BaseException) -> str:
+    """The line of a wrapped worker error that says what went wrong."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "TrainingError: " in ln:
+            return ln.split("TrainingError: ", 1)[1]
+    errors = [ln for ln in lines if "Error: " in ln and not ln.startswith("File ")]
+    return errors[-1] if errors else (lines[0] if lines else type(e).__name__)

@@ -1,0 +1,14 @@
+"""The registry of trained stages (``mcis_dist.train.runner.STAGES``), filled in one place."""
+
+from __future__ import annotations
+
+from mcis_dist.train.runner import STAGES, Stage
+
+
+def _register() -> None:
+    from mcis_dist.train.classifier import check_classifier, classifier_stage, run_url
+
+    STAGES["cls"] = Stage("cls", lambda cfg: cfg.train, run_url, classifier_stage, check_classifier)
+
+
+_register()
