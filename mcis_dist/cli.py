@@ -125,6 +125,30 @@ def _build_parser() -> argparse.ArgumentParser:
                    "newest of <run_root>/<name>/cls)")  # fmt: skip
     m.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
+    a = sub.add_parser(
+        "affinity",
+        help="confident labels from the CAMs, then AffinityNet training on Ray Train",
+        description="Turn the CAMs into confident labels (label shards in "
+        "<affinity.out_url>/labels, on Ray actors, resumable), then train AffinityNet on them with "
+        "Ray Train (checkpoints in <affinity.out_url>/run; re-running resumes).",
+    )
+    a.add_argument("--config", required=True, help="experiment YAML")
+    a.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
+    k = sub.add_parser(
+        "masks",
+        help="pseudo masks of a split from its CAMs, sharded over Ray actors",
+        description="Turn the CAMs of masks.cams_url into pseudo masks (masks.mode: random_walk "
+        "with the trained AffinityNet, saliency, or cams), one label shard per CAM shard, on a "
+        "pool of Ray actors. Re-running skips finished shards; a lost actor's shard is redone by "
+        "another.",
+    )
+    k.add_argument("--config", required=True, help="experiment YAML")
+    k.add_argument("--checkpoint", default=None,
+                   help="AffinityNet checkpoint folder or .pt, local or s3:// (random_walk; "
+                   "default: masks.checkpoint, else the newest of <affinity.out_url>/run)")  # fmt: skip
+    k.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
     e = sub.add_parser("eval", help="evaluate a stage's outputs against masks")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
     ec = esub.add_parser(
@@ -140,6 +164,18 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="sweep, e.g. 0:0.6:0.05 or 0.1,0.2 (default: cams.eval_thresholds)")  # fmt: skip
     ec.add_argument("--out", default=None, help="where eval.json goes (default: <cams>/eval)")
     ec.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
+    em = esub.add_parser(
+        "masks",
+        help="pseudo-mask (or confident-label) mIoU, per-class IoU and an overlay grid",
+        description="mIoU of a label folder against its split's masks: pixels the labels ignore "
+        "(255) are left out (their share is reported), and also counted as background. Writes "
+        "eval.json and overlays.png.",
+    )
+    em.add_argument("--config", required=True, help="experiment YAML")
+    em.add_argument("--masks", default=None, help="label folder (default: masks.out_url)")
+    em.add_argument("--out", default=None, help="where eval.json goes (default: <masks>/eval)")
+    em.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
     w = sub.add_parser("weights", help="convert pretrained weights")
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -313,6 +349,33 @@ def cmd_cams(args) -> int:
     return EXIT_OK
 
 
+def cmd_affinity(args) -> int:
+    from mcis_dist.affinity.train import train_affinity
+    from mcis_dist.config import load_config
+
+    result = train_affinity(load_config(args.config, args.overrides))
+    m = result.metrics or {}
+    print(f"affinity: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
+          f"checkpoint {result.checkpoint.path if result.checkpoint else None}")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_masks(args) -> int:
+    from mcis_dist.config import load_config
+    from mcis_dist.masks.stage import make_masks
+
+    make_masks(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
+    return EXIT_OK
+
+
+def cmd_eval_masks(args) -> int:
+    from mcis_dist.config import load_config
+    from mcis_dist.masks.evaluate import evaluate_masks
+
+    evaluate_masks(load_config(args.config, args.overrides), masks_url=args.masks, out_url=args.out)
+    return EXIT_OK
+
+
 def cmd_eval_cams(args) -> int:
     from mcis_dist.cams.evaluate import evaluate_cams
     from mcis_dist.config import load_config
@@ -354,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         ("weights", "convert-resnet38"): cmd_weights_convert,
         ("train-cls", None): cmd_train_cls,
         ("cams", None): cmd_cams,
+        ("affinity", None): cmd_affinity,
         ("eval", "cams"): cmd_eval_cams,
+        ("masks", None): cmd_masks,
+        ("eval", "masks"): cmd_eval_masks,
         ("demo", None): cmd_demo,
     }
     action = next((getattr(args, a) for a in ("shards_command", "weights_command", "eval_command")

@@ -6,9 +6,12 @@ from mcis_dist.train.runner import STAGES, Stage
 
 
 def _register() -> None:
+    from mcis_dist.affinity import train as affinity
     from mcis_dist.train.classifier import check_classifier, classifier_stage, run_url
 
     STAGES["cls"] = Stage("cls", lambda cfg: cfg.train, run_url, classifier_stage, check_classifier)
+    STAGES["affinity"] = Stage("affinity", lambda cfg: cfg.affinity.train, affinity.run_url,
+                               affinity.affinity_stage, affinity.check_affinity)  # fmt: skip
 
 
 _register()
