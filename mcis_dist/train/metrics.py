@@ -38,8 +38,10 @@ def combine(per_worker: list[dict], seconds: float) -> dict:
 
 
 class MetricsCallback(UserCallback):
-    def __init__(self, run_url: str, endpoint_url: str | None = None, total_epochs: int = 0):
+    def __init__(self, run_url: str, endpoint_url: str | None = None, total_epochs: int = 0,
+                 label: str = "train-cls", terms=("single", "coattention", "contrastive")):  # fmt: skip
         self.run_url, self.endpoint_url, self.total_epochs = run_url, endpoint_url, total_epochs
+        self.label, self.terms = label, tuple(terms)
         self._storage = None
         self._lines: list[str] | None = None
         self._tb = None
@@ -77,14 +79,15 @@ class MetricsCallback(UserCallback):
         else:
             self._lines.append(line)
             self._storage.write_bytes("metrics.jsonl", ("\n".join(self._lines) + "\n").encode())
-        print(progress_line(record, self.total_epochs), flush=True)
+        print(progress_line(record, self.total_epochs, self.label, self.terms), flush=True)
 
 
-def progress_line(r: dict, total_epochs: int) -> str:
-    parts = [f"[train-cls] epoch {r.get('epoch', 0)}/{total_epochs} step {r.get('step', 0)}"]
+def progress_line(r: dict, total_epochs: int, label: str = "train-cls",
+                  terms=("single", "coattention", "contrastive")) -> str:  # fmt: skip
+    parts = [f"[{label}] epoch {r.get('epoch', 0)}/{total_epochs} step {r.get('step', 0)}"]
     if "total" in r:
-        parts.append(f"loss {r['total']:.4f} (single {r.get('single', 0):.3f}, "
-                     f"co-att {r.get('coattention', 0):.3f}, contr {r.get('contrastive', 0):.3f})")  # fmt: skip
+        shown = ", ".join(f"{t} {r.get(t, 0):.3f}" for t in terms)
+        parts.append(f"loss {r['total']:.4f}" + (f" ({shown})" if shown else ""))
     if "lr" in r:
         parts.append(f"lr {r['lr']:.2e}")
     if "images_per_s" in r:

@@ -63,6 +63,8 @@ class Stage:
     run_url: Callable[[ExperimentConfig], str]  # where checkpoints and metrics go
     build: Callable[[ExperimentConfig, int, int, torch.device], Built]
     check: Callable[[ExperimentConfig], None] | None = None  # stage-specific setup checks
+    terms: tuple[str, ...] = ()  # loss terms shown on the progress line
+    label: str = ""  # the command, on the progress line (default: the name)
 
 
 STAGES: dict[str, Stage] = {}
@@ -334,7 +336,8 @@ def _fit(cfg: ExperimentConfig, stage: Stage, what: str, log):
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=runner.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=runner.keep_checkpoints),
-            callbacks=[MetricsCallback(url, endpoint_url(cfg), runner.epochs)],
+            callbacks=[MetricsCallback(url, endpoint_url(cfg), runner.epochs, label=stage.label or stage.name,
+                                       terms=stage.terms)],
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress line suffices
         ),
     )  # fmt: skip

@@ -9,9 +9,12 @@ def _register() -> None:
     from mcis_dist.affinity import train as affinity
     from mcis_dist.train.classifier import check_classifier, classifier_stage, run_url
 
-    STAGES["cls"] = Stage("cls", lambda cfg: cfg.train, run_url, classifier_stage, check_classifier)
+    STAGES["cls"] = Stage("cls", lambda cfg: cfg.train, run_url, classifier_stage,
+                          check_classifier, terms=("single", "coattention", "contrastive"),
+                          label="train-cls")  # fmt: skip
     STAGES["affinity"] = Stage("affinity", lambda cfg: cfg.affinity.train, affinity.run_url,
-                               affinity.affinity_stage, affinity.check_affinity)  # fmt: skip
+                               affinity.affinity_stage, affinity.check_affinity,
+                               terms=("bg_pos", "fg_pos", "neg"))  # fmt: skip
 
 
 _register()
