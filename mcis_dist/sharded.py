@@ -34,6 +34,7 @@ __all__ = [
     "Timer",
     "actor_options",
     "fingerprint",
+    "clean_temporaries",
     "existing_parts",
     "part_name",
     "write_part",
@@ -69,6 +70,18 @@ def existing_parts(storage) -> dict[str, dict]:
             continue  # an unreadable record: that shard is simply redone
         parts[record.get("name", "")] = record
     return parts
+
+
+def clean_temporaries(storage) -> int:
+    """Remove the hidden ``.<name>.*.tmp`` files that writers killed mid-shard left in a local
+    output folder (S3 writes are staged outside the bucket); call it when no writer is running."""
+    root = getattr(storage, "root", None)
+    if root is None or not root.is_dir():
+        return 0
+    stale = [p for p in root.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_part(storage, record: dict) -> None:

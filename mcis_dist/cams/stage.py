@@ -28,6 +28,7 @@ from mcis_dist.sharded import (
     StageError,
     Timer,
     actor_options,
+    clean_temporaries,
     existing_parts,
     fingerprint,
     plan_actors,
@@ -244,6 +245,7 @@ def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print
         log(f"cams: {out.describe()} is complete ({done['samples']} maps); nothing to do")
         return done
 
+    clean_temporaries(out)  # left by a killed earlier run
     parts = existing_parts(out)
     jobs, kept = [], {}
     for i, shard in enumerate(source_manifest["shards"]):
@@ -263,6 +265,7 @@ def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print
     records = list(kept.values())
     if jobs:
         records += _run_actors(cfg, jobs, state, len(classes), total - _done(kept), log, tqdm)
+        clean_temporaries(out)  # left by actors that died mid-shard
     manifest = assemble_manifest(cfg, records, source_manifest, stage_fp, where, timer())
     out.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
     log(f"cams: {manifest['samples']} maps in {len(manifest['shards'])} shards at "

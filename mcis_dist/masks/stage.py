@@ -40,6 +40,7 @@ from mcis_dist.sharded import (
     StageError,
     Timer,
     actor_options,
+    clean_temporaries,
     existing_parts,
     fingerprint,
     plan_actors,
@@ -245,6 +246,7 @@ def _label_stage(cfg, mode, cams_url, out_url, actors, checkpoint, log) -> dict:
     if done is not None:
         log(f"{what}: {out.describe()} is complete ({done['samples']} labels); nothing to do")
         return done
+    clean_temporaries(out)  # left by a killed earlier run
     parts = existing_parts(out)
     kept = {j["name"]: parts[j["name"]] for j in planned
             if parts.get(j["name"], {}).get("fingerprint") == j["fingerprint"]}  # fmt: skip
@@ -260,6 +262,7 @@ def _label_stage(cfg, mode, cams_url, out_url, actors, checkpoint, log) -> dict:
                 "use_gpu": actors["use_gpu"], "threads": actors["threads"]}  # fmt: skip
         todo = sum(j["samples"] for j in jobs)
         records += _run_actors(cfg, jobs, spec, actors, state, todo, what, log, tqdm)
+        clean_temporaries(out)  # left by actors that died mid-shard
     manifest = assemble_manifest(
         records, kind=MODES[mode].kind, mode=mode, fingerprint=stage_fp,
         classes=cam_manifest["classes"], source={"url": source_url,
