@@ -355,6 +355,67 @@ class MasksConfig(ConfigSection):
     eval_grid: int = Field(8, ge=0, description="Images in the overlay grid of `mcis eval masks`.")
 
 
+class SegDataConfig(JointDataConfig):
+    """The segmentation loader: images with their pseudo masks (crop 512, scale 0.5-2)."""
+
+    crop_size: int = Field(512, ge=16, description="Square crop, pixels.")
+    scale: list[float] = Field([0.5, 2.0], description="Random rescale factor range [lo, hi].")
+
+
+class SegTrainConfig(RunnerConfig):
+    """DeepLab training (LID: lr 0.007 poly, wd 1e-4, 100 epochs, global batch 48)."""
+
+    epochs: int = Field(100, ge=1, description="Training epochs.")
+    lr: float = Field(0.007, gt=0, description="Base learning rate.")
+    lr_mult: list[float] = Field(
+        [1.0, 1.0, 10.0, 10.0],
+        description="lr multipliers: backbone weights, backbone biases, head weights, head biases.",
+    )
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay (not on biases).")
+    schedule: Literal["step", "poly"] = Field("poly", description="Learning-rate schedule.")
+    nesterov: bool = Field(False, description="Nesterov momentum.")
+
+
+class SegConfig(ConfigSection):
+    """The segmentation network trained on pseudo masks (``mcis seg``), its evaluation
+    (``mcis eval seg``), export (``mcis export``) and predictions (``mcis predict``)."""
+
+    arch: Literal["deeplabv3", "largefov"] = Field(
+        "deeplabv3", description="DeepLab-V3 (ASPP, LID) or DeepLab-LargeFOV (VOC route)."
+    )
+    backbone: str = Field(
+        "resnet101", description="torchvision ResNet: resnet18, resnet34, resnet50, resnet101."
+    )
+    weights: str | None = Field(
+        None, description="torchvision-format ResNet state dict (.pth) to start the backbone from."
+    )
+    output_stride: Literal[8, 16] = Field(8, description="Backbone output stride (dilation).")
+    masks_url: str | None = Field(
+        None, description="Pseudo masks to train on; default masks.out_url."
+    )
+    val_url: str | None = Field(
+        None, description="Split with ground-truth masks to evaluate on; default <shards.url>/val."
+    )
+    out_url: str | None = Field(None, description="Run folder; default <run_root>/<name>/seg.")
+    global_batch: int | None = Field(
+        None, ge=1, description="Global batch split across the workers (else data.batch_size each)."
+    )
+    data: SegDataConfig = Field(
+        default_factory=SegDataConfig, description="Loader (crop, scale, flip, batch per rank)."
+    )
+    train: SegTrainConfig = Field(default_factory=SegTrainConfig, description="Ray Train runner.")
+    eval_scales: list[float] = Field([1.0], description="Test scales (multi-scale: several).")
+    eval_flip: bool = Field(False, description="Also average the flipped image's scores.")
+    crf: bool = Field(False, description="Dense CRF on the test scores (REFERENCE §6).")
+    export_opset: int = Field(17, ge=7, description="ONNX opset of `mcis export`.")
+    num_actors: int = Field(0, ge=0, description="Prediction/eval actors; 0: per GPU or CPUs.")
+    use_gpu: bool = Field(False, description="One GPU per prediction/eval actor.")
+    cpus_per_actor: int = Field(1, ge=1, description="CPUs per prediction/eval actor.")
+    torch_threads: int = Field(1, ge=1, description="torch threads per CPU actor.")
+    max_failures: int = Field(3, ge=0, description="Lost actors replaced before failing.")
+    eval_grid: int = Field(8, ge=0, description="Images in the overlay grid of `mcis eval seg`.")
+
+
 class ExperimentConfig(ConfigSection):
     """One experiment: its name, where its runs live, and its sections."""
 
@@ -370,6 +431,7 @@ class ExperimentConfig(ConfigSection):
     cams: CamsConfig = Field(default_factory=CamsConfig, description="Localization maps.")
     affinity: AffinityConfig = Field(default_factory=AffinityConfig, description="AffinityNet.")
     masks: MasksConfig = Field(default_factory=MasksConfig, description="Pseudo masks.")
+    seg: SegConfig = Field(default_factory=SegConfig, description="Segmentation network.")
 
     @model_validator(mode="after")
     def _derive_urls(self):
@@ -388,6 +450,12 @@ class ExperimentConfig(ConfigSection):
             self.masks.cams_url = self.cams.out_url
         if self.masks.out_url is None:
             self.masks.out_url = f"{run}/masks"
+        if self.seg.masks_url is None:
+            self.seg.masks_url = self.masks.out_url
+        if self.seg.val_url is None:
+            self.seg.val_url = f"{self.shards.url.rstrip('/')}/val"
+        if self.seg.out_url is None:
+            self.seg.out_url = f"{run}/seg"
         return self
 
     @field_validator("name")
