@@ -253,7 +253,8 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     cfg.run_root = fix(cfg.run_root)
     for section, names in ((cfg.cams, ("split_url", "out_url", "checkpoint")),
                            (cfg.affinity, ("cams_url", "out_url")),
-                           (cfg.masks, ("cams_url", "out_url", "checkpoint"))):  # fmt: skip
+                           (cfg.masks, ("cams_url", "out_url", "checkpoint")),
+                           (cfg.seg, ("masks_url", "val_url", "out_url", "weights"))):  # fmt: skip
         for n in names:
             setattr(section, n, fix(getattr(section, n)))
     return cfg
