@@ -149,6 +149,34 @@ def _build_parser() -> argparse.ArgumentParser:
                    "default: masks.checkpoint, else the newest of <affinity.out_url>/run)")  # fmt: skip
     k.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
+    g = sub.add_parser(
+        "seg",
+        help="train the segmentation network (DeepLab) on the pseudo masks with Ray Train",
+        description="Train (or resume) DeepLab (seg.arch) on the images of the pseudo masks' "
+        "split joined with the masks of seg.masks_url, with Ray Train (checkpoints in "
+        "<seg.out_url>/run; re-running resumes).",
+    )
+    g.add_argument("--config", required=True, help="experiment YAML")
+    g.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
+    pr = sub.add_parser(
+        "predict",
+        help="label maps (palette PNGs) of a folder of images or an image split",
+        description="Label every image of --input (a folder of .jpg/.png images, or an image "
+        "split with manifest.json; local or s3://) with the trained segmentation network at "
+        "seg.eval_scales x seg.eval_flip (+ CRF with seg.crf), on Ray actors: one palette PNG per "
+        "image in --out, and predictions.json. Re-running skips images whose PNG exists.",
+    )
+    pr.add_argument("--config", required=True, help="experiment YAML")
+    pr.add_argument(
+        "--input", required=True, help="folder of images or image split, local or s3://"
+    )
+    pr.add_argument("--out", required=True, help="folder for the PNGs, local or s3://")
+    pr.add_argument("--checkpoint", default=None,
+                    help="segmentation checkpoint folder or .pt, local or s3:// (default: the "
+                    "newest of <seg.out_url>/run)")  # fmt: skip
+    pr.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
     e = sub.add_parser("eval", help="evaluate a stage's outputs against masks")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
     ec = esub.add_parser(
@@ -176,6 +204,23 @@ def _build_parser() -> argparse.ArgumentParser:
     em.add_argument("--masks", default=None, help="label folder (default: masks.out_url)")
     em.add_argument("--out", default=None, help="where eval.json goes (default: <masks>/eval)")
     em.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
+    es = esub.add_parser(
+        "seg",
+        help="segmentation mIoU on a split with masks, per-class IoU and an overlay grid",
+        description="mIoU of the trained segmentation network on seg.val_url (or --split) at "
+        "seg.eval_scales x seg.eval_flip (+ dense CRF with seg.crf), sharded over Ray actors; one "
+        "confusion matrix summed over every shard. Writes eval.json and overlays.png.",
+    )
+    es.add_argument("--config", required=True, help="experiment YAML")
+    es.add_argument("--checkpoint", default=None,
+                    help="segmentation checkpoint folder or .pt, local or s3:// (default: the "
+                    "newest of <seg.out_url>/run)")  # fmt: skip
+    es.add_argument("--split", default=None, help="image split with masks (default: seg.val_url)")
+    es.add_argument(
+        "--out", default=None, help="where eval.json goes (default: <seg.out_url>/eval)"
+    )
+    es.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
     w = sub.add_parser("weights", help="convert pretrained weights")
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -376,6 +421,35 @@ def cmd_eval_masks(args) -> int:
     return EXIT_OK
 
 
+def cmd_seg(args) -> int:
+    from mcis_dist.config import load_config
+    from mcis_dist.seg.train import train_seg
+
+    result = train_seg(load_config(args.config, args.overrides))
+    m = result.metrics or {}
+    print(f"seg: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
+          f"checkpoint {result.checkpoint.path if result.checkpoint else None}")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_eval_seg(args) -> int:
+    from mcis_dist.config import load_config
+    from mcis_dist.seg.evaluate import evaluate_seg
+
+    evaluate_seg(load_config(args.config, args.overrides), checkpoint=args.checkpoint,
+                 split_url=args.split, out_url=args.out)  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_predict(args) -> int:
+    from mcis_dist.config import load_config
+    from mcis_dist.seg.predict import predict
+
+    predict(load_config(args.config, args.overrides), args.input, args.out,
+            checkpoint=args.checkpoint)  # fmt: skip
+    return EXIT_OK
+
+
 def cmd_eval_cams(args) -> int:
     from mcis_dist.cams.evaluate import evaluate_cams
     from mcis_dist.config import load_config
@@ -421,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         ("eval", "cams"): cmd_eval_cams,
         ("masks", None): cmd_masks,
         ("eval", "masks"): cmd_eval_masks,
+        ("seg", None): cmd_seg,
+        ("eval", "seg"): cmd_eval_seg,
+        ("predict", None): cmd_predict,
         ("demo", None): cmd_demo,
     }
     action = next((getattr(args, a) for a in ("shards_command", "weights_command", "eval_command")

@@ -201,7 +201,12 @@ def test_ray_job_submit_against_a_local_head(shards, tmp_path):
                str(REPO), "--", sys.executable, "-m", "mcis_dist.cli", "train-cls", "--config",
                "configs/demo.yaml", f"shards.url={shards}", f"run_root={tmp_path / 'runs'}",
                *BASE, "train.epochs=1"]  # fmt: skip
-        proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=420)
+        deadline = time.time() + 90
+        while True:  # the dashboard answers before its job agent is up on a loaded machine
+            proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=420)
+            if "No available agent" not in proc.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout.lower()
         assert final_checkpoint(tmp_path / "runs")["state"]["epoch"] == 1
