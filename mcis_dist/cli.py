@@ -177,6 +177,17 @@ def _build_parser() -> argparse.ArgumentParser:
                     "newest of <seg.out_url>/run)")  # fmt: skip
     pr.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
+    pl = sub.add_parser(
+        "pipeline",
+        help="every stage, from shards to an evaluated segmentation network",
+        description="Run train-cls -> cams -> affinity -> masks -> seg -> eval (building the "
+        "built-in dataset's shards first when shards.source is synthetic). Every stage whose "
+        "output is complete is skipped, so a killed pipeline started again goes on where it "
+        "stopped. Writes report.json, report.md and figures to <run_root>/<name>/.",
+    )
+    pl.add_argument("--config", required=True, help="experiment YAML")
+    pl.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
     e = sub.add_parser("eval", help="evaluate a stage's outputs against masks")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
     ec = esub.add_parser(
@@ -464,6 +475,17 @@ def cmd_eval_cams(args) -> int:
     return EXIT_OK
 
 
+def cmd_pipeline(args) -> int:
+    from mcis_dist.config import load_config
+    from mcis_dist.pipeline import run_pipeline
+    from mcis_dist.report import summary_table
+
+    report = run_pipeline(load_config(args.config, args.overrides))
+    for what, value in summary_table(report):
+        print(f"  {what:<40} {value:>6}")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from mcis_dist.demo import run_demo
 
@@ -496,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         ("masks", None): cmd_masks,
         ("eval", "masks"): cmd_eval_masks,
         ("seg", None): cmd_seg,
+        ("pipeline", None): cmd_pipeline,
         ("eval", "seg"): cmd_eval_seg,
         ("predict", None): cmd_predict,
         ("demo", None): cmd_demo,

@@ -381,7 +381,7 @@ def describe_schema(schema: type[BaseModel], prefix: str = "") -> list[tuple[str
 # The experiment schema lives in its own module (the machinery above, the settings there). Its
 # classes are re-exported lazily, so `from mcis_dist.config import ExperimentConfig` works and
 # importing either module first never meets a half-initialised other.
-_SCHEMA_NAMES = ("AffinityConfig", "CamsConfig", "DataConfig", "JointDataConfig", "MasksConfig", "RunnerConfig", "SegConfig", "SegDataConfig", "SegTrainConfig", "ExperimentConfig", "ModelConfig", "ShardsConfig",
+_SCHEMA_NAMES = ("AffinityConfig", "CamsConfig", "DataConfig", "JointDataConfig", "MasksConfig", "PipelineConfig", "RunnerConfig", "SegConfig", "SegDataConfig", "SegTrainConfig", "ExperimentConfig", "ModelConfig", "ShardsConfig",
                  "SyntheticConfig", "TrainConfig")  # fmt: skip
 
 

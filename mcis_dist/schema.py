@@ -119,6 +119,30 @@ class ModelConfig(ConfigSection):
     domains: Literal[1, 3] = Field(1, description="W_P matrices: 1, or 3 for extra-data pairs.")
     shared_phi: bool = Field(False, description="Paper: one φ; authors' code: a separate φ.")
     chunk_size: int | None = Field(None, ge=1, description="Co-attention query block size.")
+    freeze_bn: bool | None = Field(
+        None,
+        description="ResNet-38 family: freeze BatchNorm (eval mode, no gradients), as suits "
+        "ImageNet weights. None: the backbone's default (frozen); false trains it (from scratch).",
+    )
+    backbone_dropout: list[float] | None = Field(
+        None,
+        description="ResNet-38 family: dropout of blocks b6 and b7, [p6, p7]; None: the "
+        "backbone's default [0.3, 0.5].",
+    )
+
+    @model_validator(mode="after")
+    def _check_backbone_options(self) -> ModelConfig:
+        resnet38 = self.backbone in ("resnet38", "resnet38_tiny")
+        for name in ("freeze_bn", "backbone_dropout"):
+            if getattr(self, name) is not None and not resnet38:
+                raise ValueError(
+                    f"{name} applies to resnet38 / resnet38_tiny only, "
+                    f"not backbone {self.backbone!r}; leave it unset (null)"
+                )
+        p = self.backbone_dropout
+        if p is not None and (len(p) != 2 or not all(0 <= v < 1 for v in p)):
+            raise ValueError(f"backbone_dropout={p}: expected [p6, p7] with 0 <= p < 1")
+        return self
 
 
 class RunnerConfig(ConfigSection):
@@ -416,6 +440,14 @@ class SegConfig(ConfigSection):
     eval_grid: int = Field(8, ge=0, description="Images in the overlay grid of `mcis eval seg`.")
 
 
+class PipelineConfig(ConfigSection):
+    """``mcis pipeline`` / ``mcis demo``: which extra baselines to run for the report."""
+
+    basic_baseline: bool = Field(
+        False, description="Also train the basic classifier (Eq. 1 only) for cam_miou_basic."
+    )
+
+
 class ExperimentConfig(ConfigSection):
     """One experiment: its name, where its runs live, and its sections."""
 
@@ -432,6 +464,7 @@ class ExperimentConfig(ConfigSection):
     affinity: AffinityConfig = Field(default_factory=AffinityConfig, description="AffinityNet.")
     masks: MasksConfig = Field(default_factory=MasksConfig, description="Pseudo masks.")
     seg: SegConfig = Field(default_factory=SegConfig, description="Segmentation network.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Pipeline.")
 
     @model_validator(mode="after")
     def _derive_urls(self):

@@ -1,0 +1,272 @@
+"""``mcis pipeline``: shards → classifier → CAMs → AffinityNet → pseudo masks → DeepLab → eval.
+
+Every stage is skipped when its output is complete (a trained stage whose newest checkpoint
+reached its last epoch, a sharded stage whose manifest was written with the same settings, an
+evaluation already run on those outputs), so a pipeline killed anywhere and started again goes on
+where it stopped. One Ray serves every stage: the cluster in ``RAY_ADDRESS`` (``ray job
+submit``) or an embedded local one. The run report (``report.json``, ``report.md`` and figures)
+goes to ``<run_root>/<name>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from mcis_dist.config import ExperimentConfig, dump_config
+from mcis_dist.sharded import StageError
+from mcis_dist.storage import open_storage
+
+__all__ = ["run_pipeline", "training_complete", "check_consistency", "STAGE_ORDER"]
+
+STAGE_ORDER = ("shards", "train-cls", "cams", "affinity", "masks", "seg", "eval")
+STATE_FILE = "pipeline_state.json"
+
+
+def training_complete(run_url: str, epochs: int, endpoint_url: str | None = None) -> bool:
+    """True when a Ray Train run's newest checkpoint reached ``epochs`` (read from Ray's
+    checkpoint snapshot, so no checkpoint is downloaded)."""
+    storage = open_storage(run_url, endpoint_url=endpoint_url)
+    if not storage.exists("checkpoint_manager_snapshot.json"):
+        return False
+    try:
+        snap = json.loads(storage.read_bytes("checkpoint_manager_snapshot.json"))
+        results = snap.get("checkpoint_results") or []
+        return bool(results) and results[-1]["metrics"].get("epoch", 0) >= epochs
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def check_consistency(cfg: ExperimentConfig) -> None:
+    """Stages that disagree fail before any work, naming the disagreement."""
+    from mcis_dist.data.loader import open_manifest
+
+    problems = []
+    train_url, val_url = cfg.data.train_url, cfg.seg.val_url
+    if cfg.cams.split_url != train_url:
+        problems.append(f"cams.split_url ({cfg.cams.split_url}) is not the classifier's training "
+                        f"split data.train_url ({train_url}): pseudo masks are for training images")  # fmt: skip
+    for name, url in (("affinity.cams_url", cfg.affinity.cams_url),
+                      ("masks.cams_url", cfg.masks.cams_url)):  # fmt: skip
+        if url != cfg.cams.out_url:
+            problems.append(f"{name} ({url}) is not cams.out_url ({cfg.cams.out_url})")
+    if cfg.seg.masks_url != cfg.masks.out_url:
+        problems.append(f"seg.masks_url ({cfg.seg.masks_url}) is not masks.out_url "
+                        f"({cfg.masks.out_url})")  # fmt: skip
+    try:
+        train, _ = open_manifest(train_url, cfg.data.endpoint_url, check_shards=False)
+        val, _ = open_manifest(val_url, cfg.data.endpoint_url, check_shards=False)
+    except Exception:  # noqa: BLE001 - missing splits are reported by the stages themselves
+        train = val = None
+    if train and val and train["classes"] != val["classes"]:
+        problems.append(f"the training split's classes {train['classes']} differ from the "
+                        f"evaluation split's {val['classes']} (seg.val_url={val_url})")  # fmt: skip
+    if problems:
+        raise StageError("the pipeline's stages disagree: " + "; ".join(problems))
+
+
+class _State:
+    """What finished, with its results, in ``<run>/pipeline_state.json`` (evaluations only)."""
+
+    def __init__(self, run):
+        self.run = run
+        self.data = json.loads(run.read_bytes(STATE_FILE)) if run.exists(STATE_FILE) else {}
+
+    def cached(self, name: str, key: str, compute: Callable[[], dict]) -> dict:
+        entry = self.data.get(name)
+        if entry and entry.get("key") == key:
+            return entry["result"]
+        result = compute()
+        self.data[name] = {"key": key, "result": result}
+        self.run.write_bytes(STATE_FILE, json.dumps(self.data, indent=1).encode())
+        return result
+
+
+def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
+    """Run every stage that is not complete; return (and write) the run report.
+
+    ``log`` gets the stages' own lines, ``say`` (default ``log``) the pipeline's narration."""
+    from mcis_dist.train.classifier import absolute_paths, endpoint_url
+    from mcis_dist.train.runner import ensure_ray
+
+    say = say or log
+    cfg = absolute_paths(cfg)
+    endpoint = endpoint_url(cfg)
+    run = open_storage(f"{cfg.run_root.rstrip('/')}/{cfg.name}", endpoint_url=endpoint)
+    run.check_writable()
+    run.write_bytes("config.yaml", dump_config(cfg).encode())
+    seconds: dict[str, float] = {}
+    results: dict = {}
+    state = _State(run)
+
+    def step(name: str, what: str, fn: Callable[[], object]):
+        say(f"\n[{name}] {what}")
+        t0 = time.perf_counter()
+        out = fn()
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t0, 1)
+        return out
+
+    step("shards", "the dataset's WebDataset shards", lambda: _shards(cfg, say))
+    check_consistency(cfg)
+    started = ensure_ray()
+    try:
+        _stages(cfg, step, state, results, log, say, endpoint)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    report = _report(cfg, results, seconds)
+    from mcis_dist.report import write_report
+
+    write_report(run, cfg, report, endpoint)
+    say(f"\nreport: {run.describe('report.md')}")
+    return report
+
+
+def _shards(cfg: ExperimentConfig, say) -> None:
+    from mcis_dist.shards.manifest import MANIFEST_NAME
+
+    shards = open_storage(cfg.shards.url, endpoint_url=cfg.shards.endpoint_url)
+    if shards.child("train").exists(MANIFEST_NAME) and shards.child("val").exists(MANIFEST_NAME):
+        say(f"  {cfg.shards.url}: complete")
+        return
+    if cfg.shards.source != "synthetic":
+        raise StageError(
+            f"{cfg.shards.url} has no train/val manifests: build the shards first with "
+            f"`mcis shards build --source {cfg.shards.source} --out {cfg.shards.url} ...` "
+            f"(the pipeline builds only the built-in synthetic dataset by itself)"
+        )
+    from mcis_dist.demo import build_options, synthetic_spec
+    from mcis_dist.shards.build import build_dataset
+
+    build_dataset("synthetic", shards, build_options(cfg),
+                  source_args={"spec": synthetic_spec(cfg)})  # fmt: skip
+
+
+def _stages(cfg, step, state, results, log, say, endpoint) -> None:
+    from mcis_dist.affinity.build import affinity_run_url
+    from mcis_dist.affinity.train import train_affinity
+    from mcis_dist.cams.evaluate import evaluate_cams
+    from mcis_dist.cams.stage import compute_cams
+    from mcis_dist.masks.evaluate import evaluate_masks
+    from mcis_dist.masks.stage import make_masks
+    from mcis_dist.seg.evaluate import evaluate_seg
+    from mcis_dist.seg.train import run_url as seg_run_url
+    from mcis_dist.seg.train import train_seg
+    from mcis_dist.train.classifier import run_url as cls_run_url
+    from mcis_dist.train.classifier import train_classifier
+
+    def train(name, what, run_url, epochs, fn):
+        def go():
+            if training_complete(run_url, epochs, endpoint):
+                say(f"  complete ({epochs} epochs): {run_url}")
+                return
+            fn()
+
+        step(name, what, go)
+
+    t = cfg.train
+    if cfg.pipeline.basic_baseline:
+        basic = _basic(cfg)
+        train("train-cls", f"the basic classifier (Eq. 1 only), {t.epochs} epochs, baseline",
+              cls_run_url(basic), t.epochs, lambda: train_classifier(basic, log=log))  # fmt: skip
+    train("train-cls", f"the co-attention classifier ({cfg.model.backbone}), {t.num_workers} "
+          f"Ray Train workers, {t.epochs} epochs", cls_run_url(cfg), t.epochs,
+          lambda: train_classifier(cfg, log=log))  # fmt: skip
+
+    def cams_of(c, label):
+        manifest = compute_cams(c, log=log)
+        r = state.cached(f"eval_cams_{label}", manifest["fingerprint"],
+                         lambda: _slim(evaluate_cams(c, log=log)))  # fmt: skip
+        say(f"  {label}: CAM mIoU {100 * r['at_threshold']['miou']:.1f} at cams.bg_threshold="
+            f"{r['threshold']:.2f} (best of the sweep {100 * r['best']['miou']:.1f} at "
+            f"{r['best_threshold']:.2f}, reporting only)")  # fmt: skip
+        return r
+
+    c = cfg.cams
+    results["cams"] = step("cams", f"{c.mode} localization maps of the training images, "
+                           f"scales {c.scales} x flip, Ray actors", lambda: cams_of(cfg, c.mode))  # fmt: skip
+    other = "single" if c.mode == "coattentive" else "coattentive"
+    other_cfg = cfg.model_copy(deep=True)
+    other_cfg.cams.mode, other_cfg.cams.out_url = other, f"{c.out_url.rstrip('/')}_{other}"
+    results[f"cams_{other}"] = step("cams", f"{other} maps too, for the report",
+                                    lambda: cams_of(other_cfg, other))  # fmt: skip
+    if cfg.pipeline.basic_baseline:
+        basic = _basic(cfg)
+        basic.cams.mode, basic.cams.out_url = "single", f"{c.out_url.rstrip('/')}_basic"
+        results["cams_basic"] = step("cams", "the basic classifier's maps (baseline)",
+                                     lambda: cams_of(basic, "basic"))  # fmt: skip
+
+    a = cfg.affinity
+    train("affinity", f"confident labels, then AffinityNet: {a.train.num_workers} workers, "
+          f"{a.train.epochs} epochs", affinity_run_url(cfg), a.train.epochs,
+          lambda: train_affinity(cfg, log=log))  # fmt: skip
+
+    def masks():
+        manifest = make_masks(cfg, log=log)
+        r = state.cached("eval_masks", manifest["fingerprint"],
+                         lambda: _slim(evaluate_masks(cfg, log=log)))  # fmt: skip
+        say(f"  pseudo-mask mIoU {100 * r['miou']:.1f} ({cfg.masks.mode})")
+        return r
+
+    results["masks"] = step("masks", f"{cfg.masks.mode} pseudo masks, Ray actors", masks)
+    s = cfg.seg
+    train("seg", f"{s.arch} ({s.backbone}) on the pseudo masks: {s.train.num_workers} workers, "
+          f"{s.train.epochs} epochs", seg_run_url(cfg), s.train.epochs,
+          lambda: train_seg(cfg, log=log))  # fmt: skip
+
+    def seg_eval():
+        from mcis_dist.train.checkpoint import newest_checkpoint
+
+        newest = newest_checkpoint(open_storage(seg_run_url(cfg), endpoint_url=endpoint))
+        key = json.dumps([newest, s.eval_scales, s.eval_flip, s.crf])
+        r = state.cached("eval_seg", key, lambda: _slim(evaluate_seg(cfg, log=log)))
+        say(f"  segmentation mIoU {100 * r['miou']:.1f} on {s.val_url}")
+        return r
+
+    results["seg"] = step("eval", "the segmentation network on the validation masks", seg_eval)
+
+
+def _basic(cfg: ExperimentConfig) -> ExperimentConfig:
+    basic = cfg.model_copy(deep=True)
+    basic.name = f"{cfg.name}_basic"
+    basic.train.loss_coattention = basic.train.loss_contrastive = 0.0
+    return basic
+
+
+def _slim(result: dict) -> dict:
+    """An evaluation's result without its confusion matrices (kept in its own eval.json)."""
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, dict):
+            v = {kk: vv for kk, vv in v.items() if kk != "matrix"}
+        if k != "matrix":
+            out[k] = v
+    return out
+
+
+def _report(cfg: ExperimentConfig, results: dict, seconds: dict) -> dict:
+    cams = {results["cams"].get("mode", cfg.cams.mode): results["cams"]}
+    for k in ("cams_single", "cams_coattentive"):
+        if k in results:
+            cams[k.split("_", 1)[1]] = results[k]
+    report = {
+        "cam_miou_single": cams["single"]["at_threshold"]["miou"],
+        "cam_miou_coattentive": cams["coattentive"]["at_threshold"]["miou"],
+        "cam_best_threshold": {m: r["best_threshold"] for m, r in cams.items()},
+        "cam_best_miou": {m: r["best"]["miou"] for m, r in cams.items()},
+        "pseudo_miou": results["masks"]["miou"],
+        "seg_miou": results["seg"]["miou"],
+        "per_class": {
+            "cams": cams[cfg.cams.mode]["at_threshold"]["per_class"],
+            "pseudo": results["masks"]["per_class"],
+            "seg": results["seg"]["per_class"],
+        },
+        "stage_seconds": seconds,
+        "config": json.loads(cfg.model_dump_json()),
+    }
+    if "cams_basic" in results:
+        report["cam_miou_basic"] = results["cams_basic"]["at_threshold"]["miou"]
+    return report
