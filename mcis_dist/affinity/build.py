@@ -13,7 +13,11 @@ LABELS_SUBDIR = "labels"  # <affinity.out_url>/labels/: the confident-label shar
 def build_affinity_net(cfg: ExperimentConfig) -> AffinityNet:
     """AffinityNet on ``affinity.backbone`` (default: the classifier's ``model.backbone``), with
     the head widths scaled by ``affinity.head_width``; weights are loaded by the caller."""
-    backbone = build_backbone(cfg.affinity.backbone or cfg.model.backbone)
+    from mcis_dist.train.classifier import backbone_kwargs
+
+    name = cfg.affinity.backbone or cfg.model.backbone
+    same = name == cfg.model.backbone  # the classifier's BatchNorm / dropout choices carry over
+    backbone = build_backbone(name, **(backbone_kwargs(cfg) if same else {}))
     return AffinityNet(backbone, width=cfg.affinity.head_width,
                        backbone_from_classifier=cfg.affinity.init_from_classifier)  # fmt: skip
 

@@ -36,8 +36,19 @@ RUN_SUBDIR = "cls"
 
 
 # ------------------------------------------------------------------------------- building blocks
+def backbone_kwargs(cfg: ExperimentConfig) -> dict[str, bool | float]:
+    """Builder arguments from ``model.freeze_bn`` / ``model.backbone_dropout`` (ResNet-38
+    family only, checked by the schema); unset options keep the backbone's defaults."""
+    kwargs: dict[str, bool | float] = {}
+    if cfg.model.freeze_bn is not None:
+        kwargs["frozen_bn"] = cfg.model.freeze_bn
+    if cfg.model.backbone_dropout is not None:
+        kwargs["dropout_b6"], kwargs["dropout_b7"] = cfg.model.backbone_dropout
+    return kwargs
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int) -> MCISClassifier:
-    backbone = build_backbone(cfg.model.backbone)
+    backbone = build_backbone(cfg.model.backbone, **backbone_kwargs(cfg))
     if cfg.model.weights:
         from mcis_dist.models import weights
 
