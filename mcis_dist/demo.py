@@ -1,8 +1,8 @@
-"""``mcis demo``: the whole pipeline, as far as it exists, on the built-in dataset.
+"""``mcis demo``: the whole pipeline on the built-in dataset, explained as it goes.
 
-Today: build the synthetic dataset's shards, stream an epoch of training pairs, train the
-co-attention classifier on an embedded local Ray.
-Each later stage (classifier, localization maps, pseudo masks, segmentation) joins here.
+Builds the synthetic dataset's shards, shows a batch of training pairs, then runs
+``mcis pipeline`` (classifier, CAMs, AffinityNet, pseudo masks, DeepLab, evaluation) on an
+embedded local Ray and prints the table of the run report.
 """
 
 from __future__ import annotations
@@ -76,62 +76,50 @@ def run_demo(config_path: str | None = None, overrides: list[str] | tuple = ()) 
     run = open_storage(cfg.run_root, endpoint_url=cfg.shards.endpoint_url).child(cfg.name)
     run.check_writable()
     run.write_bytes("config.yaml", dump_config(cfg).encode())
+    t0 = time.perf_counter()
     print(f"mcis demo: experiment '{cfg.name}' (config: {path or 'built-in defaults'})")
     print(f"  resolved config saved to {run.describe('config.yaml')}")
     print(
-        "\n[1/3] Building the built-in dataset's WebDataset shards: "
-        f"{cfg.synthetic.num_train} train images (image-level labels are all the classifier "
-        f"will see) and {cfg.synthetic.num_val} val images with masks (for evaluation), "
-        f"{cfg.synthetic.num_classes} classes, to {cfg.shards.url}"
+        "\nMCIS learns segmentation from image-level labels only. The demo runs every stage on a "
+        "built-in dataset of shapes, on this machine, with an embedded Ray:\n"
+        "  1. shards      the images as WebDataset shards (labels: which classes each image holds)\n"
+        "  2. train-cls   a classifier trained on *pairs* of images with co-attention (Eq. 1-10)\n"
+        "  3. cams        its localization maps (single-round and co-attentive), scored on masks\n"
+        "  4. affinity    confident labels from the maps, then AffinityNet on them\n"
+        "  5. masks       the random walk with AffinityNet's affinities: pseudo masks\n"
+        "  6. seg         DeepLab trained on the pseudo masks, evaluated on the val masks\n"
+        "Masks are used for evaluation only, never for training. Each stage is skipped when its "
+        "output is complete: run the demo again and it picks up where it stopped."
     )
-    t0 = time.perf_counter()
+    print(
+        f"\n[shards] {cfg.synthetic.num_train} train images and {cfg.synthetic.num_val} val "
+        f"images, {cfg.synthetic.num_classes} classes, to {cfg.shards.url}"
+    )
     shards = open_storage(cfg.shards.url, endpoint_url=cfg.shards.endpoint_url)
     manifests = build_dataset(
         "synthetic", shards, build_options(cfg), source_args={"spec": synthetic_spec(cfg)}
     )
     for split, manifest in manifests.items():
         print(summarize(manifest, shards.child(split).describe()))
-    print(
-        "\n[2/3] Streaming one epoch of training pairs (every image paired with one that shares "
-        f"a class), {cfg.data.batch_size} pairs per batch, backend '{cfg.data.backend}'"
-    )
     loader = PairLoader(cfg.data, rank=0, world_size=1)
-    first = None
-    for batch in loader:
-        first = first or batch
-    stats = loader.stats
-    print(
-        f"  {len(loader)} batches ({stats['samples']} images read) on the {loader.backend} backend: "
-        f"{stats['share_without_waiting']:.0%} of pairs formed without waiting, "
-        f"{stats['mean_shared_classes']:.2f} shared classes per pair on average, "
-        f"{stats['bad_decode'] + stats['bad_record']} samples skipped"
-    )
+    first = next(iter(loader))
     grid = pair_grid(first, loader.manifest["classes"], cfg.data.mean, cfg.data.std)
     run.write_bytes("pairs.png", grid)
-    print(f"  a grid of the first batch's pairs: {run.describe('pairs.png')}")
+    print(
+        f"  training pairs share at least one class; a batch of them: {run.describe('pairs.png')}"
+    )
 
-    from mcis_dist.train.classifier import run_url, train_classifier
+    from mcis_dist.pipeline import run_pipeline
+    from mcis_dist.report import summary_table
 
-    t = cfg.train
-    print(
-        f"\n[3/3] Training the co-attention classifier ({cfg.model.backbone}) on Ray Train: "
-        f"{t.num_workers} workers, {t.epochs} epochs, the loss of Eq. 10 (single-image + "
-        f"co-attention, contrastive from epoch {t.contrastive_from_epoch}); checkpoints and "
-        f"metrics in {run_url(cfg)}"
-    )
-    result = train_classifier(cfg, log=lambda *_: None)
-    m = result.metrics or {}
-    print(
-        f"  done: epoch {m.get('epoch')}, step {m.get('step')}, loss {m.get('total', float('nan')):.3f} "
-        f"(single {m.get('single', float('nan')):.3f}, co-attention "
-        f"{m.get('coattention', float('nan')):.3f}, contrastive "
-        f"{m.get('contrastive', float('nan')):.3f})"
-    )
-    print(f"\nmcis demo: done in {time.perf_counter() - t0:.1f} s.")
-    print(f"  Inspect the shards with `mcis shards info {cfg.shards.url}` and check them with")
-    print(f"  `mcis shards verify {cfg.shards.url}`; the format is described in shards/README.md.")
-    print(
-        "  The next stages (localization maps, pseudo masks, segmentation) are not built yet: "
-        "see the Status table in the README."
-    )
+    report = run_pipeline(cfg, log=lambda *_: None, say=print)
+    print(f"\nmcis demo: done in {time.perf_counter() - t0:.0f} s.")
+    width = max(len(w) for w, _ in summary_table(report))
+    print(f"  {'what':<{width}}  value")
+    for what, value in summary_table(report):
+        print(f"  {what:<{width}}  {value:>5}")
+    print(f"  seconds per stage: {report['stage_seconds']}")
+    print(f"  the report with figures: {run.describe('report.md')}")
+    print("  Every stage has its own command (mcis train-cls, cams, affinity, masks, seg, eval, "
+          "predict, export): see the README.")  # fmt: skip
     return 0
