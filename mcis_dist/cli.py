@@ -177,6 +177,19 @@ def _build_parser() -> argparse.ArgumentParser:
                     "newest of <seg.out_url>/run)")  # fmt: skip
     pr.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
+    ex = sub.add_parser(
+        "export",
+        help="the trained segmentation network as TorchScript and ONNX, checked against PyTorch",
+        description="Write model.torchscript.pt, model.onnx (opset seg.export_opset, dynamic batch "
+        "and size) and export.json (classes, normalisation) to --out; each export's output is "
+        "compared with the PyTorch model on a sample batch and refused above tolerance.",
+    )
+    ex.add_argument("--config", required=True, help="experiment YAML")
+    ex.add_argument("--out", required=True, help="local folder for the exported files")
+    ex.add_argument("--checkpoint", default=None, help="segmentation checkpoint (default: newest)")
+    ex.add_argument("--size", type=int, default=0, help="sample input side (default: crop size)")
+    ex.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+
     pl = sub.add_parser(
         "pipeline",
         help="every stage, from shards to an evaluated segmentation network",
@@ -475,6 +488,18 @@ def cmd_eval_cams(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    from mcis_dist.config import load_config
+    from mcis_dist.seg.export import export_trained
+
+    try:
+        export_trained(load_config(args.config, args.overrides), args.out,
+                       checkpoint=args.checkpoint, size=args.size)  # fmt: skip
+    except ValueError as e:  # an export whose output differs from the model's
+        raise UserError(str(e)) from None
+    return EXIT_OK
+
+
 def cmd_pipeline(args) -> int:
     from mcis_dist.config import load_config
     from mcis_dist.pipeline import run_pipeline
@@ -519,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         ("eval", "masks"): cmd_eval_masks,
         ("seg", None): cmd_seg,
         ("pipeline", None): cmd_pipeline,
+        ("export", None): cmd_export,
         ("eval", "seg"): cmd_eval_seg,
         ("predict", None): cmd_predict,
         ("demo", None): cmd_demo,

@@ -246,3 +246,25 @@ def test_predict_an_image_split_writes_one_png_per_key(trained, exp, tmp_path):
         assert im.size == Image.open(io.BytesIO(raw["jpg"])).size and im.mode == "P"
     with pytest.raises(StageError, match="is the input folder"):
         predict(cfg, str(split), str(split), **QUIET)
+
+
+def test_export_of_the_trained_network_matches_pytorch(trained, exp, tmp_path):
+    import onnxruntime
+
+    out = tmp_path / "export"
+    assert main(["export", "--config", CONFIG, *exp["overrides"], "--out", str(out),
+                 "--size", "64"]) == 0  # fmt: skip
+    info = json.loads((out / "export.json").read_text())
+    assert info["classes"][0] == "background" and len(info["classes"]) == 9
+    assert all(v["max_abs_diff"] < 1e-4 for v in info["exports"].values())
+    # A deployment without this package: ONNX Runtime on another image size.
+    cfg, _ = trained
+    model, _, _ = load_segmenter(cfg)
+    x = torch.randn(1, 3, 72, 88)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert got.shape == (1, 9, 72, 88) and abs(got - want).max() < 1e-3
+    scripted = torch.jit.load(str(out / "model.torchscript.pt"))
+    assert torch.allclose(scripted(x), torch.from_numpy(want), atol=1e-4)

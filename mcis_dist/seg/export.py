@@ -150,3 +150,32 @@ def export_all(
         diff = check_export(model, path, kind, example, atol)
         result[kind] = {"path": str(path), "max_abs_diff": diff}
     return result
+
+
+def export_trained(cfg, out_dir: str, checkpoint: str | None = None, size: int = 0,
+                   log=print) -> dict:  # fmt: skip
+    """``mcis export``: the trained segmentation network as TorchScript and ONNX in ``out_dir``
+    (local), each checked against the PyTorch model on a sample batch, plus ``export.json``
+    (classes, normalisation, input layout, the checks) so it deploys without this package."""
+    import json
+
+    from mcis_dist.seg.train import load_segmenter
+
+    model, classes, where = load_segmenter(cfg, checkpoint)
+    side = size or cfg.seg.data.crop_size
+    example = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = export_all(model, out, example, opset=cfg.seg.export_opset)
+    info = {
+        "checkpoint": where, "classes": ["background", *classes], "arch": cfg.seg.arch,
+        "backbone": cfg.seg.backbone, "input": "float32 (B, 3, H, W), RGB in [0, 1] minus mean, "
+        "divided by std", "mean": cfg.data.mean, "std": cfg.data.std,
+        "output": "logits (B, C, H, W); argmax over C gives the label (0 = background)",
+        "opset": cfg.seg.export_opset, "exports": {k: {"path": str(v["path"]),
+        "max_abs_diff": v["max_abs_diff"]} for k, v in result.items()},
+    }  # fmt: skip
+    (out / "export.json").write_text(json.dumps(info, indent=1))
+    for kind, v in result.items():
+        log(f"export: {kind} {v['path']} (max |diff| vs PyTorch {v['max_abs_diff']:.2e})")
+    return info
