@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="val", help="split to map and score (needs masks)")
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--ks", default="1,2,3,4,5", help="related images per class (Table 5)")
+    p.add_argument("--full-run", default=None,
+                   help="reuse a finished full-model run instead of training one: RUN_ROOT/NAME, "
+                   "e.g. runs/demo (same config)")  # fmt: skip
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
@@ -51,8 +54,14 @@ def main(argv=None) -> int:
                      "--num-val", str(cfg0.synthetic.num_val), "--no-progress"]) == 0  # fmt: skip
     rows, t0 = [], time.time()
 
+    def names(training: str) -> list[str]:
+        if training == "full" and args.full_run:
+            root, name = str(Path(args.full_run).absolute()).rsplit("/", 1)
+            return [f"run_root={root}", f"name={name}"]
+        return [f"name={training}"]
+
     def score(name: str, training: str, overrides: list[str]) -> dict:
-        cfg = load_config(args.config, [*base, f"name={training}", f"cams.split_url={split}",
+        cfg = load_config(args.config, [*base, *names(training), f"cams.split_url={split}",
                                         f"cams.out_url={out}/{training}/cams_{name}", *overrides])  # fmt: skip
         compute_cams(cfg, log=lambda *_: None)
         r = evaluate_cams(cfg, log=lambda *_: None)
@@ -67,7 +76,7 @@ def main(argv=None) -> int:
 
     for training, extra in TRAININGS.items():
         print(f"training the {training} classifier ...", flush=True)
-        assert mcis(["train-cls", "--config", args.config, *base, f"name={training}", *extra]) == 0
+        assert mcis(["train-cls", "--config", args.config, *base, *names(training), *extra]) == 0
         score("single", training, ["cams.mode=single"])
         if training != "basic":  # the basic classifier has no trained phi_co
             score("coattentive_k3", training, ["cams.mode=coattentive", "cams.related=3"])
