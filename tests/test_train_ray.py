@@ -225,7 +225,11 @@ def test_ray_job_submit_against_a_local_head(shards, tmp_path):
         ("train.num_workers=64", "needs 64 CPUs; the cluster has"),
         ("train.amp=fp16", "fp16 needs GPUs"),
         ("data.train_url=/nonexistent/train", "does not exist"),
-        ("train.seam=true model.backbone=vgg16", "train.seam needs conv4/conv5 taps"),
+        (
+            "train.seam=true model.backbone=vgg16 model.freeze_bn=null model.backbone_dropout=null",
+            "train.seam needs conv4/conv5 taps",
+        ),
+        ("model.backbone=vgg16", "freeze_bn applies to resnet38 / resnet38_tiny only"),
         ("train.lrr=0.1", "override 'train.lrr=0.1': unknown key 'lrr' (did you mean 'lr'"),
     ],
 )
