@@ -109,7 +109,9 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
 
     step("shards", "the dataset's WebDataset shards", lambda: _shards(cfg, say))
     check_consistency(cfg)
+    t0 = time.perf_counter()
     started = ensure_ray()
+    ray_start = round(time.perf_counter() - t0, 1)
     try:
         _stages(cfg, step, state, results, log, say, endpoint)
     finally:
@@ -118,6 +120,7 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
 
             ray.shutdown()
     report = _report(cfg, results, seconds)
+    report["ray_start_seconds"] = ray_start  # connecting to (or starting) Ray, once
     from mcis_dist.report import write_report
 
     write_report(run, cfg, report, endpoint)

@@ -181,6 +181,13 @@ class RunnerConfig(ConfigSection):
         "stop", description="A NaN/inf loss: skip the step, or stop naming the step and terms."
     )
     seed: int = Field(0, ge=0, description="Seed of model init and training randomness.")
+    val_every_epochs: int = Field(
+        0,
+        ge=0,
+        description="Validate on a split with masks every N epochs and at the last, reporting "
+        "val_miou with the epoch's metrics (0: off; classifier: seg.val_url, AffinityNet: "
+        "affinity.val_cams_url).",
+    )
 
 
 class TrainConfig(RunnerConfig):
@@ -328,6 +335,11 @@ class AffinityConfig(ConfigSection):
     )
     head_width: float = Field(1.0, gt=0, description="Head width multiplier (64/128/256 x it).")
     radius: int = Field(5, ge=1, description="Pair radius at stride 8.")
+    val_cams_url: str | None = Field(
+        None,
+        description="CAMs of a split with masks (e.g. the val split) for affinity.train."
+        "val_every_epochs: their random walk (masks.*) is scored after each epoch.",
+    )
     data: JointDataConfig = Field(default_factory=JointDataConfig, description="Loader.")
     train: AffinityTrainConfig = Field(
         default_factory=AffinityTrainConfig, description="Ray Train runner."
@@ -470,6 +482,8 @@ class ExperimentConfig(ConfigSection):
     def _derive_urls(self):
         if self.data.train_url is None:  # the shards this experiment builds feed its loader
             self.data.train_url = f"{self.shards.url.rstrip('/')}/train"
+        if self.data.endpoint_url is None:  # one endpoint for the shards and their readers
+            self.data.endpoint_url = self.shards.endpoint_url
         if self.cams.split_url is None:
             self.cams.split_url = self.data.train_url
         run = f"{self.run_root.rstrip('/')}/{self.name}"

@@ -1,14 +1,13 @@
 """`mcis train-cls` on real local Ray clusters: 2 CPU workers train and the loss falls; a run
 killed mid-way and re-run ends with the same weights as an uninterrupted one; a worker killed
-mid-run is replaced and the run finishes; S3 run storage; `ray job submit`; bad configs fail
-before any worker starts."""
+mid-run is replaced and the run finishes; S3 run storage; bad configs fail before any worker
+starts (`ray job submit` of the whole pipeline: tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -163,60 +162,6 @@ def test_run_storage_on_s3(shards, tmp_path, s3_endpoint, s3_bucket):
         k.startswith("runs/demo/cls/checkpoint_") and k.endswith("checkpoint.pt") for k in keys
     )
     assert "runs/demo/cls/metrics.jsonl" in keys and "runs/demo/cls/config.yaml" in keys
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def test_ray_job_submit_against_a_local_head(shards, tmp_path):
-    """A real head (`ray start --head --block`, so that stopping it stops only this cluster, not
-    every Ray process of the user as `ray stop` would) and `ray job submit` of the CLI."""
-    ray = str(Path(sys.executable).parent / "ray")
-    port, dash = _free_port(), _free_port()
-    temp = Path("/tmp") / f"ray-{os.getpid()}-{port}"  # short: unix socket paths are limited
-    e = {**env(), "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--disable-usage-stats", f"--temp-dir={temp}"],
-        env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _wait_port(dash)
-        cmd = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
-               str(REPO), "--", sys.executable, "-m", "mcis_dist.cli", "train-cls", "--config",
-               "configs/demo.yaml", f"shards.url={shards}", f"run_root={tmp_path / 'runs'}",
-               *BASE, "train.epochs=1"]  # fmt: skip
-        deadline = time.time() + 90
-        while True:  # the dashboard answers before its job agent is up on a loaded machine
-            proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=420)
-            if "No available agent" not in proc.stderr or time.time() > deadline:
-                break
-            time.sleep(3)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "succeeded" in proc.stdout.lower()
-        assert final_checkpoint(tmp_path / "runs")["state"]["epoch"] == 1
-    finally:
-        head.send_signal(signal.SIGTERM)  # `--block` stops the head's processes on SIGTERM
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(30)
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,10 @@ class Built:
     ``model`` holds the weights saved as the checkpoint's ``"model"`` and gives the optimizer its
     lr groups (``param_groups()``); ``forward`` is what DDP wraps (default: ``model``);
     ``loss(wrapped, batch, epoch) -> (terms with "total", images in the batch)``; ``extra``
-    modules are saved and restored by name next to the model (e.g. SEAM's PCM)."""
+    modules are saved and restored by name next to the model (e.g. SEAM's PCM).
+    ``validate(epoch) -> metrics`` (optional) scores the current model on a split with masks;
+    every rank calls it after the epochs ``val_every_epochs`` names, and it returns the same
+    numbers on every rank (raw counts summed across ranks), e.g. ``{"val_miou": ...}``."""
 
     model: torch.nn.Module
     loader: object  # len(), set_epoch, state_dict/load_state_dict, device, stats
@@ -54,6 +57,7 @@ class Built:
     find_unused_parameters: bool = False
     before_epoch: Callable[[int], None] | None = None
     loader_metrics: Callable[[], dict] | None = None
+    validate: Callable[[int], dict] | None = None
 
 
 @dataclass
@@ -155,6 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    started = time.perf_counter()  # the worker's own time, against the driver's (benchmarks)
     stage = _stage(config["stage"])
     cfg = config_from_dict(config["experiment"], ExperimentConfig, source=f"<{stage.name} config>")
     runner = stage.runner(cfg)
@@ -203,9 +208,11 @@ def train_loop_per_worker(config: dict) -> None:
     window: list[dict] = []
     last: dict = {}
 
-    def report(with_checkpoint: bool, epoch_end: bool) -> None:
+    def report(with_checkpoint: bool, epoch_end: bool, extra: dict | None = None) -> None:
         metrics = {**last, **summarise(window, state, built)}  # the latest loss if no new step
+        metrics.update(extra or {})  # validation: this report only
         metrics["epoch_end"] = epoch_end
+        metrics["worker_s"] = round(time.perf_counter() - started, 3)
         last.update({k: v for k, v in metrics.items() if k == "lr" or k == "total"
                      or (window and k in window[0] and k not in ("images", "data_s"))})  # fmt: skip
         window.clear()
@@ -233,11 +240,18 @@ def train_loop_per_worker(config: dict) -> None:
         elif state["step"] % runner.report_every_steps == 0:
             report(with_checkpoint=False, epoch_end=False)
 
+    val_every = runner.val_every_epochs
+    if val_every and built.validate is None:
+        raise TrainingError(f"val_every_epochs={val_every}: the {stage.name} stage has no "
+                            f"per-epoch validation (set it to 0)")  # fmt: skip
     for epoch in range(state["epoch"], runner.epochs):
         built.loader.set_epoch(epoch)
         run_epoch(wrapped, built, optimizer, scheduler, scaler, runner, epoch, state, on_step)
         state["epoch"] = epoch + 1
-        report(with_checkpoint=True, epoch_end=True)
+        val = None
+        if val_every and (state["epoch"] % val_every == 0 or state["epoch"] == runner.epochs):
+            val = built.validate(epoch)
+        report(with_checkpoint=True, epoch_end=True, extra=val)
 
 
 # ------------------------------------------------------------------------------------ the driver
@@ -278,7 +292,10 @@ def ensure_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return False
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    from mcis_dist.raylog import HOOK
+
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+             runtime_env={"worker_process_setup_hook": HOOK})  # fmt: skip
     return True
 
 
@@ -301,13 +318,14 @@ def check_resources(runner, what: str) -> None:
         raise TrainingError(f"{what}.amp=fp16 needs GPUs (use bf16 or none on the CPU)")
 
 
-def fit(cfg: ExperimentConfig, stage_name: str, what: str, log=print):
+def fit(cfg: ExperimentConfig, stage_name: str, what: str, log=print, callbacks=()):
     """Run (or resume) a stage's training on Ray Train; returns Ray's ``Result``.
-    ``what`` names the config section in messages (``train``, ``affinity.train``)."""
+    ``what`` names the config section in messages (``train``, ``affinity.train``);
+    ``callbacks`` are more Ray Train ``UserCallback``s (``mcis tune``: reports to Tune)."""
     stage = _stage(stage_name)
     started = ensure_ray()
     try:
-        return _fit(cfg, stage, what, log)
+        return _fit(cfg, stage, what, log, callbacks)
     finally:
         if started:  # an embedded Ray this call started ends with it
             import ray
@@ -315,7 +333,7 @@ def fit(cfg: ExperimentConfig, stage_name: str, what: str, log=print):
             ray.shutdown()
 
 
-def _fit(cfg: ExperimentConfig, stage: Stage, what: str, log):
+def _fit(cfg: ExperimentConfig, stage: Stage, what: str, log, callbacks=()):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -337,7 +355,7 @@ def _fit(cfg: ExperimentConfig, stage: Stage, what: str, log):
             failure_config=FailureConfig(max_failures=runner.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=runner.keep_checkpoints),
             callbacks=[MetricsCallback(url, endpoint_url(cfg), runner.epochs, label=stage.label or stage.name,
-                                       terms=stage.terms)],
+                                       terms=stage.terms), *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress line suffices
         ),
     )  # fmt: skip
