@@ -1,4 +1,5 @@
-"""`mcis pipeline`: killed inside a stage and between stages it goes on where it stopped; a
+"""`mcis pipeline`: killed inside a stage and between stages it goes on where it stopped (and
+`mcis demo` at reduced size on the result explains itself and prints the table); a
 config whose stages disagree fails before any work; `ray job submit` of the whole pipeline
 against a local head, with shards, checkpoints, CAMs, masks and the report on S3 (moto)."""
 
@@ -70,7 +71,7 @@ def newest_epoch(cls: Path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_inside_training_and_inside_cams_then_resumed(tmp_path):
+def test_killed_inside_training_and_inside_cams_then_resumed_then_the_demo(tmp_path):
     overrides = [f"shards.url={tmp_path}/shards", f"run_root={tmp_path}/runs", "train.epochs=4"]
     cmd = pipeline_cmd(*overrides)
     run = tmp_path / "runs" / "demo"
@@ -108,7 +109,7 @@ def test_killed_inside_training_and_inside_cams_then_resumed(tmp_path):
     assert "complete (4 epochs)" in out
     # Actors that were mid-shard at the kill may still finish it (their raylet is gone, they
     # are not): such a shard counts as done too, as it should.
-    kept = re.search(r"cams: coattentive maps .*; (\d+) shards already done", out)
+    kept = re.search(r"cams: single maps .*; (\d+) shards already done", out)
     assert kept and len(before) <= int(kept[1]) < len(shards), out[-3000:]
     assert f"cams: {len(shards) - int(kept[1])} shards to map" in out
     for name, mtime in before.items():
@@ -119,10 +120,22 @@ def test_killed_inside_training_and_inside_cams_then_resumed(tmp_path):
     for key in ("cam_miou_single", "cam_miou_coattentive", "pseudo_miou", "seg_miou"):
         assert 0 <= report[key] <= 1, key
     assert {"train-cls", "cams", "affinity", "masks", "seg", "eval"} <= set(report["stage_seconds"])
-    # 4. Everything complete: a fourth run does no work and reports the same numbers.
-    again = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    # 4. `mcis demo` on the same folders (the demo at reduced size): the shards and every stage
+    #    are complete, so it explains itself, skips them all and prints the same table.
+    demo = [sys.executable, "-m", "mcis_dist.cli", "demo", "--config", DEMO, *SMALL, *overrides]
+    again = subprocess.run(demo, env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("complete") >= 3 and "shards to map" not in again.stdout
+    text = again.stdout
+    for stage in ("[shards]", "[train-cls]", "[cams]", "[affinity]", "[masks]", "[seg]", "[eval]"):
+        assert stage in text, stage
+    assert text.count("complete") >= 4 and "shards to map" not in text
+    assert "MCIS learns segmentation from image-level labels only" in text
+    assert "CAM mIoU, co-attentive" in text and "segmentation mIoU (val)" in text
+    assert f"{100 * report['seg_miou']:.1f}" in text.split("segmentation mIoU (val)")[-1][:20]
+    assert (run / "pairs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "report.md").exists() and (run / "report_iou.png").exists()
+    saved = (run / "config.yaml").read_text()
+    assert "num_train: 40" in saved and f"train_url: {tmp_path}/shards/train" in saved
     assert json.loads((run / "report.json").read_text())["seg_miou"] == report["seg_miou"]
 
 
