@@ -1,5 +1,8 @@
 """``mcis pipeline``: shards → classifier → CAMs → AffinityNet → pseudo masks → DeepLab → eval.
 
+The shards are built first when missing: the built-in dataset from ``synthetic.*``, another
+source from the per-split options in ``shards.splits`` (those of ``mcis shards build``).
+
 Every stage is skipped when its output is complete (a trained stage whose newest checkpoint
 reached its last epoch, a sharded stage whose manifest was written with the same settings, an
 evaluation already run on those outputs), so a pipeline killed anywhere and started again goes on
@@ -18,7 +21,7 @@ from mcis_dist.config import ExperimentConfig, dump_config
 from mcis_dist.sharded import StageError
 from mcis_dist.storage import open_storage
 
-__all__ = ["run_pipeline", "training_complete", "check_consistency", "STAGE_ORDER"]
+__all__ = ["run_pipeline", "training_complete", "check_consistency", "build_shards", "STAGE_ORDER"]
 
 STAGE_ORDER = ("shards", "train-cls", "cams", "affinity", "masks", "seg", "eval")
 STATE_FILE = "pipeline_state.json"
@@ -107,7 +110,8 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
         seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t0, 1)
         return out
 
-    step("shards", "the dataset's WebDataset shards", lambda: _shards(cfg, say))
+    step("shards", "the dataset's WebDataset shards", lambda: build_shards(cfg, say))
+    _check_inputs(cfg)
     check_consistency(cfg)
     t0 = time.perf_counter()
     started = ensure_ray()
@@ -128,24 +132,42 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
     return report
 
 
-def _shards(cfg: ExperimentConfig, say) -> None:
+def build_shards(cfg: ExperimentConfig, say=print) -> None:
+    """Build what is missing of the shards: the built-in dataset's splits, or the splits that
+    ``shards.splits`` describes for another source. Complete splits are left alone."""
     from mcis_dist.shards.manifest import MANIFEST_NAME
 
     shards = open_storage(cfg.shards.url, endpoint_url=cfg.shards.endpoint_url)
-    if shards.child("train").exists(MANIFEST_NAME) and shards.child("val").exists(MANIFEST_NAME):
+    wanted = ["train", "val"] if cfg.shards.source == "synthetic" else list(cfg.shards.splits)
+    needed = {"train", "val"} if cfg.shards.source == "synthetic" else set()
+    missing = [s for s in wanted if not shards.child(s).exists(MANIFEST_NAME)]
+    if not missing:
         say(f"  {cfg.shards.url}: complete")
         return
-    if cfg.shards.source != "synthetic":
-        raise StageError(
-            f"{cfg.shards.url} has no train/val manifests: build the shards first with "
-            f"`mcis shards build --source {cfg.shards.source} --out {cfg.shards.url} ...` "
-            f"(the pipeline builds only the built-in synthetic dataset by itself)"
-        )
     from mcis_dist.demo import build_options, synthetic_spec
     from mcis_dist.shards.build import build_dataset
 
-    build_dataset("synthetic", shards, build_options(cfg),
-                  source_args={"spec": synthetic_spec(cfg)})  # fmt: skip
+    if needed:
+        build_dataset("synthetic", shards, build_options(cfg), missing,
+                      source_args={"spec": synthetic_spec(cfg)})  # fmt: skip
+        return
+    for split in missing:
+        say(f"  building {cfg.shards.url}/{split} from the {cfg.shards.source} source")
+        build_dataset(cfg.shards.source, shards, build_options(cfg), [split],
+                      source_args=dict(cfg.shards.splits[split]))  # fmt: skip
+
+
+def _check_inputs(cfg: ExperimentConfig) -> None:
+    """The splits the stages read exist: otherwise say how to make them."""
+    from mcis_dist.shards.manifest import MANIFEST_NAME
+
+    for what, url in (("data.train_url", cfg.data.train_url), ("seg.val_url", cfg.seg.val_url)):
+        if not open_storage(url, endpoint_url=cfg.data.endpoint_url).exists(MANIFEST_NAME):
+            raise StageError(
+                f"{what}={url} has no manifest.json: build it first with `mcis shards build "
+                f"--source {cfg.shards.source} --out {cfg.shards.url} ...`, or describe the source's "
+                f"splits in shards.splits so that the pipeline builds them"
+            )
 
 
 def _stages(cfg, step, state, results, log, say, endpoint) -> None:

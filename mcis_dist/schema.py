@@ -46,6 +46,28 @@ class ShardsConfig(ConfigSection):
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint URL; credentials come from AWS env vars only."
     )
+    splits: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="For `mcis pipeline` to build a non-synthetic source itself: per split, the "
+        "options of `mcis shards build` (list_file, image_root, mask_root, classes, voc_root, "
+        "seg_aug, saliency, labels_from, folder_root, domain), e.g. {train: {list_file: "
+        "train.txt, image_root: train/, classes: classes.txt}, val: {...}}.",
+    )
+
+    @field_validator("splits")
+    @classmethod
+    def _check_split_options(cls, splits: dict[str, dict[str, str]]):
+        for split, options in splits.items():
+            unknown = sorted(set(options) - set(SPLIT_OPTIONS))
+            if unknown:
+                raise ValueError(
+                    f"splits.{split}: unknown option(s) {unknown}; valid: {', '.join(SPLIT_OPTIONS)}"
+                )
+        return splits
+
+
+SPLIT_OPTIONS = ("list_file", "image_root", "mask_root", "classes", "voc_root", "seg_aug",
+                 "saliency", "labels_from", "folder_root", "domain")  # fmt: skip
 
 
 class DataConfig(ConfigSection):

@@ -169,6 +169,50 @@ def test_different_class_lists_in_train_and_val_are_named(tmp_path, capsys):
     assert not (tmp_path / "runs" / "demo" / "cls").exists()  # nothing was trained
 
 
+def test_the_pipeline_builds_a_list_source_from_shards_splits(tmp_path):
+    """A config that names a source and its splits (not built shards): the shards step builds
+    each missing split with `mcis shards build`'s options, then leaves complete ones alone."""
+    from mcis_dist.pipeline import build_shards
+
+    from fixtures_data import make_list_dataset
+
+    lst, images, classes, masks, expected = make_list_dataset(tmp_path / "lid")
+    common = f"list_file: {lst}, image_root: {images}, classes: {classes}"
+    cfg = load_config(DEMO, ["shards.source=list", f"shards.url={tmp_path}/shards",
+                             "shards.workers=1", "shards.shard_size_mb=1",
+                             f"shards.splits={{train: {{{common}}}, "
+                             f"val: {{{common}, mask_root: {masks}}}}}"],
+                      schema=ExperimentConfig)  # fmt: skip
+    said: list[str] = []
+    build_shards(cfg, said.append)
+    train = json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())
+    val = json.loads((tmp_path / "shards" / "val" / "manifest.json").read_text())
+    assert train["num_samples"] == len(expected) and val["num_samples"] == len(expected)
+    assert train["with_mask"] == 0 and val["with_mask"] == 4  # mask_root given for val only
+    assert any("building" in line and "/val" in line for line in said)
+    said.clear()
+    build_shards(cfg, said.append)
+    assert said == [f"  {tmp_path}/shards: complete"]
+
+
+def test_a_source_without_shards_or_splits_says_how_to_build_them(tmp_path, capsys):
+    from mcis_dist.cli import main
+
+    code = main(["pipeline", "--config", DEMO, "shards.source=list", f"shards.url={tmp_path}/s",
+                 f"run_root={tmp_path}/runs"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"data.train_url={tmp_path}/s/train has no manifest.json" in err, err
+    assert "mcis shards build --source list" in err and "shards.splits" in err
+
+
+def test_an_unknown_split_option_is_named(tmp_path):
+    from mcis_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"splits.train: unknown option\(s\) \['list'\]"):
+        load_config(DEMO, ["shards.source=list", "shards.splits={train: {list: a.txt}}"],
+                    schema=ExperimentConfig)  # fmt: skip
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
