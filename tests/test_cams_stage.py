@@ -33,8 +33,8 @@ from mcis_dist.train.classifier import build_model
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
 pytestmark = pytest.mark.slow
-FAST = ["cams.scales=[1.0]", "cams.related=2", "cams.related_size=64", "cams.num_actors=2",
-        "cams.max_failures=2"]  # fmt: skip
+FAST = ["cams.mode=coattentive", "cams.scales=[1.0]", "cams.related=2", "cams.related_size=64",
+        "cams.num_actors=2", "cams.max_failures=2"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
