@@ -201,6 +201,24 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--config", required=True, help="experiment YAML")
     pl.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
+    tn = sub.add_parser(
+        "tune",
+        help="a Ray Tune sweep over a trained stage's settings (ASHA)",
+        description="Sweep the settings of the classifier (stage cls) or of AffinityNet and the "
+        "random walk (stage affinity) as a sweep file says (configs/tune/*.yaml): one Ray Train "
+        "run per trial, scored on the validation split's masks after every epoch, weak trials "
+        "stopped early by ASHA. Writes results.csv, results.md and best_config.yaml to the sweep "
+        "folder. Running it again resumes the sweep (a finished one only rewrites its table).",
+    )
+    tn.add_argument("--config", required=True, help="sweep YAML (configs/tune/*.yaml)")
+    tn.add_argument("--restart", action="store_true",
+                    help="discard the sweep's trials and start it over")  # fmt: skip
+    tn.add_argument("--retry-failed", action="store_true",
+                    help="when resuming, run the failed trials again")  # fmt: skip
+    tn.add_argument("overrides", nargs="*",
+                    help="sweep keys (num_samples=4, scheduler.grace_period=2, space.KEY=...) or "
+                    "base-experiment keys (train.epochs=4, overrides.name=x), a.b=c")  # fmt: skip
+
     e = sub.add_parser("eval", help="evaluate a stage's outputs against masks")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
     ec = esub.add_parser(
@@ -511,6 +529,18 @@ def cmd_pipeline(args) -> int:
     return EXIT_OK
 
 
+def cmd_tune(args) -> int:
+    from mcis_dist.tune import load_sweep, run_sweep
+
+    sweep, base = load_sweep(args.config, args.overrides)
+    result = run_sweep(sweep, base, restart=args.restart, retry_failed=args.retry_failed)
+    if result.best is None:
+        print(f"mcis: no trial of the sweep has a result; see {result.url}/results.md",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from mcis_dist.demo import run_demo
 
@@ -548,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         ("eval", "seg"): cmd_eval_seg,
         ("predict", None): cmd_predict,
         ("demo", None): cmd_demo,
+        ("tune", None): cmd_tune,
     }
     action = next((getattr(args, a) for a in ("shards_command", "weights_command", "eval_command")
                    if getattr(args, a, None)), None)  # fmt: skip

@@ -65,7 +65,13 @@ def affinity_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Buil
         stats = loader.stats() if callable(loader.stats) else loader.stats
         return {f"loader_{k}": v for k, v in stats.items() if isinstance(v, int | float)}
 
-    return Built(model=net, loader=loader, loss=loss, loader_metrics=loader_metrics)
+    validate = None
+    if cfg.affinity.train.val_every_epochs:  # random walk of affinity.val_cams_url, scored
+        from mcis_dist.train.validate import affinity_validator
+
+        validate = affinity_validator(cfg, net, rank, world, device)
+    return Built(model=net, loader=loader, loss=loss, loader_metrics=loader_metrics,
+                 validate=validate)  # fmt: skip
 
 
 def _image_url(cfg: ExperimentConfig) -> str:
@@ -77,6 +83,20 @@ def _image_url(cfg: ExperimentConfig) -> str:
 
 def check_affinity(cfg: ExperimentConfig) -> None:
     _image_url(cfg)  # the labels exist and name their images
+    if cfg.affinity.train.val_every_epochs:
+        from mcis_dist.cams.stage import read_cam_manifest
+        from mcis_dist.sharded import StageError
+
+        if cfg.affinity.val_cams_url is None:
+            raise TrainingError(
+                "affinity.train.val_every_epochs needs affinity.val_cams_url: the CAMs of a "
+                "split with masks, e.g. `mcis cams cams.split_url=<shards>/val "
+                "cams.out_url=<folder>`"
+            )
+        try:
+            read_cam_manifest(cfg.affinity.val_cams_url, endpoint_url(cfg))
+        except StageError as e:
+            raise TrainingError(f"affinity.val_cams_url: {e}") from None
 
 
 def train_affinity(cfg: ExperimentConfig, log=print):

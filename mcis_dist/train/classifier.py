@@ -222,11 +222,17 @@ def classifier_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Bu
         stats = loader.stats
         return {f"loader_{k}": stats[k] for k in ("bad_decode", "bad_record", "shard_errors")}
 
+    validate = None
+    if cfg.train.val_every_epochs:  # CAM mIoU on seg.val_url (mcis_dist.train.validate)
+        from mcis_dist.train.validate import classifier_validator
+
+        validate = classifier_validator(cfg, model, rank, world, device,
+                                        num_classes=len(loader.manifest["classes"]))  # fmt: skip
     return Built(
         model=model, loader=loader, loss=classifier_loss(cfg), forward=view,
         extra={"pcm": pcm} if pcm is not None else {}, optimised=_Trainable(model, pcm),
         find_unused_parameters=partial, before_epoch=_before_epoch(cfg, view),
-        loader_metrics=loader_metrics,
+        loader_metrics=loader_metrics, validate=validate,
     )  # fmt: skip
 
 
@@ -236,6 +242,14 @@ def check_classifier(cfg: ExperimentConfig) -> None:
             f"train.seam needs conv4/conv5 taps: model.backbone resnet38 or resnet38_tiny, "
             f"not {cfg.model.backbone!r}"
         )
+    if cfg.train.val_every_epochs:  # the validation split must exist before workers start
+        from mcis_dist.data.loader import LoaderError, open_manifest
+
+        try:
+            open_manifest(cfg.seg.val_url, endpoint_url(cfg), check_shards=False)
+        except LoaderError as e:
+            raise TrainingError(f"train.val_every_epochs needs a split with masks at "
+                                f"seg.val_url: {e}") from None  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ the driver
@@ -263,7 +277,7 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     cfg.model.weights = fix(cfg.model.weights)
     cfg.run_root = fix(cfg.run_root)
     for section, names in ((cfg.cams, ("split_url", "out_url", "checkpoint")),
-                           (cfg.affinity, ("cams_url", "out_url")),
+                           (cfg.affinity, ("cams_url", "out_url", "val_cams_url")),
                            (cfg.masks, ("cams_url", "out_url", "checkpoint")),
                            (cfg.seg, ("masks_url", "val_url", "out_url", "weights"))):  # fmt: skip
         for n in names:
