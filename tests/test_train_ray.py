@@ -178,24 +178,12 @@ def test_run_storage_on_s3(shards, tmp_path, s3_endpoint, s3_bucket):
         ("train.lrr=0.1", "override 'train.lrr=0.1': unknown key 'lrr' (did you mean 'lr'"),
     ],
 )
-def test_bad_configs_fail_before_any_worker_starts(shards, tmp_path, override, words, local_ray,
-                                                   capsys):  # fmt: skip
-    argv = train_cmd(shards, tmp_path / "runs", *override.split())[3:]  # in-process `mcis ...`
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert words in err and "Traceback" not in err, err
+def test_bad_configs_fail_before_any_worker_starts(shards, tmp_path, override, words):
+    proc = subprocess.run(train_cmd(shards, tmp_path / "runs", *override.split()), env=env(),
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert words in proc.stderr and "Traceback" not in proc.stderr
     assert not list((tmp_path / "runs").glob("demo/cls/checkpoint_*"))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One small Ray for the in-process error cases (each would otherwise start its own)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False)  # fmt: skip
-    yield
-    ray.shutdown()
 
 
 def test_a_non_finite_loss_stops_naming_the_step_or_is_skipped(shards, tmp_path):
