@@ -213,7 +213,7 @@ def _stages(cfg, step, state, results, log, say, endpoint) -> None:
     c = cfg.cams
     results["cams"] = step("cams", f"{c.mode} localization maps of the training images, "
                            f"scales {c.scales} x flip, Ray actors", lambda: cams_of(cfg, c.mode))  # fmt: skip
-    other = "single" if c.mode == "coattentive" else "coattentive"
+    other = "single" if c.mode != "single" else "coattentive"
     other_cfg = cfg.model_copy(deep=True)
     other_cfg.cams.mode, other_cfg.cams.out_url = other, f"{c.out_url.rstrip('/')}_{other}"
     results[f"cams_{other}"] = step("cams", f"{other} maps too, for the report",
@@ -274,12 +274,14 @@ def _slim(result: dict) -> dict:
 
 def _report(cfg: ExperimentConfig, results: dict, seconds: dict) -> dict:
     cams = {results["cams"].get("mode", cfg.cams.mode): results["cams"]}
-    for k in ("cams_single", "cams_coattentive"):
+    for k in ("cams_single", "cams_coattentive", "cams_authors"):
         if k in results:
             cams[k.split("_", 1)[1]] = results[k]
     report = {
         "cam_miou_single": cams["single"]["at_threshold"]["miou"],
-        "cam_miou_coattentive": cams["coattentive"]["at_threshold"]["miou"],
+        "cam_miou_coattentive": cams.get("coattentive", cams.get("authors"))["at_threshold"][
+            "miou"
+        ],
         "cam_best_threshold": {m: r["best_threshold"] for m, r in cams.items()},
         "cam_best_miou": {m: r["best"]["miou"] for m, r in cams.items()},
         "pseudo_miou": results["masks"]["miou"],

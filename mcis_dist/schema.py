@@ -141,6 +141,18 @@ class ModelConfig(ConfigSection):
     domains: Literal[1, 3] = Field(1, description="W_P matrices: 1, or 3 for extra-data pairs.")
     shared_phi: bool = Field(False, description="Paper: one φ; authors' code: a separate φ.")
     chunk_size: int | None = Field(None, ge=1, description="Co-attention query block size.")
+    affinity: Literal["bilinear", "cosine"] = Field(
+        "bilinear",
+        description="Co-attention affinity: bilinear, Eq. 2 exactly (F_m^T W_P F_n); cosine, "
+        "its normalised variant normalize(W_P^T F_m)^T normalize(F_n) / temperature.",
+    )
+    temperature: float = Field(0.1, gt=0, description="tau of the cosine affinity.")
+    learn_temperature: bool = Field(False, description="Learn log(tau) (cosine affinity only).")
+    w_p_init: Literal["uniform", "identity"] | None = Field(
+        None,
+        description="Init of W_P: uniform (nn.Linear's, the authors') or identity; None: uniform "
+        "for bilinear, identity for cosine.",
+    )
     freeze_bn: bool | None = Field(
         None,
         description="ResNet-38 family: freeze BatchNorm (eval mode, no gradients), as suits "
@@ -227,6 +239,11 @@ class TrainConfig(RunnerConfig):
         description="Authors' code: extra Eq. 1/5 terms pairing each image with its flip, "
         "0.75x and 2x copies (6 more forward passes per step).",
     )
+    self_pair_scales: list[float] = Field(
+        [0.75, 2.0],
+        description="Rescaled copies of the self-pair terms, besides the flip (authors: 0.75, "
+        "2); [] keeps the flip only (2 more forward passes per step instead of 6).",
+    )
     seam: bool = Field(
         False, description="SEAM's equivariant attention (PCM, ER + ECR) on image m (LID)."
     )
@@ -245,8 +262,29 @@ class CamsConfig(ConfigSection):
     checkpoint: str | None = Field(
         None, description="Classifier checkpoint (folder or .pt); default: the newest of the run."
     )
-    mode: Literal["single", "coattentive"] = Field(
-        "coattentive", description="single: S_n (Eq. 1); coattentive: K related images per class."
+    mode: Literal["single", "coattentive", "authors"] = Field(
+        "coattentive",
+        description="single: S_n (Eq. 1); coattentive: K related images per class (§3.2), "
+        "multi-scale x flip; authors: the authors' test-time aggregation of five maps per class "
+        "(with the flip, 0.75x and 2x copies, and K related images; scales/flip unused).",
+    )
+    readout: Literal["feature", "contribution"] = Field(
+        "feature",
+        description="coattentive mode: feature, phi_co of the image's co-attentive feature "
+        "(§3.2); contribution, each position's phi_co evidence weighted by the attention the "
+        "related image pays it (the spatial decomposition of Eq. 5's score, like a CAM).",
+    )
+    square: int | None = Field(
+        None,
+        ge=16,
+        description="authors mode: resize the image and its related images to square x square "
+        "first (the authors: 256); None keeps each image's size (related: related_size).",
+    )
+    authors_gate: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="authors mode: maps 2-5 count only when sigmoid(mean of the raw map) > this.",
     )
     related: int = Field(3, ge=1, description="Related images per labelled class (|R|, Table 5).")
     related_pool: int = Field(
@@ -293,6 +331,12 @@ class CamsConfig(ConfigSection):
     eval_thresholds: list[float] = Field(
         [round(0.05 * i, 2) for i in range(13)],
         description="Background thresholds swept by `mcis eval cams` (reporting only).",
+    )
+    eval_attention_pairs: int = Field(
+        48,
+        ge=0,
+        description="Pairs of the split on which `mcis eval cams` measures the classifier's "
+        "attention diagnostics (hub mass, background/foreground attention, gate, W_P drift); 0: off.",
     )
     eval_grid: int = Field(8, ge=0, description="Images in the overlay grid of `mcis eval cams`.")
 
@@ -410,6 +454,12 @@ class MasksConfig(ConfigSection):
     cpus_per_actor: int = Field(1, ge=1, description="CPUs reserved per actor.")
     torch_threads: int = Field(1, ge=1, description="torch threads per CPU actor.")
     max_failures: int = Field(3, ge=0, description="Lost actors replaced before the stage fails.")
+    eval_attention_pairs: int = Field(
+        48,
+        ge=0,
+        description="Pairs of the split on which `mcis eval cams` measures the classifier's "
+        "attention diagnostics (hub mass, background/foreground attention, gate, W_P drift); 0: off.",
+    )
     eval_grid: int = Field(8, ge=0, description="Images in the overlay grid of `mcis eval masks`.")
 
 
@@ -471,6 +521,12 @@ class SegConfig(ConfigSection):
     cpus_per_actor: int = Field(1, ge=1, description="CPUs per prediction/eval actor.")
     torch_threads: int = Field(1, ge=1, description="torch threads per CPU actor.")
     max_failures: int = Field(3, ge=0, description="Lost actors replaced before failing.")
+    eval_attention_pairs: int = Field(
+        48,
+        ge=0,
+        description="Pairs of the split on which `mcis eval cams` measures the classifier's "
+        "attention diagnostics (hub mass, background/foreground attention, gate, W_P drift); 0: off.",
+    )
     eval_grid: int = Field(8, ge=0, description="Images in the overlay grid of `mcis eval seg`.")
 
 

@@ -144,6 +144,8 @@ def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds
         "note": "best_threshold is chosen by looking at ground truth: for reporting only",
         "seconds": timer(),
     }
+    if cfg.cams.eval_attention_pairs:
+        result["attention"] = attention_report(cfg, manifest, source_manifest, source, log)
     out = open_storage(_abs(out_url) if out_url else cams.describe("eval"), endpoint_url=endpoint)
     out.write_bytes("eval.json", json.dumps(result, indent=1).encode())
     if panels:
@@ -154,6 +156,33 @@ def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds
     result["out"] = out.describe()
     log(_report(result, sweep_t, names, at_fixed))
     return result
+
+
+def attention_report(cfg: ExperimentConfig, manifest: dict, source_manifest: dict, source,
+                     log=print) -> dict | None:  # fmt: skip
+    """The classifier's attention diagnostics (``mcis_dist.models.diagnostics``) on
+    ``cams.eval_attention_pairs`` pairs of the mapped split; None (with a line) when the maps'
+    checkpoint cannot be loaded."""
+    from mcis_dist.cams.stage import check_model_state, resolve_checkpoint
+    from mcis_dist.data.related import RelatedSampler
+    from mcis_dist.models.diagnostics import split_report
+    from mcis_dist.train.checkpoint import load_model_state
+    from mcis_dist.train.classifier import build_model
+
+    try:
+        state, where = resolve_checkpoint(cfg, manifest.get("checkpoint"))
+        check_model_state(cfg, state, len(manifest["classes"]), where)
+    except StageError as e:
+        log(f"eval cams: no attention diagnostics ({e})")
+        return None
+    model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"weights": None})}), len(manifest["classes"]))  # fmt: skip
+    load_model_state(model, state, where=where)
+    sampler = RelatedSampler(source_manifest, source, seed=cfg.cams.seed)
+    report = split_report(model.eval(), sampler, cfg.data.crop_size, cfg.data.mean, cfg.data.std,
+                          pairs=cfg.cams.eval_attention_pairs, seed=cfg.cams.seed)  # fmt: skip
+    report["checkpoint"] = where
+    return report
 
 
 def _best(sweep: ThresholdSweep, thresholds) -> tuple[float, ConfusionMatrix]:
@@ -176,7 +205,22 @@ def _report(result: dict, thresholds, names, at_fixed: ConfusionMatrix) -> str:
             at_fixed.iou(),
             title=f"IoU per class at cams.bg_threshold={result['threshold']:.2f}",
         ),  # fmt: skip
+        _attention_line(result.get("attention")),
         f"  written: {result['out']}/eval.json"
         + (", overlays.png" if result.get("images") else ""),
     ]
     return "\n".join(lines)
+
+
+def _attention_line(a: dict | None) -> str:
+    if not a or not a.get("pairs"):
+        return "  attention diagnostics: none"
+
+    def f(key):
+        v = a.get(key)
+        return "n/a" if v is None else f"{v:.3g}"
+
+    return (f"  attention ({a['affinity']}, {a['pairs']} pairs): hub mass top-1 {f('hub_top1')} "
+            f"top-5 {f('hub_top5')}, background->objects {f('bg_to_fg')}x chance, "
+            f"objects->same class {f('fg_to_same')}x chance, gate mean {f('gate_mean')} "
+            f"IoU {f('gate_iou')}, W_P drift {f('w_p_drift')}")  # fmt: skip

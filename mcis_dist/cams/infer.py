@@ -16,6 +16,15 @@ is finally divided by its own maximum (``normalize_cam``), so maps lie in [0, 1]
   (``contrastive_map``); ``self_pairs`` adds the image's own flip, 0.75× and 2× copies to every
   class's related set (the authors' code).
 
+* ``authors``: the authors' test-time aggregation. For each labelled class k five maps of the
+  image x (at its own size, or resized to ``square`` x ``square``) are made with phi_co[k]:
+  (1) x's co-attentive feature read from its mirror image, (2) the mirror image's read from x,
+  flipped back, (3) x's read from a 0.75x copy, (4) x's read from a 2x copy, (5) the raw mean of
+  x's read from K related images of k, drawn with replacement, x itself allowed. Each map is
+  ReLU'd and divided by its own maximum; maps 2-5 count only when sigmoid(mean of the raw map)
+  (the co-attentive class score, Eq. 5) exceeds ``authors_gate`` (0.1); the sum is divided by 5
+  (not by the number kept) and resized to the output grid. ``scales`` and ``flip`` are unused.
+
 Related images are resized to a long side of ``related_size`` and their backbone features are
 kept in a bounded LRU cache (``FeatureCache``), so an image drawn as related by many queries is
 decoded and encoded once per actor.
@@ -38,15 +47,18 @@ from mcis_dist.models.mcis import (
     MCISClassifier,
     coattentive_map,
     contrastive_map,
+    contribution_map,
     normalize_cam,
 )
 
-__all__ = ["CamSettings", "FeatureCache", "CamEngine", "resize_long"]
+__all__ = ["CamSettings", "FeatureCache", "CamEngine", "resize_long", "authors_maps"]
+
+MODES = ("single", "coattentive", "authors")
 
 
 @dataclass
 class CamSettings:
-    mode: str = "coattentive"  # single | coattentive
+    mode: str = "coattentive"  # single | coattentive | authors
     related: int = 3
     contrastive: bool = False
     self_pairs: bool = False
@@ -57,6 +69,9 @@ class CamSettings:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     amp: bool = True
+    square: int | None = None
+    authors_gate: float = 0.1
+    readout: str = "feature"  # coattentive mode: feature (phi_co of F^{n∩r}) | contribution
 
     @classmethod
     def from_config(cls, cfg) -> CamSettings:
@@ -66,6 +81,7 @@ class CamSettings:
             scales=tuple(c.scales), flip=c.flip, out_stride=c.out_stride,
             related_size=c.related_size or cfg.data.crop_size,
             mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), amp=c.amp,
+            square=c.square, authors_gate=c.authors_gate, readout=c.readout,
         )  # fmt: skip
 
 
@@ -139,10 +155,10 @@ class CamEngine:
 
     def __init__(self, model: MCISClassifier, settings: CamSettings, sampler=None,
                  device: torch.device | str = "cpu", cache_bytes: int = 0) -> None:  # fmt: skip
-        if settings.mode not in ("single", "coattentive"):
-            raise ValueError(f"mode must be 'single' or 'coattentive', got {settings.mode!r}")
-        if settings.mode == "coattentive" and sampler is None:
-            raise ValueError("coattentive maps need a RelatedSampler")
+        if settings.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {settings.mode!r}")
+        if settings.mode in ("coattentive", "authors") and sampler is None:
+            raise ValueError(f"{settings.mode} maps need a RelatedSampler")
         self.model, self.s, self.sampler = model, settings, sampler
         self.device = torch.device(device)
         self.cache = FeatureCache(cache_bytes)
@@ -199,6 +215,8 @@ class CamEngine:
         x = self.prepare(rgb)  # (1, 3, H, W)
         h, w = x.shape[-2:]
         out_size = (math.ceil(h / self.s.out_stride), math.ceil(w / self.s.out_stride))
+        if self.s.mode == "authors":
+            return self._authors(x, labels, key, out_size), []
         related, fallback = self._related_sets(x, labels, key, domain)
         total = x.new_zeros((len(labels), *out_size))
         for scale in self.s.scales:
@@ -212,6 +230,22 @@ class CamEngine:
             self.counts["fallback_images"] += 1
         return normalize_cam(total), fallback
 
+    def _authors(self, x: Tensor, labels: list[int], key: str, out_size) -> Tensor:
+        """The ``authors`` mode's maps (L, out_h, out_w) in [0, 1] (see the module docstring)."""
+        if self.s.square:
+            x = F.interpolate(x, size=(self.s.square,) * 2, mode="bilinear", align_corners=False)
+        feats = self.features(x)  # (1, C, h, w)
+        copies = [self.features(v) for v in (x.flip(-1), _rescale(x, 0.75), _rescale(x, 2.0))]
+        related = {}
+        for k in labels:
+            got = [self.related_features(g) for g in self.sampler.draw(k, self.s.related, key,
+                                                                       replace=True)]  # fmt: skip
+            related[k] = [f for f, _ in (i for i in got if i is not None)]
+        with self._autocast():
+            maps = authors_maps(self.model, feats, copies, related, labels, self.s.authors_gate)
+        return F.interpolate(maps[None].float(), size=out_size, mode="bilinear",
+                             align_corners=False)[0]  # fmt: skip
+
     def _class_map(self, feats: Tensor, k: int, rel) -> Tensor:
         """(B, h, w) raw map of class k: S_n[k], or the co-attentive (+ contrastive) average."""
         if rel is None:  # single-round mode, or no other image holds k
@@ -219,13 +253,14 @@ class CamEngine:
             bias = None if phi.bias is None else phi.bias[k : k + 1]
             return F.conv2d(feats, phi.weight[k : k + 1], bias)[:, 0]
         pos, neg = rel
-        maps = [coattentive_map(self.model, feats, f, k, t) for f, t in pos]
+        fn = contribution_map if self.s.readout == "contribution" else coattentive_map
+        maps = [fn(self.model, feats, f, k, t) for f, t in pos]
         maps += [contrastive_map(self.model, feats, f, k, t) for f, t in neg]
         return torch.stack(maps).mean(dim=0)
 
     def _related_sets(self, x: Tensor, labels: list[int], key: str, domain: int):
         """class -> (related [(feats, pair type)], others [(feats, pair type)]) and fallbacks."""
-        if self.s.mode == "single":
+        if self.s.mode != "coattentive":
             return {}, []
         domains = self.model.domains
 
@@ -251,3 +286,56 @@ class CamEngine:
                 continue
             related[k] = (pos + own, neg)
         return related, fallback
+
+
+def _max_normalise(m: Tensor) -> Tensor:
+    """ReLU, then divide by the map's own maximum (an all-zero map stays 0): (h, w)."""
+    m = F.relu(m.float())
+    return m / (m.amax() + 1e-5)
+
+
+@torch.no_grad()
+def authors_maps(
+    model: MCISClassifier,
+    feats: Tensor,
+    copies: list[Tensor],
+    related: dict[int, list[Tensor]],
+    labels: list[int],
+    gate: float = 0.1,
+) -> Tensor:
+    """The authors' five-map aggregation on backbone features (module docstring, ``authors``).
+
+    Args:
+        feats: (1, C, h, w) features of the image x.
+        copies: features of x's mirror image, 0.75x and 2x copies, each (1, C, ., .).
+        related: class k -> features of its related images, each (1, C, ., .) (may be empty:
+            map 5 is then 0).
+        labels: the classes to map.
+        gate: maps 2-5 count only when sigmoid(mean of the raw map) > gate.
+    Returns:
+        (L, h, w) maps, the sum of the kept normalised maps divided by 5.
+    """
+    pt = 0 if model.domains == 3 else None  # with three W_P: the target-target one
+    flip, small, big = copies
+    x_from_flip, flip_from_x = model.coattentive_features(feats, flip, pt)  # F_x^{x∩f}, F_f^{x∩f}
+    x_from_small, _ = model.coattentive_features(feats, small, pt)
+    x_from_big, _ = model.coattentive_features(feats, big, pt)
+    out = []
+    for k in labels:
+        w = model.phi_co.weight[k : k + 1].to(feats.dtype)  # (1, C, 1, 1)
+        b = None if model.phi_co.bias is None else model.phi_co.bias[k : k + 1].to(feats.dtype)
+        raw = [
+            F.conv2d(x_from_flip, w, b)[0, 0],
+            F.conv2d(flip_from_x, w, b)[0, 0].flip(-1),
+            F.conv2d(x_from_small, w, b)[0, 0],
+            F.conv2d(x_from_big, w, b)[0, 0],
+        ]
+        rel = [F.conv2d(model.coattentive_features(feats, r, pt)[0], w, b)[0, 0]
+               for r in related.get(k, [])]  # fmt: skip
+        raw.append(torch.stack(rel).mean(0) if rel else torch.zeros_like(raw[0]))
+        total = _max_normalise(raw[0])
+        for m in raw[1:]:
+            if torch.sigmoid(m.float().mean()) > gate:
+                total = total + _max_normalise(m)
+        out.append(total / 5)
+    return torch.stack(out) if out else feats.new_zeros((0, *feats.shape[-2:]))

@@ -151,7 +151,7 @@ class CamActor:
         manifest, self.source = open_manifest(cfg.cams.split_url, endpoint, check_shards=False)
         self.out = open_storage(cfg.cams.out_url, endpoint_url=endpoint)
         sampler = None
-        if cfg.cams.mode == "coattentive":
+        if cfg.cams.mode in ("coattentive", "authors"):
             sampler = RelatedSampler(manifest, self.source, seed=cfg.cams.seed,
                                      pool=cfg.cams.related_pool)  # fmt: skip
         self.engine = CamEngine(self.model, CamSettings.from_config(cfg), sampler, self.device,

@@ -39,19 +39,26 @@ class RelatedSampler:
         except KeyError:
             raise KeyError(f"sample {key!r} is not in {self.storage.describe()}") from None
 
-    def draw(self, k: int, n: int, exclude_key: str | None = None) -> list[int]:
+    def draw(
+        self, k: int, n: int, exclude_key: str | None = None, *, replace: bool = False
+    ) -> list[int]:
         """Up to ``n`` distinct samples holding class ``k``, never ``exclude_key`` itself; seeded
         by (seed, query key, class), so a re-run draws the same ones. Empty when no other sample
-        holds ``k`` (the caller falls back to single-round maps)."""
+        holds ``k`` (the caller falls back to single-round maps).
+
+        ``replace=True`` is the authors' test-time draw: exactly ``n`` samples of ``k`` with
+        replacement, the query itself allowed (``exclude_key`` only seeds the draw)."""
         if not 0 <= k < len(self.manifest["classes"]):
             raise ValueError(f"class {k} is outside 0..{len(self.manifest['classes']) - 1}")
         members = self._members(k)
-        skip = self._global.get(exclude_key) if exclude_key is not None else None
+        skip = self._global.get(exclude_key) if exclude_key is not None and not replace else None
         candidates = [g for g in members if g != skip]
         if not candidates:
             return []
         query = zlib.crc32((exclude_key or "").encode("utf-8"))
         rng = np.random.default_rng([self.seed, query, k])
+        if replace:
+            return [candidates[int(i)] for i in rng.integers(0, len(candidates), size=n)]
         picked = rng.choice(len(candidates), size=min(n, len(candidates)), replace=False)
         return [candidates[int(i)] for i in picked]
 

@@ -21,6 +21,17 @@ inputs and outputs is O(B * chunk * HW_n), and the result is exact up to round-o
 Under autocast the products run in the autocast dtype while logits, softmax statistics and
 accumulators stay float32; float16 keys are pre-scaled so that no logit overflows.
 ``coattention_dense`` materialises P and is the reference the tests compare against.
+
+A normalised variant, ``coattention_cosine`` (not in the paper), replaces Eq. 2 by a cosine
+affinity with a temperature tau,
+
+    P = normalize(W_P^T F_m)^T normalize(F_n) / tau,
+
+the rest (Eq. 3-4) unchanged: values are still the raw F_m and F_n. Eq. 2's logits grow with
+the feature norms, so the column softmax can saturate on a few high-norm "hub" positions
+whatever their content; the cosine logits are bounded by 1/tau, so attention follows direction
+(content) only. It runs as two ``scaled_dot_product_attention`` calls, exact, with memory
+O(B * HW_m * HW_n) where no fused kernel takes head dim C.
 """
 
 from __future__ import annotations
@@ -139,6 +150,34 @@ def coattention(
     return n_from_m.view(fn.shape), m_from_n.view(fm.shape)
 
 
+def coattention_cosine(
+    fm: Tensor, fn: Tensor, w_p: Tensor, temperature: Tensor | float, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """Co-attention with a cosine affinity (normalised Eq. 2), then Eq. 3-4 as the paper:
+    P = normalize(W_P^T F_m)^T normalize(F_n) / tau, channel-wise L2 normalisation.
+
+    Args:
+        fm: (B, C, Hm, Wm) features of image m.
+        fn: (B, C, Hn, Wn) features of image n.
+        w_p: (C, C) or (B, C, C).
+        temperature: tau > 0, a float or a 0-d tensor (learnable).
+        eps: floor of the norms (an all-zero feature gets a zero key, i.e. a uniform row).
+    Returns:
+        (fn_from_m, fm_from_n) as in ``coattention_dense``: F_n^{m∩n} = F_m A_m and
+        F_m^{m∩n} = F_n A_n.
+    """
+    _check_pair(fm, fn)
+    c = fm.shape[1]
+    if w_p.dim() not in (2, 3) or w_p.shape[-2:] != (c, c):
+        raise ValueError(f"w_p must be ({c}, {c}) or (B, {c}, {c}), got {tuple(w_p.shape)}")
+    if float(temperature) <= 0:
+        raise ValueError(f"temperature must be > 0, got {float(temperature)}")
+    keys = F.normalize(project_keys(fm, w_p).flatten(2), dim=1, eps=eps)  # (B, C, Lm)
+    queries = F.normalize(fn.flatten(2), dim=1, eps=eps) / temperature  # (B, C, Ln)
+    n_from_m, m_from_n = _sdpa(keys, fm.flatten(2), fn.flatten(2), queries=queries)
+    return n_from_m.reshape(fn.shape), m_from_n.reshape(fm.shape)
+
+
 def _check_pair(fm: Tensor, fn: Tensor) -> None:
     if fm.dim() != 4 or fn.dim() != 4:
         raise ValueError(f"features must be (B, C, H, W), got {tuple(fm.shape)}, {tuple(fn.shape)}")
@@ -146,11 +185,13 @@ def _check_pair(fm: Tensor, fn: Tensor) -> None:
         raise ValueError(f"batch and channels differ: {tuple(fm.shape)} vs {tuple(fn.shape)}")
 
 
-def _sdpa(g: Tensor, m: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-    """Both directions with two scaled_dot_product_attention calls (head dim = C)."""
-    g_t, m_t, n_t = (t.transpose(1, 2).unsqueeze(1) for t in (g, m, n))  # (B, 1, L, C)
-    n_from_m = F.scaled_dot_product_attention(n_t, g_t, m_t, scale=1.0)  # (B, 1, Ln, C)
-    m_from_n = F.scaled_dot_product_attention(g_t, n_t, n_t, scale=1.0)  # (B, 1, Lm, C)
+def _sdpa(g: Tensor, m: Tensor, n: Tensor, queries: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Both directions with two scaled_dot_product_attention calls (head dim = C): logits
+    g^T q with q = ``queries`` (default: n itself), values m (read by n) and n (read by m)."""
+    q = n if queries is None else queries
+    g_t, m_t, n_t, q_t = (t.transpose(1, 2).unsqueeze(1) for t in (g, m, n, q))  # (B, 1, L, C)
+    n_from_m = F.scaled_dot_product_attention(q_t, g_t, m_t, scale=1.0)  # (B, 1, Ln, C)
+    m_from_n = F.scaled_dot_product_attention(g_t, q_t, n_t, scale=1.0)  # (B, 1, Lm, C)
     return n_from_m.squeeze(1).transpose(1, 2), m_from_n.squeeze(1).transpose(1, 2)
 
 

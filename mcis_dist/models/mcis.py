@@ -28,9 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcis_dist.models.coattention import Backend, coattention
+from mcis_dist.models.coattention import Backend, coattention, coattention_cosine
 
 PAIR_TARGET, PAIR_EXTRA, PAIR_CROSS = 0, 1, 2  # pair types when domains == 3 (§3.2)
+AFFINITIES = ("bilinear", "cosine")  # Eq. 2 as the paper; its normalised variant
+W_P_INITS = ("uniform", "identity")
+W_P_SEED = 20200823  # W_P's uniform init comes from its own generator, so it can be recomputed
 
 
 @dataclass
@@ -59,6 +62,13 @@ class MCISClassifier(nn.Module):
         gate_bias: bias of W_B (authors: False).
         chunk_size: positions per block of the memory-efficient co-attention.
         coattention_backend: "chunked" or "sdpa" (see ``coattention``).
+        affinity: "bilinear", Eq. 2 exactly as the paper (default); "cosine", the normalised
+            variant P = normalize(W_P^T F_m)^T normalize(F_n) / tau (``coattention_cosine``).
+        temperature: tau of the cosine affinity.
+        learn_temperature: train log(tau) with the head (cosine only).
+        w_p_init: "uniform" (``nn.Linear``'s init, the authors'), or "identity" (W_P = I, so
+            the cosine affinity starts as the plain feature similarity); default: uniform for
+            bilinear, identity for cosine.
     """
 
     def __init__(
@@ -72,8 +82,22 @@ class MCISClassifier(nn.Module):
         gate_bias: bool = False,
         chunk_size: int | None = None,
         coattention_backend: Backend = "chunked",
+        affinity: str = "bilinear",
+        temperature: float = 0.1,
+        learn_temperature: bool = False,
+        w_p_init: str | None = None,
     ) -> None:
         super().__init__()
+        if affinity not in AFFINITIES:
+            raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
+        w_p_init = w_p_init or ("identity" if affinity == "cosine" else "uniform")
+        if w_p_init not in W_P_INITS:
+            raise ValueError(f"w_p_init must be one of {W_P_INITS}, got {w_p_init!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if learn_temperature and affinity != "cosine":
+            raise ValueError("learn_temperature applies to affinity='cosine' only")
+        self.affinity, self.w_p_init = affinity, w_p_init
         channels = getattr(backbone, "out_channels", None)
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"backbone needs an int attribute out_channels, got {channels!r}")
@@ -88,19 +112,46 @@ class MCISClassifier(nn.Module):
         self.phi_coatt = None if shared_phi else nn.Conv2d(channels, num_classes, 1, bias=False)
         self.w_p = nn.Parameter(torch.empty(domains, channels, channels))  # Eq. 2
         self.w_b = nn.Conv2d(channels, 1, 1, bias=gate_bias)  # Eq. 6
+        log_tau = torch.tensor(math.log(temperature))
+        if learn_temperature:  # a 0-d parameter: no weight decay (see ``param_groups``)
+            self.log_temperature = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("log_temperature", log_tau, persistent=False)  # from config
         self.reset_head()
 
     def reset_head(self) -> None:
         """Initialise the head as the authors' code: phi ~ N(0, 2/K) with zero bias, W_P like
-        ``nn.Linear`` (U(-1/sqrt(C), 1/sqrt(C))), phi_co and W_B with PyTorch's conv default."""
+        ``nn.Linear`` (U(-1/sqrt(C), 1/sqrt(C))) or the identity (``w_p_init``), phi_co and
+        W_B with PyTorch's conv default."""
         nn.init.normal_(self.phi.weight, 0.0, math.sqrt(2.0 / self.num_classes))
         if self.phi.bias is not None:
             nn.init.zeros_(self.phi.bias)
-        bound = 1.0 / math.sqrt(self.w_p.shape[-1])
-        nn.init.uniform_(self.w_p, -bound, bound)
+        with torch.no_grad():
+            self.w_p.copy_(self.initial_w_p())
         for conv in (self.phi_coatt, self.w_b):
             if conv is not None:
                 conv.reset_parameters()
+
+    def initial_w_p(self) -> Tensor:
+        """W_P at initialisation, reproducible anywhere (for the drift diagnostic): the identity,
+        or U(-1/sqrt(C), 1/sqrt(C)) from a generator with a fixed seed (``W_P_SEED``)."""
+        d, c, _ = self.w_p.shape
+        if self.w_p_init == "identity":
+            return torch.eye(c).expand(d, c, c).clone()
+        bound = 1.0 / math.sqrt(c)
+        gen = torch.Generator().manual_seed(W_P_SEED)
+        return torch.rand((d, c, c), generator=gen).mul_(2 * bound).sub_(bound)
+
+    def affinity_logits(self, fm: Tensor, fn: Tensor, w_p: Tensor | None = None) -> Tensor:
+        """The affinity P (B, Hm*Wm, Hn*Wn) of Eq. 2 (or its cosine variant), materialised:
+        for diagnostics, not training. ``w_p`` defaults to the first W_P."""
+        w = self.w_p[0] if w_p is None else w_p
+        keys = torch.matmul(w.transpose(-1, -2).to(fm.dtype), fm.flatten(2))  # (B, C, Lm)
+        queries = fn.flatten(2)
+        if self.affinity == "cosine":
+            keys = F.normalize(keys, dim=1, eps=1e-6)
+            queries = F.normalize(queries, dim=1, eps=1e-6) / self.temperature.to(fn.dtype)
+        return torch.bmm(keys.transpose(1, 2), queries)
 
     @property
     def phi_co(self) -> nn.Conv2d:
@@ -129,6 +180,8 @@ class MCISClassifier(nn.Module):
         m_coatt, n_coatt = self.coattentive_features(fm, fn, pair_type)
         gate_m = torch.sigmoid(self.w_b(m_coatt))  # (B, 1, Hm, Wm)  B_m^{m∩n}  Eq. 6
         gate_n = torch.sigmoid(self.w_b(n_coatt))  # (B, 1, Hn, Wn)  B_n^{m∩n}
+        # the first pair's features and gates, for the training diagnostics (no copies)
+        self.last_pair = (fm[:1].detach(), fn[:1].detach(), gate_m[:1].detach(), pair_type)
         return MCISOutput(
             single_m=_scores(self.phi, fm),
             single_n=_scores(self.phi, fn),
@@ -155,17 +208,26 @@ class MCISClassifier(nn.Module):
             n_out = n_out.index_copy(0, idx, n_part.to(n_out.dtype))
         return m_out, n_out
 
+    @property
+    def temperature(self) -> Tensor:
+        """tau of the cosine affinity (0-d)."""
+        return self.log_temperature.exp()
+
     def _coattention(self, fm: Tensor, fn: Tensor, w_p: Tensor) -> tuple[Tensor, Tensor]:
-        n_from_m, m_from_n = coattention(
-            fm, fn, w_p, chunk_size=self.chunk_size, backend=self.coattention_backend
-        )
+        if self.affinity == "cosine":
+            n_from_m, m_from_n = coattention_cosine(fm, fn, w_p, self.temperature)
+        else:
+            n_from_m, m_from_n = coattention(
+                fm, fn, w_p, chunk_size=self.chunk_size, backend=self.coattention_backend
+            )
         return m_from_n, n_from_m  # (F_m^{m∩n}, F_n^{m∩n})
 
     # ---- parameters ---------------------------------------------------------------------
     def head_parameters(self) -> list[nn.Parameter]:
-        """phi, phi_co, W_P and W_B."""
+        """phi, phi_co, W_P and W_B (and log tau when it is learnt)."""
         mods = [self.phi, self.w_b] + ([self.phi_coatt] if self.phi_coatt is not None else [])
-        return [self.w_p] + [p for m in mods for p in m.parameters()]
+        tau = [self.log_temperature] if isinstance(self.log_temperature, nn.Parameter) else []
+        return [self.w_p, *tau] + [p for m in mods for p in m.parameters()]
 
     def new_parameters(self) -> list[nn.Parameter]:
         """Parameters trained from scratch (the authors' x10 lr): the head, plus the backbone's
@@ -176,14 +238,15 @@ class MCISClassifier(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters split for the authors' lr multipliers: pretrained weights (x1)
-        and biases (x2), new weights (x10) and biases (x20). Frozen parameters are left out."""
+        and biases (x2), new weights (x10) and biases (x20); 0-d parameters (log tau) go with
+        the biases (no weight decay). Frozen parameters are left out."""
         new = {id(p) for p in self.new_parameters()}
         groups: dict[str, list[nn.Parameter]] = {
             "pretrained_weight": [], "pretrained_bias": [], "new_weight": [], "new_bias": [],
         }  # fmt: skip
         for name, p in self.named_parameters():
             if p.requires_grad:
-                kind = "bias" if name.endswith("bias") else "weight"
+                kind = "bias" if name.endswith("bias") or p.dim() == 0 else "weight"
                 groups[f"{'new' if id(p) in new else 'pretrained'}_{kind}"].append(p)
         return groups
 
@@ -274,6 +337,40 @@ def coattentive_map(
     q_coatt, _ = model.coattentive_features(q, rel, pair_type)  # (B·R, C, h, w)
     w, bias = _class_layer(model, class_k)
     maps = F.conv2d(q_coatt, w, bias)  # (B·R, 1, h, w)
+    return maps.view(b, r, *maps.shape[-2:]).mean(dim=1)  # (B, h, w)
+
+
+@torch.no_grad()
+def contribution_map(
+    model: MCISClassifier,
+    feats: Tensor,
+    related_feats: Tensor,
+    class_k: int,
+    pair_type: int | None = None,
+) -> Tensor:
+    """Where the related images' co-attentive class-k scores come from, on the query's grid.
+
+    With the query as m and a related image r as n, the related image's co-attentive score of
+    Eq. 5 is GAP(phi_co(F_m A_m)); phi_co is a 1x1 conv, so (without its bias)
+
+        s_r^{m∩r}[k] = 1/L_r sum_j phi_co(sum_i A_m[i, j] f_m,i)[k]
+                     = sum_i (1/L_r sum_j A_m[i, j]) phi_co(f_m,i)[k],
+
+    a sum over the query's positions i: the co-attentive score decomposes like a CAM (Eq. 1)
+    into contributions, each position's own class-k evidence weighted by the attention it
+    receives from the related image. This returns L_m * (1/L_r sum_j A_m[i, j]) *
+    phi_co(f_m,i)[k] (received attention relative to uniform, times the evidence), averaged over
+    the related images: feats (B, C, h, w), related_feats (R, C, h', w') -> (B, h, w) raw maps.
+    """
+    b, r = feats.shape[0], related_feats.shape[0]
+    q, rel = _pairs_of(feats, related_feats)  # (B·R, C, h, w), (B·R, C, h', w')
+    types = _pair_types(pair_type, q.shape[0], model.domains, q.device)
+    w_p = model.w_p[0 if types is None else int(types[0])]
+    a = torch.softmax(model.affinity_logits(q.float(), rel.float(), w_p.float()), dim=1)  # A_m
+    received = a.mean(dim=2) * a.shape[1]  # (B·R, Lm), 1 = uniform
+    w, bias = _class_layer(model, class_k)
+    own = F.conv2d(q, w, bias)  # (B·R, 1, h, w)
+    maps = received.view(own.shape).to(own.dtype) * own
     return maps.view(b, r, *maps.shape[-2:]).mean(dim=1)  # (B, h, w)
 
 

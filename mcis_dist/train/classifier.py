@@ -59,6 +59,8 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> MCISClassifier:
     return MCISClassifier(
         backbone, num_classes=num_classes, domains=cfg.model.domains,
         shared_phi=cfg.model.shared_phi, chunk_size=cfg.model.chunk_size,
+        affinity=cfg.model.affinity, temperature=cfg.model.temperature,
+        learn_temperature=cfg.model.learn_temperature, w_p_init=cfg.model.w_p_init,
     )  # fmt: skip
 
 
@@ -122,7 +124,8 @@ class LossView(torch.nn.Module):
         self.last = None
         self.seam = None
 
-    def forward(self, xm, xn, pair_type=None, self_pairs: tuple | None = None):
+    def forward(self, xm, xn, pair_type=None, self_pairs: tuple | None = None,
+                self_scales: tuple[float, ...] = (0.75, 2.0)):  # fmt: skip
         self.last = self.net(xm, xn, pair_type)
         outputs = tuple(getattr(self.last, name) for name in self.active)
         self.self_pairs = []
@@ -130,7 +133,7 @@ class LossView(torch.nn.Module):
             from mcis_dist.losses import self_pair_views
 
             for x, same_domain in zip((xm, xn), self_pairs, strict=True):  # an image's own type
-                for view in self_pair_views(x):
+                for view in self_pair_views(x, self_scales):
                     out = self.net(x, view, same_domain)
                     self.self_pairs.append(out)
                     outputs += (out.single_m, out.single_n, out.coatt_m, out.coatt_n)
@@ -168,7 +171,8 @@ def classifier_loss(cfg: ExperimentConfig):
         self_types = None  # a self-pair is target–target (0) or extra–extra (1)
         if cfg.train.self_pair_terms:
             self_types = tuple((batch[f"domain_{s}"] > 0).long() if multi else None for s in "mn")
-        wrapped(xm, xn, batch["pair_type"] if multi else None, self_pairs=self_types)
+        wrapped(xm, xn, batch["pair_type"] if multi else None, self_pairs=self_types,
+                self_scales=tuple(cfg.train.self_pair_scales))  # fmt: skip
         terms = mcis_loss(
             _float(view.last), batch["labels_m"], batch["labels_n"],
             epoch=epoch, weights=weights, contrastive_from_epoch=cfg.train.contrastive_from_epoch,
@@ -177,7 +181,8 @@ def classifier_loss(cfg: ExperimentConfig):
         if cfg.train.self_pair_terms:
             from mcis_dist.losses import self_pair_loss
 
-            own = [batch["labels_m"]] * 3 + [batch["labels_n"]] * 3  # one per view, m then n
+            views = 1 + len(cfg.train.self_pair_scales)  # the flip, then each rescaled copy
+            own = [batch["labels_m"]] * views + [batch["labels_n"]] * views  # m's, then n's
             extra = sum(self_pair_loss(_float(o), y, reduction=cfg.train.loss_reduction)["total"]
                         for o, y in zip(view.self_pairs, own, strict=True))  # fmt: skip
             terms["self_pairs"] = extra
