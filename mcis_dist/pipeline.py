@@ -291,6 +291,7 @@ def _report(cfg: ExperimentConfig, results: dict, seconds: dict) -> dict:
             "pseudo": results["masks"]["per_class"],
             "seg": results["seg"]["per_class"],
         },
+        "attention": cams[cfg.cams.mode].get("attention"),  # the classifier's diagnostics
         "stage_seconds": seconds,
         "config": json.loads(cfg.model_dump_json()),
     }

@@ -89,6 +89,30 @@ def summary_table(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
+ATTENTION_ROWS = (
+    ("hub_top1", "attention mass on the single most-attended position (hub, top-1)"),
+    ("hub_top5", "attention mass on the 5 most-attended positions (hub, top-5)"),
+    ("bg_to_fg", "background queries' attention on the other image's objects, x chance (< 1 good)"),
+    ("fg_to_same", "object queries' attention on the same class in the other image, x chance"),
+    ("gate_mean", "mean of the contrastive gate B (Eq. 6)"),
+    ("gate_iou", "IoU of {B > 0.5} with the classes the pair shares"),
+    ("w_p_drift", "||W_P - W_P(init)|| / ||W_P(init)||"),
+    ("temperature", "temperature of the cosine affinity"),
+)
+
+
+def attention_lines(attention: dict | None) -> list[str]:
+    """Markdown rows of the classifier's attention diagnostics (``mcis eval cams``)."""
+    if not attention or not attention.get("pairs"):
+        return []
+    lines = [f"## Attention diagnostics ({attention.get('affinity')} affinity, "
+             f"{attention['pairs']} pairs of the mapped split)", "", "| what | value |", "|---|---|"]  # fmt: skip
+    for key, what in ATTENTION_ROWS:
+        if attention.get(key) is not None:
+            lines.append(f"| {what} | {attention[key]} |")
+    return [*lines, ""]
+
+
 def write_report(run, cfg: ExperimentConfig, report: dict, endpoint: str | None) -> None:
     from mcis_dist.affinity.build import affinity_run_url
     from mcis_dist.seg.train import run_url as seg_run_url
@@ -120,6 +144,7 @@ def write_report(run, cfg: ExperimentConfig, report: dict, endpoint: str | None)
     lines += [f"| {k} | {v} |" for k, v in report["stage_seconds"].items()]
     lines += ["", "CAM mIoU is at the fixed `cams.bg_threshold`; the best threshold of the sweep "
               f"(reporting only) was {report['cam_best_threshold']}.", ""]  # fmt: skip
+    lines += attention_lines(report.get("attention"))
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     run.write_bytes("report.md", "\n".join(lines).encode())

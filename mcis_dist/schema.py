@@ -239,6 +239,11 @@ class TrainConfig(RunnerConfig):
         description="Authors' code: extra Eq. 1/5 terms pairing each image with its flip, "
         "0.75x and 2x copies (6 more forward passes per step).",
     )
+    diagnostics: bool = Field(
+        True,
+        description="Report the attention diagnostics of each batch's first pair with the "
+        "metrics (attn_hub_top1, attn_hub_top5, attn_row_max, attn_gate_mean, attn_w_p_drift).",
+    )
     self_pair_scales: list[float] = Field(
         [0.75, 2.0],
         description="Rescaled copies of the self-pair terms, besides the flip (authors: 0.75, "
@@ -454,12 +459,6 @@ class MasksConfig(ConfigSection):
     cpus_per_actor: int = Field(1, ge=1, description="CPUs reserved per actor.")
     torch_threads: int = Field(1, ge=1, description="torch threads per CPU actor.")
     max_failures: int = Field(3, ge=0, description="Lost actors replaced before the stage fails.")
-    eval_attention_pairs: int = Field(
-        48,
-        ge=0,
-        description="Pairs of the split on which `mcis eval cams` measures the classifier's "
-        "attention diagnostics (hub mass, background/foreground attention, gate, W_P drift); 0: off.",
-    )
     eval_grid: int = Field(8, ge=0, description="Images in the overlay grid of `mcis eval masks`.")
 
 
@@ -521,12 +520,6 @@ class SegConfig(ConfigSection):
     cpus_per_actor: int = Field(1, ge=1, description="CPUs per prediction/eval actor.")
     torch_threads: int = Field(1, ge=1, description="torch threads per CPU actor.")
     max_failures: int = Field(3, ge=0, description="Lost actors replaced before failing.")
-    eval_attention_pairs: int = Field(
-        48,
-        ge=0,
-        description="Pairs of the split on which `mcis eval cams` measures the classifier's "
-        "attention diagnostics (hub mass, background/foreground attention, gate, W_P drift); 0: off.",
-    )
     eval_grid: int = Field(8, ge=0, description="Images in the overlay grid of `mcis eval seg`.")
 
 

@@ -51,6 +51,7 @@ def setup(tmp_path_factory):
     model = build_model(cfg, num_classes=8)
     with torch.no_grad():
         model.phi_coatt.weight.normal_(0, 0.5)
+        model.w_p.add_(0.05 * torch.randn_like(model.w_p))  # as if trained away from W_P = I
     ckpt = root / "runs" / "demo" / "cls" / "checkpoint_2026-01-01_00-00-00.000000"
     ckpt.mkdir(parents=True)
     torch.save({"model": model.state_dict()}, ckpt / "checkpoint.pt")
@@ -95,7 +96,9 @@ def test_two_actors_map_every_image_once_and_match_the_engine(setup, clean_run):
     # One image's stored maps equal a direct CamEngine call with the same settings.
     sampler = RelatedSampler(source, storage, seed=0)
     key, labels, data = sampler.read_image(5)
-    settings = CamSettings(mode="coattentive", related=2, scales=(1.0,), related_size=64)
+    settings = CamSettings(
+        mode="coattentive", related=2, scales=(1.0,), related_size=64, readout="contribution"
+    )  # as configs/demo.yaml
     want, _ = CamEngine(setup["model"].eval(), settings, sampler).cams(
         decode_rgb(data), labels, key
     )
@@ -176,7 +179,15 @@ def test_s3_output_then_evaluation_from_s3(setup, clean_run, s3_endpoint, s3_buc
     )
     local = tmp_path / "eval"
     assert main(["eval", "cams", "--config", CONFIG, "--cams", str(clean_run), "--out", str(local)]) == 0  # fmt: skip
-    assert result["miou"] == json.loads((local / "eval.json").read_text())["miou"]
+    local_result = json.loads((local / "eval.json").read_text())
+    assert result["miou"] == local_result["miou"]
+    # the classifier's attention diagnostics, on pairs of the split, the same from both places
+    attention = local_result["attention"]
+    assert attention == result["attention"] and attention["pairs"] > 0
+    assert attention["affinity"] == "cosine" and attention["checkpoint"].endswith("checkpoint.pt")
+    for key in ("hub_top1", "hub_top5", "gate_mean", "gate_iou"):
+        assert 0 <= attention[key] <= 1 + 1e-6, key
+    assert attention["bg_to_fg"] > 0 and attention["w_p_drift"] > 0
     s3.head_object(Bucket=s3_bucket, Key="exp/cams/eval/overlays.png")
 
 

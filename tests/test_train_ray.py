@@ -77,6 +77,12 @@ def test_two_workers_train_and_the_loss_falls(shards, tmp_path):
     assert last < first - 0.05, (first, last)
     timed = [r for r in m if "images_per_s" in r]
     assert timed and all(r["images_per_s"] > 0 and 0 <= r["data_wait_share"] <= 1 for r in timed)
+    # the attention diagnostics of each batch's first pair are reported with the losses
+    for r in m:
+        assert 0 < r["attn_hub_top1"] <= r["attn_hub_top5"] <= 1 + 1e-6
+        assert 0 < r["attn_row_max"] <= 1 + 1e-6 and 0 <= r["attn_gate_mean"] <= 1
+        assert r["attn_w_p_drift"] >= 0 and r["attn_temperature"] == pytest.approx(0.1)
+    assert m[-1]["attn_w_p_drift"] > 0  # W_P was trained away from the identity
     ck = final_checkpoint(tmp_path / "runs")
     assert ck["state"]["epoch"] == 4 and ck["state"]["step"] == 4 * 12
     assert len(ck["loaders"]) == 2 and ck["loaders"][0]["epoch"] == 4

@@ -170,8 +170,10 @@ def coattention_cosine(
     c = fm.shape[1]
     if w_p.dim() not in (2, 3) or w_p.shape[-2:] != (c, c):
         raise ValueError(f"w_p must be ({c}, {c}) or (B, {c}, {c}), got {tuple(w_p.shape)}")
-    if float(temperature) <= 0:
-        raise ValueError(f"temperature must be > 0, got {float(temperature)}")
+    if w_p.dim() == 3 and w_p.shape[0] != fm.shape[0]:
+        raise ValueError(f"per-pair w_p needs batch {fm.shape[0]}, got {tuple(w_p.shape)}")
+    if not isinstance(temperature, Tensor) and not temperature > 0:  # (a tensor: no host sync)
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     keys = F.normalize(project_keys(fm, w_p).flatten(2), dim=1, eps=eps)  # (B, C, Lm)
     queries = F.normalize(fn.flatten(2), dim=1, eps=eps) / temperature  # (B, C, Ln)
     n_from_m, m_from_n = _sdpa(keys, fm.flatten(2), fn.flatten(2), queries=queries)

@@ -48,7 +48,10 @@ def hub_mass(a: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def w_p_drift(model: MCISClassifier) -> Tensor:
     """||W_P - W_P(init)||_F / ||W_P(init)||_F (every W_P together)."""
-    start = model.initial_w_p().to(model.w_p.device)
+    start = getattr(model, "_w_p_start", None)  # computed once per model and device
+    if start is None or start.device != model.w_p.device:
+        start = model.initial_w_p().to(model.w_p.device)
+        model._w_p_start = start
     return (model.w_p.detach().float() - start).norm() / start.norm()
 
 
@@ -79,7 +82,7 @@ def with_masks(model: MCISClassifier, fm: Tensor, fn: Tensor, mask_m: Tensor, ma
     over batches, then ``finish``)."""
     a = attention_map(model, fm, fn, pair_type)  # (B, Lm, Ln)
     n_coatt = model.coattentive_features(fm, fn, pair_type)[1]  # F_n^{m∩n} (B, C, Hn, Wn)
-    gate = torch.sigmoid(model.w_b(n_coatt.float())).flatten(1)  # (B, Ln)  B_n  Eq. 6
+    gate = torch.sigmoid(model.w_b(n_coatt.to(model.w_b.weight.dtype)).float()).flatten(1)  # B_n
     mm, mn = mask_m.flatten(1).long(), mask_n.flatten(1).long()
     sums = dict.fromkeys(("bg_ratio", "bg_pairs", "fg_ratio", "fg_pairs", "gate_sum", "gate_n",
                           "gate_inter", "gate_union", "hub_top1", "hub_top5", "pairs"), 0.0)  # fmt: skip

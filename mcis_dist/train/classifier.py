@@ -127,6 +127,7 @@ class LossView(torch.nn.Module):
     def forward(self, xm, xn, pair_type=None, self_pairs: tuple | None = None,
                 self_scales: tuple[float, ...] = (0.75, 2.0)):  # fmt: skip
         self.last = self.net(xm, xn, pair_type)
+        self.main_pair = self.net.last_pair  # the first pair, for the attention diagnostics
         outputs = tuple(getattr(self.last, name) for name in self.active)
         self.self_pairs = []
         if self_pairs is not None:  # authors' extra terms: (I, flip I), (I, 0.75x I), (I, 2x I)
@@ -178,6 +179,13 @@ def classifier_loss(cfg: ExperimentConfig):
             epoch=epoch, weights=weights, contrastive_from_epoch=cfg.train.contrastive_from_epoch,
             reduction=cfg.train.loss_reduction,
         )  # fmt: skip
+        if cfg.train.diagnostics:  # attention diagnostics of the batch's first pair
+            from mcis_dist.models.diagnostics import label_free
+
+            fm, fn, gate, pt = view.main_pair
+            with torch.autocast(fm.device.type, enabled=False):
+                diag = label_free(view.net, fm.float(), fn.float(), gate, pt)
+            terms.update({f"attn_{k}": v for k, v in diag.items()})
         if cfg.train.self_pair_terms:
             from mcis_dist.losses import self_pair_loss
 
