@@ -4,7 +4,10 @@ Table 4 (training losses): the basic classifier (Eq. 1 only), co-attention only 
 the full model (Eq. 10), each trained with ``mcis train-cls`` from the same config, once per
 seed (``train.seed`` and ``data.seed``). Table 5 (inference): for every trained classifier,
 single-round maps (K = 0) and co-attentive maps with K = 1 … 5 related images per class (the
-basic classifier has no trained phi_co: single-round only). Every map set is made by
+basic classifier has no trained phi_co: single-round only), plus a control: the co-attention
+classifiers' phi_co applied to the image's own features (no related image), which separates
+what co-attention taught the class layer during training from what the related images add at
+inference. Every map set is made by
 ``mcis cams`` and scored by ``mcis eval cams`` on a split with masks (default: val): mIoU at the
 config's fixed background threshold, and at each row's best threshold of the sweep (reporting
 only: choosing it looks at ground truth). ``eval cams`` also writes the attention diagnostics
@@ -34,6 +37,7 @@ from mcis_dist.cli import main as mcis
 from mcis_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+CONTROL = -1  # the "K" of the control row: phi_co on the image's own features
 TRAININGS = {  # Table 4
     "basic": ["train.loss_coattention=0", "train.loss_contrastive=0"],
     "coatt_only": ["train.loss_contrastive=0"],
@@ -66,7 +70,10 @@ def table(summary: list[dict], threshold: float) -> str:
         "|---|---|---|---|---|",
     ]
     for r in summary:
-        maps = "single-round (K=0)" if r["k"] == 0 else f"co-attentive, K={r['k']}"
+        if r["k"] == CONTROL:
+            maps = "control: phi_co on own features (K=0)"
+        else:
+            maps = "single-round (K=0)" if r["k"] == 0 else f"co-attentive, K={r['k']}"
         lines.append(
             f"| {r['training']} | {maps} | {100 * r['miou']:.1f} ± {100 * r['miou_sd']:.1f} "
             f"| {100 * r['best_miou']:.1f} ± {100 * r['best_miou_sd']:.1f} "
@@ -83,7 +90,8 @@ def plot(summary: list[dict], path: Path, threshold: float) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for training in TRAININGS:
-        rs = sorted((r for r in summary if r["training"] == training), key=lambda r: r["k"])
+        rs = [r for r in summary if r["training"] == training and r["k"] != CONTROL]
+        rs = sorted(rs, key=lambda r: r["k"])
         if not rs:
             continue
         ks = [r["k"] for r in rs]
@@ -126,18 +134,24 @@ def main(argv=None) -> int:
                     f"data.seed={seed}", *TRAININGS[training], f"cams.split_url={split}"]  # fmt: skip
             print(f"[seed {seed}] training {training} ({time.time() - t0:.0f} s) ...", flush=True)
             assert mcis(["train-cls", "--config", args.config, *base]) == 0
-            # Table 5 on the full model; the other classifiers at K = 0 and 3 (basic: K = 0)
-            for k in (
-                ks
-                if training == "full"
-                else [k for k in ks if k in (0, 3)][: 1 + (training != "basic")]
-            ):
-                maps = ["cams.mode=single"] if k == 0 else ["cams.mode=coattentive",
-                                                            f"cams.related={k}"]  # fmt: skip
-                cfg = load_config(args.config, [*base, *maps,
-                                                f"cams.out_url={out}/{name}/cams_k{k}"])  # fmt: skip
-                compute_cams(cfg, log=lambda *_: None)
-                r = evaluate_cams(cfg, log=lambda *_: None)
+            # Table 5 on the full model; the others at K = 0 and 3 (basic: K = 0), plus the control
+            todo = ks if training == "full" else [k for k in ks if k in (0, 3)]
+            todo = [0] if training == "basic" else [*todo, CONTROL]
+            for k in todo:
+                if k == CONTROL:  # phi_co on the image's own features: no related image
+                    maps = ["cams.mode=single", "cams.class_layer=phi_co"]
+                elif k == 0:
+                    maps = ["cams.mode=single"]
+                else:
+                    maps = ["cams.mode=coattentive", f"cams.related={k}"]
+                folder = out / name / f"cams_k{k}"
+                done = folder / "eval" / "eval.json"
+                if done.exists():  # a finished map set of an earlier run (delete it to redo)
+                    r = json.loads(done.read_text())
+                else:
+                    cfg = load_config(args.config, [*base, *maps, f"cams.out_url={folder}"])
+                    compute_cams(cfg, log=lambda *_: None)
+                    r = evaluate_cams(cfg, log=lambda *_: None)
                 row = {"training": training, "seed": seed, "k": k,
                        "miou": r["at_threshold"]["miou"], "threshold": r["threshold"],
                        "best_miou": r["best"]["miou"], "best_threshold": r["best_threshold"]}  # fmt: skip
@@ -147,7 +161,8 @@ def main(argv=None) -> int:
                       f"{row['threshold']:.2f}   best {100 * row['best_miou']:5.1f} at "
                       f"{row['best_threshold']:.2f}", flush=True)  # fmt: skip
                 rows.append(row)
-    summary = summarise(rows)
+    order = list(TRAININGS)
+    summary = sorted(summarise(rows), key=lambda r: (order.index(r["training"]), r["k"] % 99))
     threshold = cfg0.cams.bg_threshold
     doc = {"split": split, "config": args.config, "overrides": args.overrides, "seeds": seeds,
            "rows": rows, "summary": summary, "attention": diagnostics,

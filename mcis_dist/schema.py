@@ -273,6 +273,12 @@ class CamsConfig(ConfigSection):
         "multi-scale x flip; authors: the authors' test-time aggregation of five maps per class "
         "(with the flip, 0.75x and 2x copies, and K related images; scales/flip unused).",
     )
+    class_layer: Literal["phi", "phi_co"] = Field(
+        "phi",
+        description="single mode: the class layer applied to the image's own features: phi "
+        "(S_n, Eq. 1), or phi_co, the layer trained on co-attentive features (Eq. 5; a "
+        "control: co-attentive maps without related images).",
+    )
     readout: Literal["feature", "contribution"] = Field(
         "feature",
         description="coattentive mode: feature, phi_co of the image's co-attentive feature "

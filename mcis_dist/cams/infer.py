@@ -8,7 +8,10 @@ batch of 2; each raw map is flipped back, passed through ReLU, resized to the ou
 (ceil(H / out_stride), ceil(W / out_stride)) and summed over scales and flips; each class's sum
 is finally divided by its own maximum (``normalize_cam``), so maps lie in [0, 1].
 
-* ``single``: S_n[k] = phi(F_n)[k] (Eq. 1).
+* ``single``: S_n[k] = phi(F_n)[k] (Eq. 1); with ``class_layer="phi_co"``, phi_co(F_n)[k]
+  instead: the layer trained on co-attentive features applied to the image's own features, a
+  control that separates what co-attention taught the class layer from what the related
+  images add at inference.
 * ``coattentive``: for each labelled class k, |R| related images holding k are drawn (seeded by
   the image's key; ``RelatedSampler``); the map is 1/|R| Σ_r phi_co(F_n^{n∩r})[k]
   (``coattentive_map``). A class no other image holds falls back to S_n[k] (counted).
@@ -72,6 +75,7 @@ class CamSettings:
     square: int | None = None
     authors_gate: float = 0.1
     readout: str = "feature"  # coattentive mode: feature (phi_co of F^{n∩r}) | contribution
+    class_layer: str = "phi"  # single mode (and fallbacks): phi (S_n) | phi_co
 
     @classmethod
     def from_config(cls, cfg) -> CamSettings:
@@ -82,6 +86,7 @@ class CamSettings:
             related_size=c.related_size or cfg.data.crop_size,
             mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), amp=c.amp,
             square=c.square, authors_gate=c.authors_gate, readout=c.readout,
+            class_layer=c.class_layer,
         )  # fmt: skip
 
 
@@ -249,7 +254,7 @@ class CamEngine:
     def _class_map(self, feats: Tensor, k: int, rel) -> Tensor:
         """(B, h, w) raw map of class k: S_n[k], or the co-attentive (+ contrastive) average."""
         if rel is None:  # single-round mode, or no other image holds k
-            phi = self.model.phi
+            phi = self.model.phi_co if self.s.class_layer == "phi_co" else self.model.phi
             bias = None if phi.bias is None else phi.bias[k : k + 1]
             return F.conv2d(feats, phi.weight[k : k + 1], bias)[:, 0]
         pos, neg = rel

@@ -75,6 +75,10 @@ def stage_settings(cfg: ExperimentConfig) -> dict:
     keep = ("mode", "related", "related_pool", "related_size", "contrastive", "self_pairs",
             "scales", "flip", "out_stride", "seed")  # fmt: skip
     out = {k: getattr(c, k) for k in keep}
+    # later settings count only away from their defaults, so older outputs stay valid
+    for k in ("class_layer", "readout", "square", "authors_gate"):
+        if getattr(c, k) != type(c).model_fields[k].default:
+            out[k] = getattr(c, k)
     out["related_size"] = c.related_size or cfg.data.crop_size
     out["mean"], out["std"] = cfg.data.mean, cfg.data.std
     out["model"] = cfg.model.model_dump()
