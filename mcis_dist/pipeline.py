@@ -82,8 +82,11 @@ class _State:
             return entry["result"]
         result = compute()
         self.data[name] = {"key": key, "result": result}
-        self.run.write_bytes(STATE_FILE, json.dumps(self.data, indent=1).encode())
+        self.save()
         return result
+
+    def save(self) -> None:
+        self.run.write_bytes(STATE_FILE, json.dumps(self.data, indent=1).encode())
 
 
 def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
@@ -183,12 +186,29 @@ def _stages(cfg, step, state, results, log, say, endpoint) -> None:
     from mcis_dist.train.classifier import run_url as cls_run_url
     from mcis_dist.train.classifier import train_classifier
 
-    def train(name, what, run_url, epochs, fn):
+    inputs: dict[str, str] = {}  # fingerprints of the sharded outputs the trained stages read
+
+    def train(name, what, run_url, epochs, fn, trained_on: str | None = None):
+        """``trained_on``: the input the stage trains on (``inputs`` key); a complete run made
+        from another version of it is refused, never silently reused."""
+        seen = state.data.setdefault("trained_on", {})
+
         def go():
+            now = inputs.get(trained_on) if trained_on else None
             if training_complete(run_url, epochs, endpoint):
+                before = seen.get(run_url)
+                if now is not None and before is not None and before != now:
+                    raise StageError(
+                        f"{run_url} was trained on {trained_on} {before[:12]}, but "
+                        f"{trained_on} are now {now[:12]} (their settings or inputs changed): "
+                        f"delete {run_url} to retrain it, or give the experiment another name="
+                    )
                 say(f"  complete ({epochs} epochs): {run_url}")
-                return
-            fn()
+            else:
+                fn()
+            if now is not None and seen.get(run_url) != now:
+                seen[run_url] = now
+                state.save()
 
         step(name, what, go)
 
@@ -203,6 +223,8 @@ def _stages(cfg, step, state, results, log, say, endpoint) -> None:
 
     def cams_of(c, label):
         manifest = compute_cams(c, log=log)
+        if c is cfg:
+            inputs["CAMs"] = manifest["fingerprint"]
         r = state.cached(f"eval_cams_{label}", manifest["fingerprint"],
                          lambda: _slim(evaluate_cams(c, log=log)))  # fmt: skip
         say(f"  {label}: CAM mIoU {100 * r['at_threshold']['miou']:.1f} at cams.bg_threshold="
@@ -227,10 +249,11 @@ def _stages(cfg, step, state, results, log, say, endpoint) -> None:
     a = cfg.affinity
     train("affinity", f"confident labels, then AffinityNet: {a.train.num_workers} workers, "
           f"{a.train.epochs} epochs", affinity_run_url(cfg), a.train.epochs,
-          lambda: train_affinity(cfg, log=log))  # fmt: skip
+          lambda: train_affinity(cfg, log=log), trained_on="CAMs")  # fmt: skip
 
     def masks():
         manifest = make_masks(cfg, log=log)
+        inputs["pseudo masks"] = manifest["fingerprint"]
         r = state.cached("eval_masks", manifest["fingerprint"],
                          lambda: _slim(evaluate_masks(cfg, log=log)))  # fmt: skip
         say(f"  pseudo-mask mIoU {100 * r['miou']:.1f} ({cfg.masks.mode})")
@@ -240,7 +263,7 @@ def _stages(cfg, step, state, results, log, say, endpoint) -> None:
     s = cfg.seg
     train("seg", f"{s.arch} ({s.backbone}) on the pseudo masks: {s.train.num_workers} workers, "
           f"{s.train.epochs} epochs", seg_run_url(cfg), s.train.epochs,
-          lambda: train_seg(cfg, log=log))  # fmt: skip
+          lambda: train_seg(cfg, log=log), trained_on="pseudo masks")  # fmt: skip
 
     def seg_eval():
         from mcis_dist.train.checkpoint import newest_checkpoint

@@ -191,7 +191,14 @@ def actor_options(use_gpu: bool, cpus_per_actor: int) -> dict:
     opts = {"num_cpus": cpus_per_actor, "max_restarts": 0}
     if use_gpu:
         opts["num_gpus"] = 1
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ}
+    forwarded = (
+        "AWS_ENDPOINT_URL",
+        "MCIS_S3_MAX_ATTEMPTS",
+        "MCIS_S3_RETRY_MODE",
+        "MCIS_S3_CONNECT_TIMEOUT",
+        "MCIS_S3_READ_TIMEOUT",
+    )  # to actors on any node
+    env = {k: os.environ[k] for k in forwarded if k in os.environ}
     if env:
         opts["runtime_env"] = {"env_vars": env}
     return opts

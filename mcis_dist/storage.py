@@ -11,15 +11,49 @@ which kind of URL it holds. Two promises matter more than the API:
   (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, profiles, instance
   roles); the endpoint may come from ``--endpoint-url`` or ``AWS_ENDPOINT_URL[_S3]``. No key is
   ever stored on these objects, written to a file, or put into an error message.
+
+**Flaky object stores.** Real S3 answers 500/503 (``SlowDown``), resets connections and stalls
+mid-read. Three layers absorb that:
+
+* every request goes through botocore's retry handler, ``Config(retries={"mode": "standard"})``
+  (or ``"adaptive"``, which also rate-limits the client on throttling answers): 500/502/503/504,
+  ``SlowDown``/throttling codes, connection errors and read timeouts are retried with jittered
+  exponential backoff, up to ``max_attempts`` attempts in all (first try included), with
+  ``connect_timeout`` and ``read_timeout`` bounding each attempt. Writes are single PUTs or
+  multipart uploads of a seekable file, which botocore rewinds and re-sends;
+* botocore's retries end when the answer's headers arrive, so a GET whose *body* dies halfway
+  (reset, truncated, or silent for ``read_timeout``) is resumed here: :class:`_ResumableBody`
+  re-requests the rest with ``Range: bytes=<next byte>-`` and ``If-Match: <ETag>`` (an object
+  replaced meanwhile fails instead of splicing two versions), so the reader sees every byte once,
+  in order. It gives up after ``max_attempts`` failures in a row without progress (or
+  ``4 * max_attempts`` in all) with a :class:`StorageError` naming the ``s3://`` URL. A whole
+  object read (in one piece or several) is checked against the CRC32 stored with it, when
+  there is one; a mismatch raises :class:`StorageError` at the end of the read (a streaming reader has seen the bytes before it by then: ``read_bytes`` has not);
+* ``download_file`` uses s3transfer, which retries broken bodies itself
+  (``TransferConfig.num_download_attempts``, 5).
+
+The knobs, read from the environment when a process creates its client (so they reach build
+pool workers and Ray actors started on the same machine): ``MCIS_S3_MAX_ATTEMPTS`` (default 8),
+``MCIS_S3_RETRY_MODE`` (``standard`` or ``adaptive``), ``MCIS_S3_CONNECT_TIMEOUT`` (seconds,
+default 10) and ``MCIS_S3_READ_TIMEOUT`` (seconds without a byte before an attempt counts as
+failed, default 60). ``check_readable`` uses at most 2 attempts, to fail fast on a wrong
+endpoint, bucket or key; only if those end in a 5xx, a reset or a timeout does it retry with the
+full ``max_attempts``.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import io
 import os
+import random
 import shutil
 import tempfile
+import time
+import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -184,6 +218,215 @@ class LocalStorage:
             raise StorageError(f"{self.root} does not exist or is not a folder")
 
 
+ENV_MAX_ATTEMPTS = "MCIS_S3_MAX_ATTEMPTS"
+ENV_RETRY_MODE = "MCIS_S3_RETRY_MODE"
+ENV_CONNECT_TIMEOUT = "MCIS_S3_CONNECT_TIMEOUT"
+ENV_READ_TIMEOUT = "MCIS_S3_READ_TIMEOUT"
+RETRY_MODES = ("standard", "adaptive")
+
+
+@dataclass(frozen=True)
+class S3RetrySettings:
+    """How hard an S3 client tries (see the module docstring); :meth:`from_env` reads the
+    ``MCIS_S3_*`` variables."""
+
+    max_attempts: int = 8
+    mode: str = "standard"
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> S3RetrySettings:
+        def number(var: str, kind, default, low):
+            raw = os.environ.get(var, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                value = None
+            if value is None or value < low:
+                raise StorageError(f"{var}={raw!r}: expected a number >= {low}") from None
+            return value
+
+        mode = os.environ.get(ENV_RETRY_MODE, "").strip() or cls.mode
+        if mode not in RETRY_MODES:
+            raise StorageError(
+                f"{ENV_RETRY_MODE}={mode!r}: expected one of {', '.join(RETRY_MODES)}"
+            )
+        return cls(
+            max_attempts=number(ENV_MAX_ATTEMPTS, int, cls.max_attempts, 1),
+            mode=mode,
+            connect_timeout=number(ENV_CONNECT_TIMEOUT, float, cls.connect_timeout, 0.1),
+            read_timeout=number(ENV_READ_TIMEOUT, float, cls.read_timeout, 0.1),
+        )
+
+
+@functools.cache
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """What a GET body raises when its connection dies mid-read (worth resuming)."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+    from urllib3.exceptions import HTTPError as URLLib3Error
+
+    # HTTPClientError: ResponseStreamingError (reset, truncated), ReadTimeoutError (a stall),
+    # ConnectionClosedError; IncompleteReadError: fewer bytes than Content-Length.
+    return (HTTPClientError, IncompleteReadError, BotoConnectionError, URLLib3Error,
+            ConnectionError, TimeoutError)  # fmt: skip
+
+
+def _transient(e: BaseException) -> bool:
+    """A 5xx/throttling answer or a connection that broke after it was made (not: a refused
+    connection, a missing bucket, a denied key)."""
+    from botocore.exceptions import ClientError, HTTPClientError
+
+    if isinstance(e, ClientError):
+        meta = e.response.get("ResponseMetadata", {})
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        return int(meta.get("HTTPStatusCode") or 0) >= 500 or code in ("SlowDown", "Throttling")
+    return isinstance(e, HTTPClientError)
+
+
+RESUME_PIECE = 64 * 1024  # bytes asked of a body at once: a reset loses at most this much
+RESUME_BACKOFF_S = 0.25  # first pause before re-requesting a broken body (doubles, jittered)
+RESUME_MAX_BACKOFF_S = 10.0
+
+
+class _ResumableBody(io.RawIOBase):
+    """The body of an S3 GET that survives its connection dying mid-read: the rest is asked for
+    again with a ranged GET pinned to the object's ETag, so the reader gets every byte once."""
+
+    def __init__(self, storage: S3Storage, name: str, response: dict, start: int = 0):
+        super().__init__()
+        self._storage, self._name = storage, name
+        self._body = response["Body"]
+        self._etag = response.get("ETag")
+        self._pos = start
+        length = response.get("ContentLength")
+        self._end = start + int(length) if length is not None else None
+        # The CRC32 S3 keeps of a whole object (not of a range, not a multipart composite one),
+        # checked here over all the pieces: botocore checks only a body read to its EOF in one
+        # piece, and this reader stops at the Content-Length.
+        crc = response.get("ChecksumCRC32")
+        whole = start == 0 and "ContentRange" not in response
+        composite = response.get("ChecksumType") == "COMPOSITE" or "-" in (crc or "")
+        self._want_crc = crc if whole and crc and not composite else None
+        self._crc = 0
+        self._resumes = 0
+        self._settings = storage.retry_settings
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read of a closed S3 body")
+        if size is None or size < 0:
+            return self.readall()
+        return self._read(size) if size else b""
+
+    def readall(self) -> bytes:
+        chunks = []
+        while chunk := self._read(RESUME_PIECE):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def _read(self, size: int) -> bytes:
+        from botocore.exceptions import BotoCoreError
+
+        errors = _body_errors()
+        in_a_row = 0
+        while True:
+            if self._end is not None and self._pos >= self._end:
+                return b""
+            if self._body is None:
+                self._reopen()
+            try:
+                data = self._body.read(min(size, RESUME_PIECE))
+            except errors as e:
+                in_a_row += 1
+                self._give_up_or_wait(e, in_a_row)
+                continue
+            except BotoCoreError as e:  # e.g. FlexibleChecksumError: the bytes were corrupted
+                self._close_body()
+                raise StorageError(
+                    f"cannot read {self._storage.describe(self._name)}: {type(e).__name__}: {e}"
+                ) from None
+            if not data:  # the end (botocore checks the Content-Length itself)
+                self._end = self._pos
+                return b""
+            self._pos += len(data)
+            if self._want_crc is not None:
+                self._crc = zlib.crc32(data, self._crc)
+                if self._end is not None and self._pos >= self._end:
+                    self._check_crc()
+            return data
+
+    def _give_up_or_wait(self, e: BaseException, in_a_row: int) -> None:
+        self._close_body()
+        attempts = self._settings.max_attempts
+        self._resumes += 1
+        if in_a_row >= attempts or self._resumes > 4 * attempts:
+            total = f" of {self._end}" if self._end is not None else ""
+            why = (f"{in_a_row} attempts in a row without progress" if in_a_row >= attempts
+                   else f"{self._resumes} broken reads in all")  # fmt: skip
+            raise StorageError(
+                f"cannot read {self._storage.describe(self._name)}: the connection broke "
+                f"mid-object (last at byte {self._pos}{total}: {type(e).__name__}); gave up "
+                f"after {why} ({ENV_MAX_ATTEMPTS}={attempts})"
+            ) from None
+        pause = min(RESUME_BACKOFF_S * 2 ** (in_a_row - 1), RESUME_MAX_BACKOFF_S)
+        time.sleep(random.random() * pause)
+
+    def _reopen(self) -> None:
+        """Ask for the rest (botocore retries this request itself; its failure is final)."""
+        from botocore.exceptions import ClientError
+
+        st = self._storage
+        rng = (
+            f"bytes={self._pos}-{self._end - 1}" if self._end is not None else f"bytes={self._pos}-"
+        )
+        kwargs = {"IfMatch": self._etag} if self._etag else {}
+        try:
+            obj = st.client.get_object(Bucket=st.loc.bucket, Key=st._key(self._name), Range=rng,
+                                       **kwargs)  # fmt: skip
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412"):
+                raise StorageError(
+                    f"cannot read {st.describe(self._name)}: the object was replaced while "
+                    "being read; read it again"
+                ) from None
+            raise st._error(e, f"cannot read {st.describe(self._name)}") from None
+        except Exception as e:
+            raise st._error(e, f"cannot read {st.describe(self._name)}") from None
+        self._body = obj["Body"]
+
+    def _check_crc(self) -> None:
+        got = base64.b64encode(self._crc.to_bytes(4, "big")).decode()
+        if got != self._want_crc:
+            n = self._resumes + 1
+            raise StorageError(
+                f"cannot read {self._storage.describe(self._name)}: CRC32 {got} of the bytes "
+                f"read (in {n} request{'s' if n > 1 else ''}) differs from the stored "
+                f"{self._want_crc}: corrupted in transit"
+            )
+
+    def _close_body(self) -> None:
+        if self._body is not None:
+            with suppress(Exception):
+                self._body.close()
+            self._body = None
+
+    def close(self) -> None:
+        self._close_body()
+        super().close()
+
+
 @dataclass(frozen=True)
 class _S3Location:
     bucket: str
@@ -199,6 +442,7 @@ class S3Storage:
         self.endpoint_url = endpoint_url
         self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self._client = client
+        self._retry: S3RetrySettings | None = None
 
     # boto3 clients are neither picklable nor fork-safe: build one lazily in each process.
     def __getstate__(self):
@@ -207,19 +451,32 @@ class S3Storage:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._client = None
+        self._retry = None  # the receiving process's environment decides
 
-    def _make_client(self, attempts: int):
+    @property
+    def retry_settings(self) -> S3RetrySettings:
+        """This process's retry settings (read from the environment once per storage)."""
+        if self._retry is None:
+            self._retry = S3RetrySettings.from_env()
+        return self._retry
+
+    def _make_client(self, attempts: int | None = None):
         import boto3
         from botocore.config import Config
 
-        config = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10)
+        s = self.retry_settings
+        config = Config(
+            retries={"total_max_attempts": attempts or s.max_attempts, "mode": s.mode},
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+        )
         return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
 
     @property
     def client(self):
         """For data: patient retries, since a long build must ride out transient S3 errors."""
         if self._client is None:
-            self._client = self._make_client(attempts=8)
+            self._client = self._make_client()
         return self._client
 
     def _key(self, name: str) -> str:
@@ -232,9 +489,16 @@ class S3Storage:
         return f"{self.url}/{name}" if name else self.url
 
     def _error(self, e: Exception, what: str) -> StorageError:
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            HTTPClientError,
+            NoCredentialsError,
+        )
 
         endpoint = f" at endpoint {self.endpoint_url}" if self.endpoint_url else ""
+        if type(e).__name__ == "S3UploadFailedError" and e.__context__ is not None:
+            e = e.__context__  # s3transfer's wrapper: the cause is the client's error
         if isinstance(e, ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchBucket"):
@@ -246,13 +510,23 @@ class S3Storage:
                     f"{what}: access denied to bucket '{self.loc.bucket}'{endpoint} ({code}); "
                     "check the AWS credentials in the environment"
                 )
-            return StorageError(f"{what}: S3 error {code}{endpoint}")
+            retried = int(e.response.get("ResponseMetadata", {}).get("RetryAttempts") or 0)
+            tries = f" (after {retried + 1} attempts)" if retried else ""
+            return StorageError(f"{what}: S3 error {code}{endpoint}{tries}")
         if isinstance(e, EndpointConnectionError):
             return StorageError(f"{what}: cannot reach the S3 endpoint{endpoint or ''}")
         if isinstance(e, NoCredentialsError):
             return StorageError(
                 f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                 "or a profile)"
+            )
+        if isinstance(e, StorageError):
+            return e
+        if isinstance(e, HTTPClientError):  # reset, truncated or timed out on every attempt
+            return StorageError(
+                f"{what}: {type(e).__name__}{endpoint} (gave up after "
+                f"{self.retry_settings.max_attempts} attempts; see {ENV_MAX_ATTEMPTS} and "
+                f"{ENV_READ_TIMEOUT})"
             )
         return StorageError(f"{what}: {type(e).__name__}{endpoint}")
 
@@ -311,9 +585,10 @@ class S3Storage:
                 Key=self._key(name),
                 Range=f"bytes={offset}-{offset + size - 1}",
             )
-            return obj["Body"].read()
         except Exception as e:
             raise self._error(e, f"cannot read {self.describe(name)}") from None
+        with _ResumableBody(self, name, obj, start=offset) as body:
+            return body.read()
 
     def list_dirs(self) -> list[str]:
         return sorted(n for n in self._list_page("", delimiter=True) if n)
@@ -323,6 +598,7 @@ class S3Storage:
             return body.read()
 
     def open_read(self, name: str) -> BinaryIO:
+        """A streaming read that resumes where it broke (see :class:`_ResumableBody`)."""
         try:
             obj = self.client.get_object(Bucket=self.loc.bucket, Key=self._key(name))
         except Exception as e:
@@ -330,7 +606,7 @@ class S3Storage:
             if "no such object" in str(err):
                 err = StorageError(f"{self.describe(name)} does not exist")
             raise err from None
-        return obj["Body"]
+        return _ResumableBody(self, name, obj)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         try:
@@ -367,11 +643,19 @@ class S3Storage:
             raise self._error(e, f"cannot delete {self.describe(name)}") from None
 
     def check_readable(self) -> None:
-        """Fail fast (two attempts, not eight) on a missing bucket, endpoint or credentials."""
+        """Fail fast (two attempts, not eight) on a missing bucket, endpoint or credentials; a
+        store that answers 5xx, resets or stalls is only flaky, and gets the patient client."""
         try:
-            self._make_client(attempts=2).head_bucket(Bucket=self.loc.bucket)
+            self._make_client(attempts=min(2, self.retry_settings.max_attempts)).head_bucket(
+                Bucket=self.loc.bucket
+            )
         except Exception as e:
-            raise self._error(e, f"cannot read {self.url}") from None
+            if not _transient(e):
+                raise self._error(e, f"cannot read {self.url}") from None
+            try:
+                self.client.head_bucket(Bucket=self.loc.bucket)
+            except Exception as e2:
+                raise self._error(e2, f"cannot read {self.url}") from None
 
     def check_writable(self) -> None:
         """Fail fast (before any work) on a missing bucket, bad credentials or a read-only key."""

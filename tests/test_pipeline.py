@@ -137,6 +137,18 @@ def test_killed_inside_training_and_inside_cams_then_resumed_then_the_demo(tmp_p
     saved = (run / "config.yaml").read_text()
     assert "num_train: 40" in saved and f"train_url: {tmp_path}/shards/train" in saved
     assert json.loads((run / "report.json").read_text())["seg_miou"] == report["seg_miou"]
+    # the run report lists the classifier's attention diagnostics
+    assert (
+        report["attention"]["pairs"] > 0
+        and "Attention diagnostics" in (run / "report.md").read_text()
+    )
+    # 5. Changed pseudo-mask settings: the masks are redone, and DeepLab, trained on the old
+    #    masks, is refused with the run named instead of being silently reused.
+    changed = subprocess.run(pipeline_cmd(*overrides, "masks.steps=8"), env=env(),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert changed.returncode != 0
+    err = changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "was trained on pseudo masks" in err and f"{run}/seg/run" in err, err
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,13 @@ Resume is exact: a worker's stream is a pure function of (seed, epoch, rank, wor
 sample's augmentation is seeded from its key, and the pool decides from metadata alone. To
 resume at batch ``n`` a worker replays its stream reading only the JSON records (no decoding),
 recreating the pool's state, and decodes only what it will emit from there on.
+
+A flaky object store does not cost samples: shards are read through
+:func:`mcis_dist.storage.open_url`, whose S3 body resumes a broken or stalled read with a ranged
+GET at the next byte (botocore's standard retries cover the requests themselves), so webdataset's
+tar iterator sees each shard's bytes once, in order. webdataset's own retry (``curl --retry`` in
+its ``pipe:`` URLs) is not on this path, and s3fs is not used here. Only a shard that stays
+unreadable after those retries is counted in ``shard_errors`` and skipped.
 """
 
 from __future__ import annotations
@@ -114,7 +121,8 @@ def register_webdataset_s3(endpoint_url: str | None = None) -> None:
 
 
 def iter_shard(url: str, endpoint_url: str | None = None):
-    """Raw samples (dicts of member bytes, ``__key__``) of one shard, in tar order."""
+    """Raw samples (dicts of member bytes, ``__key__``) of one shard, in tar order; an S3 read
+    that breaks mid-shard resumes where it broke (a StorageError naming the URL if it cannot)."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     with open_url(url, endpoint_url=endpoint_url) as stream:
@@ -157,7 +165,7 @@ class PairStream(IterableDataset):
                         buffer.append((raw, cycle))
                         if len(buffer) >= max(1, spec.shuffle_buffer):
                             yield buffer.pop(int(rng.integers(len(buffer))))
-                except Exception as e:  # a broken or unreachable shard costs its samples only
+                except Exception as e:  # unreadable after the storage's retries: skip the rest
                     stats.shard_errors += 1
                     stats.last_error = f"{spec.shard_urls[shard]}: {type(e).__name__}: {e}"
             if usable == 0:

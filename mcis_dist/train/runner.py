@@ -272,11 +272,18 @@ def run_storage(url: str, cfg: ExperimentConfig):
         return root, name, None
     from pyarrow import fs
 
+    from mcis_dist.storage import S3RetrySettings
+
     endpoint = endpoint_url(cfg)
-    kwargs = {}
+    retry = S3RetrySettings.from_env()  # the MCIS_S3_* settings, as for every other S3 client
+    kwargs = {
+        "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=retry.max_attempts),
+        "connect_timeout": retry.connect_timeout,
+        "request_timeout": retry.read_timeout,
+    }
     if endpoint:
         scheme, _, host = endpoint.partition("://")
-        kwargs = {"endpoint_override": host, "scheme": scheme or "https"}
+        kwargs.update(endpoint_override=host, scheme=scheme or "https")
     return root[len("s3://") :], name, fs.S3FileSystem(**kwargs)
 
 
