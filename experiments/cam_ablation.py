@@ -114,6 +114,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ks", default="0,1,2,3,4,5", help="related images per class (0: single)")
     p.add_argument("--trainings", default=",".join(TRAININGS))
+    p.add_argument("--maps-tag", default="",
+                   help="suffix of the map folders, to score other inference settings of the "
+                   "same trained classifiers (e.g. --maps-tag feature cams.readout=feature)")  # fmt: skip
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
                     maps = ["cams.mode=single"]
                 else:
                     maps = ["cams.mode=coattentive", f"cams.related={k}"]
-                folder = out / name / f"cams_k{k}"
+                folder = out / name / f"cams_k{k}{'_' + args.maps_tag if args.maps_tag else ''}"
                 done = folder / "eval" / "eval.json"
                 if done.exists():  # a finished map set of an earlier run (delete it to redo)
                     r = json.loads(done.read_text())
@@ -167,18 +170,19 @@ def main(argv=None) -> int:
     doc = {"split": split, "config": args.config, "overrides": args.overrides, "seeds": seeds,
            "rows": rows, "summary": summary, "attention": diagnostics,
            "seconds": round(time.time() - t0, 1)}  # fmt: skip
-    (out / "ablation.json").write_text(json.dumps(doc, indent=1))
+    stem = f"ablation{'_' + args.maps_tag if args.maps_tag else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     md = table(summary, threshold)
     if diagnostics:
-        keys = sorted({k for d in diagnostics.values() for k in d})
+        keys = sorted({k for d in diagnostics.values() for k in d} - {"checkpoint", "pairs"})
         md += "\n\nAttention diagnostics (`mcis eval cams`, split " + args.split + ")\n\n"
         md += "| run | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
         for name, d in diagnostics.items():
             md += f"| {name} | " + " | ".join(str(d.get(k, "")) for k in keys) + " |\n"
-    (out / "ablation.md").write_text(md + "\n")
-    plot(summary, out / "ablation.png", threshold)
+    (out / f"{stem}.md").write_text(md + "\n")
+    plot(summary, out / f"{stem}.png", threshold)
     print(md)
-    print(f"written: {out}/ablation.json, ablation.md, ablation.png ({doc['seconds']:.0f} s)")
+    print(f"written: {out}/{stem}.json, {stem}.md, {stem}.png ({doc['seconds']:.0f} s)")
     return 0
 
 

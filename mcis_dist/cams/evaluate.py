@@ -169,10 +169,13 @@ def attention_report(cfg: ExperimentConfig, manifest: dict, source_manifest: dic
     from mcis_dist.train.checkpoint import load_model_state
     from mcis_dist.train.classifier import build_model
 
+    from mcis_dist.storage import StorageError
+    from mcis_dist.train.checkpoint import CheckpointError
+
     try:
         state, where = resolve_checkpoint(cfg, manifest.get("checkpoint"))
         check_model_state(cfg, state, len(manifest["classes"]), where)
-    except StageError as e:
+    except (StageError, CheckpointError, StorageError) as e:
         log(f"eval cams: no attention diagnostics ({e})")
         return None
     model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(
