@@ -166,11 +166,9 @@ def attention_report(cfg: ExperimentConfig, manifest: dict, source_manifest: dic
     from mcis_dist.cams.stage import check_model_state, resolve_checkpoint
     from mcis_dist.data.related import RelatedSampler
     from mcis_dist.models.diagnostics import split_report
-    from mcis_dist.train.checkpoint import load_model_state
-    from mcis_dist.train.classifier import build_model
-
     from mcis_dist.storage import StorageError
-    from mcis_dist.train.checkpoint import CheckpointError
+    from mcis_dist.train.checkpoint import CheckpointError, load_model_state
+    from mcis_dist.train.classifier import build_model
 
     try:
         state, where = resolve_checkpoint(cfg, manifest.get("checkpoint"))
