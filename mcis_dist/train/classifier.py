@@ -33,17 +33,23 @@ from mcis_dist.train.runner import (  # noqa: F401  (re-exported: the stages' sh
 )
 
 RUN_SUBDIR = "cls"
+#: backbones whose builder takes ``pretrained`` (ImageNet weights shipped with their package)
+WHEEL_WEIGHTS = ("efficientnet_lite0",)
 
 
 # ------------------------------------------------------------------------------- building blocks
-def backbone_kwargs(cfg: ExperimentConfig) -> dict[str, bool | float]:
+def backbone_kwargs(cfg: ExperimentConfig) -> dict[str, bool | float | str | None]:
     """Builder arguments from ``model.freeze_bn`` / ``model.backbone_dropout`` (ResNet-38
-    family only, checked by the schema); unset options keep the backbone's defaults."""
-    kwargs: dict[str, bool | float] = {}
+    family only, checked by the schema) and ``model.pretrained`` (backbones that ship their
+    ImageNet weights); unset options keep the backbone's defaults."""
+    kwargs: dict[str, bool | float | str | None] = {}
     if cfg.model.freeze_bn is not None:
         kwargs["frozen_bn"] = cfg.model.freeze_bn
     if cfg.model.backbone_dropout is not None:
         kwargs["dropout_b6"], kwargs["dropout_b7"] = cfg.model.backbone_dropout
+    if cfg.model.backbone in WHEEL_WEIGHTS:  # its builder loads the weights (and freezes BN):
+        kwargs["pretrained"] = cfg.model.pretrained  # its package's ImageNet file,
+        kwargs["weights"] = cfg.model.weights  # or this file instead when set
     return kwargs
 
 
@@ -54,6 +60,8 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> MCISClassifier:
 
         if cfg.model.backbone == "vgg16":
             weights.load_torchvision_vgg16(backbone, cfg.model.weights)
+        elif cfg.model.backbone in WHEEL_WEIGHTS:
+            pass  # already loaded by its builder (backbone_kwargs)
         else:
             weights.load_state_dict_file(backbone, cfg.model.weights)
     return MCISClassifier(
