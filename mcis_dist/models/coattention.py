@@ -118,12 +118,7 @@ def coattention(
     Returns:
         (fn_from_m, fm_from_n) as in ``coattention_dense``.
     """
-    _check_pair(fm, fn)
-    c = fm.shape[1]
-    if w_p.dim() not in (2, 3) or w_p.shape[-2:] != (c, c):
-        raise ValueError(f"w_p must be ({c}, {c}) or (B, {c}, {c}), got {tuple(w_p.shape)}")
-    if w_p.dim() == 3 and w_p.shape[0] != fm.shape[0]:
-        raise ValueError(f"per-pair w_p needs batch {fm.shape[0]}, got {tuple(w_p.shape)}")
+    _check_inputs(fm, fn, w_p)
     if backend not in ("chunked", "sdpa"):
         raise ValueError(f"backend must be one of 'chunked', 'sdpa', got {backend!r}")
     chunk = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
@@ -166,18 +161,23 @@ def coattention_cosine(
         (fn_from_m, fm_from_n) as in ``coattention_dense``: F_n^{m∩n} = F_m A_m and
         F_m^{m∩n} = F_n A_n.
     """
-    _check_pair(fm, fn)
-    c = fm.shape[1]
-    if w_p.dim() not in (2, 3) or w_p.shape[-2:] != (c, c):
-        raise ValueError(f"w_p must be ({c}, {c}) or (B, {c}, {c}), got {tuple(w_p.shape)}")
-    if w_p.dim() == 3 and w_p.shape[0] != fm.shape[0]:
-        raise ValueError(f"per-pair w_p needs batch {fm.shape[0]}, got {tuple(w_p.shape)}")
+    _check_inputs(fm, fn, w_p)
     if not isinstance(temperature, Tensor) and not temperature > 0:  # (a tensor: no host sync)
         raise ValueError(f"temperature must be > 0, got {temperature}")
     keys = F.normalize(project_keys(fm, w_p).flatten(2), dim=1, eps=eps)  # (B, C, Lm)
     queries = F.normalize(fn.flatten(2), dim=1, eps=eps) / temperature  # (B, C, Ln)
     n_from_m, m_from_n = _sdpa(keys, fm.flatten(2), fn.flatten(2), queries=queries)
     return n_from_m.reshape(fn.shape), m_from_n.reshape(fm.shape)
+
+
+def _check_inputs(fm: Tensor, fn: Tensor, w_p: Tensor) -> None:
+    """Pairs of features and a W_P of (C, C), or one per pair (B, C, C)."""
+    _check_pair(fm, fn)
+    c = fm.shape[1]
+    if w_p.dim() not in (2, 3) or w_p.shape[-2:] != (c, c):
+        raise ValueError(f"w_p must be ({c}, {c}) or (B, {c}, {c}), got {tuple(w_p.shape)}")
+    if w_p.dim() == 3 and w_p.shape[0] != fm.shape[0]:
+        raise ValueError(f"per-pair w_p needs batch {fm.shape[0]}, got {tuple(w_p.shape)}")
 
 
 def _check_pair(fm: Tensor, fn: Tensor) -> None:
