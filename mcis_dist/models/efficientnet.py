@@ -50,6 +50,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mcis_dist.models.batchnorm import FrozenBatchNormMixin
+
 __all__ = [
     "EXTRA_HINT",
     "EfficientNetLite0",
@@ -97,7 +99,7 @@ def wheel_weights_path() -> Path:
     return path
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite0(FrozenBatchNormMixin, nn.Module):
     """EfficientNet-Lite0 feature extractor, output stride 8 (see the module docstring).
 
     Follows the backbone contract of :mod:`mcis_dist.models.backbones`. The constructor reads no
@@ -166,25 +168,6 @@ class EfficientNetLite0(nn.Module):
                 rate *= s
             else:
                 stride *= s
-
-    def freeze_bn(self) -> None:
-        """Freeze every BatchNorm: eval mode (running statistics, no updates) and no gradients;
-        stays in force across :meth:`train`."""
-        self.frozen_bn = True
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-                for p in m.parameters():
-                    p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> EfficientNetLite0:
-        """Like ``nn.Module.train`` but keeps frozen BatchNorm layers in eval mode."""
-        super().train(mode)
-        if self.frozen_bn:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Taps ``stage3`` (40 ch), ``stage5`` (112), ``stage7`` (320), ``head`` (1280, with

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcis_dist.models.batchnorm import FrozenBatchNormMixin
+
 __all__ = ["ResNet38", "resnet38", "resnet38_tiny", "STAGES"]
 
 #: Names accepted by ``freeze_stages``; a stage ``bN`` covers ``bN`` and ``bN_1``, ``bN_2``, ...
@@ -134,7 +136,7 @@ class BottleneckBlock(nn.Module):
         return self.forward_with_preact(x)[0]
 
 
-class ResNet38(nn.Module):
+class ResNet38(FrozenBatchNormMixin, nn.Module):
     """ResNet-38 (model A1) with output stride 8; see the module docstring for the layout.
 
     Follows the backbone contract of :mod:`mcis_dist.models.backbones`: ``out_channels``,
@@ -225,28 +227,6 @@ class ResNet38(nn.Module):
             for module in self.stage_modules(stage):
                 for p in module.parameters():
                     p.requires_grad_(False)
-
-    def freeze_bn(self) -> None:
-        """Freeze every BatchNorm: eval mode (running statistics, no updates) and no gradients.
-
-        Stays in force across :meth:`train`: ``model.train()`` switches everything else to
-        training mode and puts the BatchNorm layers straight back into eval mode.
-        """
-        self.frozen_bn = True
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-                for p in m.parameters():
-                    p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> ResNet38:
-        """Like ``nn.Module.train`` but keeps frozen BatchNorm layers in eval mode."""
-        super().train(mode)
-        if self.frozen_bn:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return the taps ``conv4``, ``conv5``, ``conv6`` and ``out`` (= ``conv6``).
