@@ -1,4 +1,4 @@
-"""Dense CRF (REFERENCE §6): images/s of ``crf_map`` with all cores against one process.
+"""Dense CRF (pydensecrf2): images/s of ``crf_map`` with all cores against one process.
 
 Every image is a synthetic 'photo' (smooth colour regions plus pixel noise) with 21-class
 probabilities (softmax of smooth random logits, sharpened towards the regions), 512 x 512

@@ -1,4 +1,4 @@
-"""AffinityNet random walk (REFERENCE §4): the sparse walk against psa's dense matrix power.
+"""AffinityNet random walk (psa): the sparse walk against psa's dense matrix power.
 
 Both methods compute the same thing, out[c] = T^t cams[c] with T = D⁻¹ A^β (β = 8, t = 256,
 radius 5: 69 offsets, C = 3 maps) on the stride-8 grid of a square image (256² ... 1024²

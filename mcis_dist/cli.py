@@ -411,14 +411,14 @@ def cmd_weights_convert(args) -> int:
 
 
 def cmd_train_cls(args) -> int:
-    from mcis_dist.config import dump_config, load_config
+    from mcis_dist.config import load_config, write_run_config
     from mcis_dist.storage import open_storage
     from mcis_dist.train.classifier import endpoint_url, run_url, train_classifier
 
     cfg = load_config(args.config, args.overrides)
     run = open_storage(run_url(cfg), endpoint_url=endpoint_url(cfg))
     run.check_writable()
-    run.write_bytes("config.yaml", dump_config(cfg).encode())
+    write_run_config(cfg, run)
     result = train_classifier(cfg)
     m = result.metrics or {}
     print(

@@ -1,4 +1,4 @@
-"""Dense CRF refinement of class probabilities (REFERENCE §6; Krähenbühl & Koltun 2011).
+"""Dense CRF refinement of class probabilities (paper §3.3; Krähenbühl & Koltun 2011).
 
 The fully connected CRF minimises, over the labels x of all pixels,
 
@@ -7,7 +7,7 @@ The fully connected CRF minimises, over the labels x of all pixels,
     k(f_i, f_j) = w_g exp(−|p_i − p_j|² / 2θ_γ²)                              (Gaussian, smoothness)
                 + w_b exp(−|p_i − p_j|² / 2θ_α² − |I_i − I_j|² / 2θ_β²)   (bilateral, appearance)
 
-with the Potts compatibility μ, solved by mean-field inference. REFERENCE §6 settings:
+with the Potts compatibility μ, solved by mean-field inference. Settings (psa's code):
 Gaussian θ_γ = sxy = 3, w_g = compat = 3; bilateral θ_α = sxy = 80, θ_β = srgb = 13,
 w_b = compat = 10; 10 iterations. Runs on the CPU with pydensecrf2 (``pydensecrf.densecrf``,
 single-threaded, ~1.7 s for 512 x 512 with 21 labels on one core); :func:`crf_map` spreads many
@@ -31,7 +31,7 @@ CLIP = 1e-5  # probabilities are clipped to [CLIP, 1] before −log (pydensecrf'
 
 @dataclass(frozen=True)
 class CRFParams:
-    """Dense CRF settings (REFERENCE §6 defaults)."""
+    """Dense CRF settings (defaults as in psa's code)."""
 
     iterations: int = 10
     gauss_sxy: float = 3.0
@@ -97,7 +97,7 @@ def crf_inference(
     bi_srgb: float = 13.0,
     bi_compat: float = 10.0,
 ) -> np.ndarray:
-    """Mean-field marginals of the dense CRF (REFERENCE §6).
+    """Mean-field marginals of the dense CRF (Krähenbühl & Koltun 2011).
 
     Args:
         image_rgb: (H, W, 3) uint8 RGB image (the bilateral kernel's colours).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mcis_dist.config import ExperimentConfig, dump_config, load_config
+from mcis_dist.config import ExperimentConfig, load_config, write_run_config
 from mcis_dist.data.loader import PairLoader
 from mcis_dist.shards.build import BuildOptions, build_dataset
 from mcis_dist.shards.manifest import summarize
@@ -75,7 +75,7 @@ def run_demo(config_path: str | None = None, overrides: list[str] | tuple = ()) 
     cfg = load_config(path, overrides, schema=ExperimentConfig)
     run = open_storage(cfg.run_root, endpoint_url=cfg.shards.endpoint_url).child(cfg.name)
     run.check_writable()
-    run.write_bytes("config.yaml", dump_config(cfg).encode())
+    write_run_config(cfg, run)
     t0 = time.perf_counter()
     print(f"mcis demo: experiment '{cfg.name}' (config: {path or 'built-in defaults'})")
     print(f"  resolved config saved to {run.describe('config.yaml')}")

@@ -8,7 +8,7 @@ L_CE is the sigmoid cross entropy of the paper, i.e. ``multilabel_soft_margin_lo
     contrastive (Eq. 9):  L_CE(s_m^{m\n}, l_m \ l_n) + L_CE(s_n^{n\m}, l_n \ l_m)
     total       (Eq. 10): the weighted sum (weights 1 in the paper)
 
-Options from the authors' code (docs/REFERENCE.md §1): the contrastive term only from epoch
+Options from the authors' code: the contrastive term only from epoch
 ``contrastive_from_epoch`` on (2); ``reduction="authors"`` averages the two images' terms of
 the single and co-attention losses instead of adding them (the authors concatenate m and n
 into one batch) and adds each contrastive direction only when some pair of the batch has a

@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Callable
 
-from mcis_dist.config import ExperimentConfig, dump_config
+from mcis_dist.config import ExperimentConfig, write_run_config
 from mcis_dist.sharded import StageError
 from mcis_dist.storage import open_storage
 
@@ -101,7 +101,7 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
     endpoint = endpoint_url(cfg)
     run = open_storage(f"{cfg.run_root.rstrip('/')}/{cfg.name}", endpoint_url=endpoint)
     run.check_writable()
-    run.write_bytes("config.yaml", dump_config(cfg).encode())
+    write_run_config(cfg, run)
     seconds: dict[str, float] = {}
     results: dict = {}
     state = _State(run)

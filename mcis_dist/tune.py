@@ -37,13 +37,14 @@ import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from mcis_dist.config import (
-    _EXPONENT,
+    YAML_EXPONENT,
     ConfigError,
     ExperimentConfig,
     config_from_dict,
     describe_schema,
     dump_config,
     load_config,
+    write_run_config,
 )
 from mcis_dist.sharded import StageError
 from mcis_dist.storage import open_storage
@@ -127,7 +128,7 @@ def _set(data: dict, key: str, value: Any) -> None:
 
 
 def _number(v: Any, where: str) -> float:
-    if isinstance(v, str) and _EXPONENT.fullmatch(v.strip()):
+    if isinstance(v, str) and YAML_EXPONENT.fullmatch(v.strip()):
         return float(v)  # YAML 1.1 reads 1e-3 as a string
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ConfigError(f"{where}: expected a number, got {v!r}")
@@ -144,7 +145,7 @@ def _parse_dist(spec: Any, where: str, numeric: bool) -> dict:
         raise ConfigError(f"{where}: {kind} takes a non-empty list, got {args!r}")
     if kind in ("choice", "grid"):
         if numeric:
-            args = [float(a) if isinstance(a, str) and _EXPONENT.fullmatch(a.strip()) else a
+            args = [float(a) if isinstance(a, str) and YAML_EXPONENT.fullmatch(a.strip()) else a
                     for a in args]  # fmt: skip
         return {kind: args}
     if len(args) != 2:
@@ -349,7 +350,7 @@ def run_trial(params: dict, context: dict) -> None:
     cfg = trial_config(context, params, trial_id)
     stage = SWEEP_STAGES[context["stage"]]
     trial = open_storage(f"{cfg.run_root}/{trial_id}")
-    trial.write_bytes("config.yaml", dump_config(cfg).encode())
+    write_run_config(cfg, trial)
     if stage.runner == "affinity":
         _trial_labels(cfg, context)
     fit(cfg, stage.runner, stage.section, callbacks=[EpochReports(context["metric"])])

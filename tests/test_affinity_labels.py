@@ -1,4 +1,4 @@
-"""Training labels from CAMs (REFERENCE §4) and from saliency (§4b) against per-pixel loops that
+"""Training labels from CAMs (psa) and from saliency (paper §3.2) against per-pixel loops that
 state the rules literally; stride-8 label sampling; the empty-label check."""
 
 from __future__ import annotations
@@ -173,9 +173,9 @@ def test_class_ids_checked():
         confident_labels(_cams(), [1, 2, 254])
 
 
-# ---- saliency route (§4b) ----------------------------------------------------------------
+# ---- saliency route (paper §3.2) ---------------------------------------------------------
 def _reference_saliency(cams, class_ids, sal):
-    """REFERENCE §4b rule by rule, one pixel at a time."""
+    """The saliency route (paper §3.2, authors' thresholds) rule by rule, pixel by pixel."""
     n, h, w = cams.shape
     norm = np.zeros_like(cams)
     for k in range(n):

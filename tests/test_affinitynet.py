@@ -1,4 +1,4 @@
-"""AffinityNet (REFERENCE §4): affinities, pair targets and loss against slow dense references,
+"""AffinityNet (psa): affinities, pair targets and loss against slow dense references,
 the model's forward/NaN/backward on real backbones, parameter groups and classifier weights."""
 
 from __future__ import annotations

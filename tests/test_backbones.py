@@ -22,7 +22,7 @@ from mcis_dist.models import (
 from mcis_dist.models import backbones as bb
 from mcis_dist.models.backbones import BACKBONES
 
-# exact counts of this implementation (REFERENCE §3: "about 105 M" for ResNet-38)
+# exact counts of this implementation (ResNet-38 has about 105 M parameters)
 RESNET38_PARAMS = 105_070_912
 VGG16_EXTRA_PARAMS = 3 * (512 * 512 * 9 + 512)
 

@@ -1,7 +1,7 @@
 """The shipped files: experiment configs (configs/*.yaml) and cluster files (cluster/).
 
 Every config validates against the typed schema and holds the papers' hyper-parameters
-(docs/REFERENCE.md §1-§2, paper §4); the cluster files have the structure Ray's cluster
+(the authors' VOC code, paper §4); the cluster files have the structure Ray's cluster
 launcher and KubeRay read; cluster/submit.sh builds the right `ray job submit` line; and no
 file under cluster/ or configs/ holds anything that looks like an AWS credential. Fast: no
 network, no Ray cluster.
@@ -29,7 +29,7 @@ RAY_UP = REPO / "cluster" / "ray-aws-gpu.yaml"
 RAYJOB = REPO / "cluster" / "rayjob.yaml"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
-# The authors' VOC training code (REFERENCE §1): shared by the three VOC experiments.
+# The authors' VOC training code: shared by the three VOC experiments.
 VOC = {
     "data.crop_size": 256,
     "data.color_jitter": [0.3, 0.3, 0.3, 0.1],

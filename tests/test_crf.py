@@ -1,4 +1,4 @@
-"""Dense CRF (REFERENCE §6): the unary convention, refinement of a noisy two-region case,
+"""Dense CRF (pydensecrf2): the unary convention, refinement of a noisy two-region case,
 outputs, process-pool results against inline ones, and input errors."""
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mcis_dist.cli import main
+from mcis_dist.config import JointDataConfig
 from mcis_dist.data.joint import (
     JointAugmentSpec,
     JointLoader,
@@ -26,7 +27,6 @@ from mcis_dist.data.loader import LoaderError
 from mcis_dist.data.stream import iter_shard
 from mcis_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, sample_seed
 from mcis_dist.masks.format import decode_label
-from mcis_dist.schema import JointDataConfig
 from mcis_dist.shards.build import ShardWriter
 
 pytestmark = pytest.mark.usefixtures("one_thread")

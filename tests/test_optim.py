@@ -1,4 +1,4 @@
-"""Optimiser groups and lr schedules of docs/REFERENCE.md §1 (``mcis_dist.train.optim``)."""
+"""Optimiser groups and lr schedules of ``mcis_dist.train.optim`` (authors' VOC code, §4.4)."""
 
 from __future__ import annotations
 

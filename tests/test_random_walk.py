@@ -1,4 +1,4 @@
-"""AffinityNet random walk (REFERENCE §4): the sparse walk against the plain dense reference,
+"""AffinityNet random walk (psa): the sparse walk against the plain dense reference,
 the transpose convention against psa's column-normalised form, and label propagation on a
 constructed two-blob case."""
 

@@ -62,7 +62,7 @@ BN_MX = {
 
 
 def mxnet_name(torch_key: str) -> str | None:
-    """How the ImageNet file names our tensor (REFERENCE §3), derived independently here."""
+    """How the ImageNet file names our tensor (psa's renaming), derived independently here."""
     if torch_key == "conv1a.weight":
         return "arg:conv1a_weight"
     if torch_key.endswith("num_batches_tracked"):

@@ -1,1 +1,1 @@
-"""AffinityNet and random-walk pseudo masks (REFERENCE §4)."""
+"""AffinityNet and random-walk pseudo masks (psa; paper §4.4)."""

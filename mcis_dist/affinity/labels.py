@@ -1,15 +1,15 @@
-"""Per-image training labels for AffinityNet and the saliency route (REFERENCE §4, §4b).
+"""Per-image training labels for AffinityNet and the saliency route (psa; paper §3.2).
 
 Label ids, used throughout :mod:`mcis_dist.affinity`: 0 background, ``k + 1`` foreground class
 k (0-based foreground class index, as in the classifier's K outputs), :data:`IGNORE` (255)
 neither. Maps are uint8 numpy arrays.
 
 * :func:`confident_labels` -- psa's confident foreground / background from CAMs with two
-  background scores (REFERENCE §4): a weak background (1 - max_k CAM)^alpha_low, against which
+  background scores (psa): a weak background (1 - max_k CAM)^alpha_low, against which
   a class that still wins is confident foreground, and a strong one (1 - max_k CAM)^alpha_high,
   which only wins where every CAM is near 0 (confident background). Or constant backgrounds
   (``fg_threshold`` / ``bg_threshold``, IRN's form). Each stack optionally CRF-refined.
-* :func:`saliency_labels` -- the MCIS VOC route: saliency map + CAMs -> pseudo label (§4b).
+* :func:`saliency_labels` -- the MCIS VOC route: saliency map + CAMs -> pseudo label (paper §3.2).
 * :func:`downsample_labels` -- to the stride-8 grid of the affinity net, as psa does.
 
 Inputs may be numpy arrays or torch tensors (moved to the CPU); work is done in numpy because
@@ -83,7 +83,7 @@ def confident_labels(
     image: ArrayLike | None = None,
     on_conflict: Literal["ignore", "background"] = "ignore",
 ) -> np.ndarray:
-    """AffinityNet's training label from CAMs (psa; REFERENCE §4).
+    """AffinityNet's training label from CAMs (psa).
 
     With m = max_k CAM_k at each pixel:
 
@@ -172,7 +172,7 @@ def saliency_labels(
     background_saliency_threshold: int = 32,
     min_foreground: float = 0.01,
 ) -> tuple[np.ndarray, bool]:
-    """Pseudo label from CAMs and a saliency map, the MCIS VOC route (paper §3.2; REFERENCE §4b).
+    """Pseudo label from CAMs and a saliency map, the MCIS VOC route (paper §3.2; authors' code).
 
     1. background score 1 - sal/255; each class map min-max normalised to [0, 1], then set to 0
        where below ``class_threshold`` (0.3);

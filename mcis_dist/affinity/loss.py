@@ -1,4 +1,4 @@
-"""AffinityNet's training targets and loss (psa; REFERENCE §4).
+"""AffinityNet's training targets and loss (psa).
 
 Pairs: positions i and j = i + (dy, dx) of the stride-8 grid with (dy, dx) from
 :func:`pair_offsets`, psa's training set: the Euclidean disc dy² + dx² < r² (radius 5 in psa)

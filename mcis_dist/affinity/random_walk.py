@@ -1,4 +1,4 @@
-"""AffinityNet random walk: propagate CAMs over a sparse affinity graph (REFERENCE §4).
+"""AffinityNet random walk: propagate CAMs over a sparse affinity graph (psa; paper §4.4).
 
 AffinityNet (Ahn & Kwak, CVPR 2018, "psa") predicts an affinity a_ij in [0, 1] between the
 stride-8 positions i and j of an h x w grid (N = h * w) that lie within a radius r of each
@@ -130,7 +130,7 @@ def _row_ids(a: Tensor) -> Tensor:
 
 
 def transition_matrix(a: Tensor, beta: float = 8.0) -> Tensor:
-    """T = D⁻¹ A^{∘β} (REFERENCE §4, the transition): elementwise power, then every row divided by its sum.
+    """T = D⁻¹ A^{∘β} (psa's transition): elementwise power, then every row divided by its sum.
 
     Args:
         a: (N, N) sparse (CSR or COO) affinity matrix with entries in [0, 1].
@@ -196,7 +196,7 @@ def random_walk(
     steps: int = 256,
     method: Method = "sparse",
 ) -> Tensor:
-    """Propagate maps with t steps of the AffinityNet random walk (REFERENCE §4).
+    """Propagate maps with t steps of the AffinityNet random walk (psa).
 
     ``out[c] = T^t @ cams[c].flatten()`` with T = D⁻¹ A^{∘β} row-stochastic (see the module
     docstring for the transpose convention; for symmetric A it equals psa's
@@ -283,7 +283,7 @@ def propagate_to_labels(
     stride: int | None = None,
     class_ids: Sequence[int] | None = None,
 ) -> Tensor:
-    """Pseudo label map from foreground CAMs and affinities (psa's inference, REFERENCE §4).
+    """Pseudo label map from foreground CAMs and affinities (psa's inference).
 
     1. Background on the stride-8 grid:
        * ``background="power"`` (psa): bg = (1 − max_k cam_k)^bg_power (bg_power 16), walked

@@ -1,4 +1,4 @@
-"""``mcis affinity``: confident labels from the CAMs, then AffinityNet on Ray Train (REFERENCE §4).
+"""``mcis affinity``: confident labels from the CAMs, then AffinityNet on Ray Train (paper §4.4).
 
 1. ``make_labels`` (``mcis_dist.masks.stage``) turns every CAM into a confident label map (0
    background, k+1 class k, 255 unsure) on a pool of Ray actors, as label shards in

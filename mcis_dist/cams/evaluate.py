@@ -1,4 +1,4 @@
-"""``mcis eval cams``: CAM mIoU against the masks of the mapped split (REFERENCE §6).
+"""``mcis eval cams``: CAM mIoU against the masks of the mapped split (standard mIoU, paper §4).
 
 Each stored map (L, h, w) at stride s is resized bilinearly to (h·s, w·s) and cropped to the
 image (H, W); a pixel's label is the argmax over [threshold, maps], 0 (background) when the

@@ -1,6 +1,6 @@
 """Segmentation metrics shared by CAM, pseudo-mask and segmentation evaluation (numpy only).
 
-Conventions (docs/REFERENCE.md §6): one confusion matrix accumulated over every pixel whose
+Conventions (the standard mIoU of paper §4): one confusion matrix accumulated over every pixel whose
 ground truth is not ``ignore_index``; rows are ground truth, columns prediction;
 IoU_c = TP_c / (TP_c + FP_c + FN_c) per class, background included; mIoU is their mean over the
 classes present in ground truth or prediction. Distributed evaluation sums the raw counts of

@@ -1,5 +1,5 @@
 """``mcis eval masks``: the mIoU of a label folder (pseudo masks or confident labels) against the
-masks of its image split (REFERENCE §6).
+masks of its image split (standard mIoU, paper §4).
 
 One confusion matrix over every pixel whose ground truth is not 255. A label map may say 255
 itself (ignore: the random walk's margin, the saliency route, confident labels); those pixels

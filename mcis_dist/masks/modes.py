@@ -7,12 +7,12 @@ k, 255 ignore), which raises :class:`SkipSample` for an image it leaves out.
 
 * ``confident`` (kind ``confident``; AffinityNet's training labels, ``affinity.*``): psa's
   confident foreground / background (:func:`mcis_dist.affinity.labels.confident_labels`) on the
-  CAMs at full image resolution, optionally CRF-refined (REFERENCE §4);
+  CAMs at full image resolution, optionally CRF-refined (psa);
 * ``random_walk`` (kind ``pseudo``, ``masks.*``): AffinityNet's affinities at stride 8 and the
   random walk of the stride-8 CAMs (:func:`mcis_dist.affinity.random_walk.propagate_to_labels`),
-  optionally with an ignore margin and a CRF on the walked scores (REFERENCE §4);
+  optionally with an ignore margin and a CRF on the walked scores (psa);
 * ``saliency`` (kind ``pseudo``): the VOC route, saliency map ``<key>.sal.png`` + CAMs
-  (:func:`mcis_dist.affinity.labels.saliency_labels`, REFERENCE §4b);
+  (:func:`mcis_dist.affinity.labels.saliency_labels`, paper §3.2);
 * ``cams`` (kind ``pseudo``, the baseline): argmax over [``cams.bg_threshold``, CAMs].
 
 Plain numpy / PyTorch, no Ray: :mod:`mcis_dist.masks.stage` runs them over whole splits.
@@ -76,7 +76,7 @@ Labeller = Callable[[Sample], np.ndarray]  # -> (H, W) uint8 label; raises SkipS
 
 
 def confident_label(sample: Sample, a) -> np.ndarray:
-    """AffinityNet's training label (psa, REFERENCE §4) with ``affinity.*`` settings ``a``."""
+    """AffinityNet's training label (psa) with ``affinity.*`` settings ``a``."""
     from mcis_dist.crf import crf_inference
 
     crf = crf_inference if a.crf else None
@@ -88,7 +88,7 @@ def confident_label(sample: Sample, a) -> np.ndarray:
 
 
 def saliency_label(sample: Sample) -> np.ndarray:
-    """The VOC route's pseudo label (REFERENCE §4b); images it leaves out are skipped."""
+    """The VOC route's pseudo label (paper §3.2); images it leaves out are skipped."""
     if sample.saliency is None:
         raise SkipSample(f"no saliency map ({SALIENCY_MEMBER}) in the image shard")
     label, keep = saliency_labels(sample.full_cams(), sample.class_ids, sample.saliency)
@@ -119,7 +119,7 @@ def cams_on_grid(maps: np.ndarray, stride: int, size: tuple[int, int], grid: tup
 
 
 class RandomWalkLabeller:
-    """AffinityNet + random walk (psa's inference, REFERENCE §4) with ``masks.*`` settings.
+    """AffinityNet + random walk (psa's inference) with ``masks.*`` settings.
 
     The embedding of the image at scale 1 gives the affinities a(i, i + d) for the offsets d
     of ``masks.radius``; the stride-8 CAMs (resized to that grid if stored at another stride)

@@ -1,8 +1,8 @@
 """AffinityNet (Ahn & Kwak, CVPR 2018; the psa code): a stride-8 embedding whose pairwise
 affinities a_ij = exp(-mean_c |f_i - f_j|) drive the random walk that turns CAMs into pseudo
-masks (docs/REFERENCE.md §4; ARCHITECTURE: CAMs -> AffinityNet -> random walk).
+masks (paper §4.4; ARCHITECTURE: CAMs -> AffinityNet -> random walk).
 
-Head (REFERENCE §4, psa's ResNet-38 head)::
+Head (psa's ResNet-38 head)::
 
     conv4 (512)  -> 1x1 conv -> 64  + ELU ┐
     conv5 (1024) -> 1x1 conv -> 128 + ELU ├ concat 448 -> 1x1 conv 448 -> 448 + ELU -> f
@@ -124,7 +124,7 @@ def shift_map(x: Tensor, dy: int, dx: int, fill: float | int = 0) -> Tensor:
 
 
 def pair_affinities(feats: Tensor, offsets: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
-    """a_ij = exp(-mean_c |f_i - f_j|) for j = i + offset (psa; REFERENCE §4).
+    """a_ij = exp(-mean_c |f_i - f_j|) for j = i + offset (psa).
 
     Args:
         feats: (B, D, h, w) embedding.

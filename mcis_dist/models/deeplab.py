@@ -1,6 +1,6 @@
 """DeepLab segmentation networks on torchvision ResNets: DeepLab-V3 (ASPP) and DeepLab-LargeFOV.
 
-The segmentation stage trains one of these on the pseudo masks (REFERENCE §4b):
+The segmentation stage trains one of these on the pseudo masks (paper §3.3, §4.4):
 
 * :func:`deeplabv3` -- torchvision's DeepLab-V3 head (``DeepLabHead``: ASPP with rates
   (12, 24, 36) at output stride 8, (6, 12, 18) at 16, image pooling, 3x3 conv, 1x1 classifier).
@@ -207,7 +207,7 @@ def deeplabv3(
 def largefov(
     backbone: str = "resnet101", *, num_classes: int, head_channels: int = 1024
 ) -> Segmenter:
-    """DeepLab-LargeFOV on a ResNet (REFERENCE §4b): res4 (layer3) dilation 2, res5 (layer4)
+    """DeepLab-LargeFOV on a ResNet (paper §3.3): res4 (layer3) dilation 2, res5 (layer4)
     dilation 4, output stride 8; head 3x3 dilation 12 -> ``head_channels`` -> ``head_channels``
     -> C; bilinear upsampling (x8) to the input size.
 

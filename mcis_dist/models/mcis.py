@@ -8,7 +8,7 @@ score vectors (B, K):
 * contrastive scores GAP(phi_co(F ⊙ (1 - B))) with the class-agnostic co-attention
   B = sigmoid(W_B F^{m∩n}) (Eq. 6-8, loss Eq. 9).
 
-Paper by default, the authors' code's variants as options (docs/REFERENCE.md §1): phi_co is a
+Paper by default, the authors' code's variants as options: phi_co is a
 separate 1x1 conv without bias in the authors' code; the paper says "the same phi"
 (``shared_phi=True``). With ``domains=3`` there are three W_P (§3.2, extra data): pair type 0
 target-target, 1 extra-extra, 2 cross-domain.

@@ -1,6 +1,6 @@
 """ResNet-38, the "wider or deeper" model A1, as the co-attention classifier's LID backbone.
 
-Pre-activation residual network (REFERENCE §3; Wu, Shen & van den Hengel, "Wider or Deeper").
+Pre-activation residual network (psa's resnet38d; Wu, Shen & van den Hengel, "Wider or Deeper").
 Layout, with the input at stride 1 and the output at stride 8::
 
     conv1a  3x3 conv 3 -> 64                               stride 1

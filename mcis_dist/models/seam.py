@@ -1,6 +1,6 @@
 """SEAM's equivariant attention (Wang et al., CVPR 2020), the regulariser MCIS adds on LID (§4.4).
 
-Pieces (docs/REFERENCE.md §5, checked against the SEAM authors' code):
+Pieces (as in the SEAM authors' code):
 
 * ``max_norm``: ReLU, then per-map (p - min - eps)^+ / (max - min + eps).
 * ``pcm_seed``: the CAM the pixel correlation module (PCM) propagates, computed without

@@ -1,4 +1,4 @@
-"""``mcis eval seg``: the segmentation network's mIoU on a split with masks (REFERENCE §6).
+"""``mcis eval seg``: the segmentation network's mIoU on a split with masks (paper §4).
 
 The split's shards are shared out over a pool of Ray actors (one per GPU, or ``seg.num_actors``
 of ``seg.cpus_per_actor`` CPUs), each holding the network for its whole life and labelling whole

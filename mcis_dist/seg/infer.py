@@ -3,9 +3,9 @@
 Plain PyTorch + NumPy, no Ray. For every scale s the normalised image is resized to
 round(s·(H, W)) and run together with its mirror image (one batch of 2 when ``flip``); the
 mirrored logits are flipped back, all logits are resized to (H, W), turned into softmax
-probabilities and averaged over scales × flips (REFERENCE §4b: scales 0.5–1.5 × flip + CRF).
+probabilities and averaged over scales × flips (the authors' VOC code: scales 0.5–1.5 × flip + CRF).
 ``predict_labels`` optionally refines the averaged probabilities with a dense CRF (the project's
-:func:`mcis_dist.crf.crf_inference`, REFERENCE §6) before the arg-max.
+:func:`mcis_dist.crf.crf_inference`, paper §3.3) before the arg-max.
 """
 
 from __future__ import annotations

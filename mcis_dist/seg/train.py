@@ -1,4 +1,4 @@
-"""``mcis seg``: the segmentation network trained on the pseudo masks (REFERENCE §2, §4b).
+"""``mcis seg``: the segmentation network trained on the pseudo masks (paper §3.2-§3.3, §4.4).
 
 DeepLab (``seg.arch``: V3 with ASPP for LID, LargeFOV for the VOC route; ``build_segmenter``)
 trains on crops of the images joined with their pseudo masks (``JointLoader`` over
@@ -126,7 +126,7 @@ def run_url(cfg: ExperimentConfig) -> str:
 
 def train_seg(cfg: ExperimentConfig, log=print):
     """Train (or resume) the segmentation network; returns Ray's ``Result``."""
-    from mcis_dist.config import dump_config
+    from mcis_dist.config import write_run_config
     from mcis_dist.storage import open_storage
     from mcis_dist.train.classifier import absolute_paths
 
@@ -134,7 +134,7 @@ def train_seg(cfg: ExperimentConfig, log=print):
     check_seg(cfg)  # before the run folder is made
     run = open_storage(run_url(cfg), endpoint_url=endpoint_url(cfg))
     run.check_writable()
-    run.write_bytes("config.yaml", dump_config(cfg).encode())  # the resolved config
+    write_run_config(cfg, run)
     return fit(cfg, "seg", "seg.train", log)
 
 

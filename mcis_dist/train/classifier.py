@@ -127,7 +127,7 @@ class LossView(torch.nn.Module):
     def __init__(self, net: MCISClassifier, pcm: torch.nn.Module | None = None):
         super().__init__()
         self.net = net
-        self.pcm = pcm  # SEAM's pixel correlation module (REFERENCE §5), when train.seam
+        self.pcm = pcm  # SEAM's pixel correlation module (paper §4.4), when train.seam
         self.active = OUTPUTS
         self.last = None
         self.seam = None

@@ -1,6 +1,6 @@
 """Optimiser and learning-rate schedule of the co-attention classifier.
 
-docs/REFERENCE.md §1 (authors' VOC code): SGD with Nesterov momentum 0.9, weight decay 5e-4 and
+The authors' VOC code: SGD with Nesterov momentum 0.9, weight decay 5e-4 and
 none on biases, base lr 1e-3 scaled per group: pretrained weights ×1, pretrained biases ×2, new
 layers' weights ×10 and biases ×20; the lr drops ×0.1 at epochs 5 and 10 ("step"). The LID
 config (paper §4.4) uses poly decay (1 - iter/max_iter)^0.9 instead ("poly").
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from mcis_dist.config import TrainConfig  # (importing mcis_dist.schema first is circular)
+from mcis_dist.config import TrainConfig
 
 __all__ = ["GROUP_NAMES", "build_optimizer", "lr_factor", "make_scheduler", "sgd_kernel"]
 
@@ -48,7 +48,7 @@ def _named_groups(model: nn.Module, lr_mult: list[float]) -> list[tuple[str, flo
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD over the lr groups of docs/REFERENCE.md §1.
+    """SGD over the lr groups of the authors' VOC code (see the module docstring).
 
     One group per non-empty entry of ``model.param_groups()`` (``MCISClassifier``): lr =
     ``cfg.lr * mult`` with ``mult`` from ``cfg.lr_mult`` [pretrained weight, pretrained bias,
@@ -83,7 +83,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
 
 def sgd_kernel(device_types: set[str]) -> dict[str, bool]:
     """``{"fused": True}`` when every parameter is on CUDA (torch's fused SGD, the apex
-    replacement of REFERENCE §7), else ``{"foreach": True}`` (multi-tensor, any device)."""
+    replacement; apex is not on PyPI), else ``{"foreach": True}`` (multi-tensor, any device)."""
     return {"fused": True} if device_types == {"cuda"} else {"foreach": True}
 
 
@@ -101,7 +101,7 @@ def _count(value: object, name: str, minimum: int) -> int:
 def lr_factor(step: int, *, cfg: TrainConfig, iters_per_epoch: int) -> float:
     """Multiplier of every group's lr at global iteration ``step`` (0-based, whole run).
 
-    * "step" (VOC, REFERENCE §1): ``gamma ** #{e in step_epochs : e <= step // iters_per_epoch}``,
+    * "step" (VOC, authors' code): ``gamma ** #{e in step_epochs : e <= step // iters_per_epoch}``,
       i.e. ×0.1 from the first iteration of epochs 5 and 10;
     * "poly" (LID, paper §4.4): ``(1 - step / max_iter) ** poly_power`` with
       ``max_iter = epochs * iters_per_epoch``, 0 from ``max_iter`` on;

@@ -43,33 +43,19 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
+
+from mcis_dist.config.base import ConfigError, ConfigSection  # noqa: F401  (re-exported)
+from mcis_dist.config.schema import ExperimentConfig
 
 T = TypeVar("T", bound=BaseModel)
 SECRET_KEY_RE = re.compile(r"(secret|password|token|access_key|secret_key)$", re.IGNORECASE)
 MASK = "***"
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # floats YAML 1.1 reads as strings
+YAML_EXPONENT = re.compile(
+    r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+"
+)  # floats YAML 1.1 reads as strings
 _OPS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 _Overrides = Sequence[tuple[tuple[str, ...], str]]  # (key path, override text), in order
-
-
-class ConfigError(ValueError):
-    """Invalid config; ``problems`` holds one line per problem (``str(err)`` joins them)."""
-
-    def __init__(self, message: str, problems: Sequence[str] | None = None):
-        super().__init__(message)
-        self.problems = list(problems) if problems else [message]
-
-    def __reduce__(self):  # keep ``problems`` when pickled (Ray ships exceptions)
-        return (type(self), (str(self), self.problems))
-
-
-class ConfigSection(BaseModel):
-    """Base of every config section: unknown keys forbidden, strict types, int -> float ok."""
-
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, frozen=False, strict=True, allow_inf_nan=False
-    )
 
 
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "<missing>"})()  # diff_configs
@@ -172,7 +158,7 @@ def _format_errors(exc: ValidationError, schema: type[BaseModel], source: str, o
             if field is not None and _allows_none(field.annotation):
                 want += " or null"
             line = f"{source}: {key}: expected {want}, got {_got(err['input'])}"
-            if isinstance(err["input"], str) and _EXPONENT.fullmatch(err["input"]):
+            if isinstance(err["input"], str) and YAML_EXPONENT.fullmatch(err["input"]):
                 line += (
                     " (YAML 1.1 reads 1e-3 and 1.0e12 as strings: write 1.0e-3 or 1.0e+12, "
                     "with a dot and a signed exponent)"
@@ -236,7 +222,7 @@ def load_config(
     ``schema`` defaults to :class:`ExperimentConfig`. Every failure is a :class:`ConfigError`.
     """
     if schema is None:
-        from mcis_dist.schema import ExperimentConfig as schema  # noqa: N813
+        schema = ExperimentConfig
     overrides = [overrides] if isinstance(overrides, str) else list(overrides)
     data: Any = {}
     source = "<overrides>" if overrides else "<defaults>"
@@ -285,6 +271,19 @@ def dump_config(cfg: BaseModel, *, mask_secrets: bool = False) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
+def resolved_config_text(cfg: BaseModel) -> str:
+    """What every run folder's ``config.yaml`` holds: a header line, then :func:`dump_config`
+    with secret-named values masked."""
+    header = f"# Resolved {type(cfg).__name__}; secret-named values are masked as '***'.\n"
+    return header + dump_config(cfg, mask_secrets=True)
+
+
+def write_run_config(cfg: BaseModel, storage, name: str = "config.yaml") -> None:
+    """Write ``cfg`` (:func:`resolved_config_text`) as ``name`` in a run folder, local or S3:
+    ``storage`` is a :mod:`mcis_dist.storage` object, whose writes are atomic on both."""
+    storage.write_bytes(name, resolved_config_text(cfg).encode())
+
+
 def save_resolved_config(cfg: BaseModel, directory_or_path: str | os.PathLike) -> Path:
     """Write ``cfg``, secrets masked, to ``<dir>/config.yaml`` (or to a given ``*.yaml`` path).
 
@@ -297,8 +296,7 @@ def save_resolved_config(cfg: BaseModel, directory_or_path: str | os.PathLike) -
     if target.suffix not in (".yaml", ".yml") or target.is_dir():
         target = target / "config.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = f"# Resolved {type(cfg).__name__}; secret-named values are masked as '***'.\n"
-    text += dump_config(cfg, mask_secrets=True)
+    text = resolved_config_text(cfg)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -376,18 +374,3 @@ def describe_schema(schema: type[BaseModel], prefix: str = "") -> list[tuple[str
         shown = default if isinstance(default, str) and default else json.dumps(default)
         rows.append((key, kind, shown, field.description or ""))
     return rows
-
-
-# The experiment schema lives in its own module (the machinery above, the settings there). Its
-# classes are re-exported lazily, so `from mcis_dist.config import ExperimentConfig` works and
-# importing either module first never meets a half-initialised other.
-_SCHEMA_NAMES = ("AffinityConfig", "CamsConfig", "DataConfig", "JointDataConfig", "MasksConfig", "PipelineConfig", "RunnerConfig", "SegConfig", "SegDataConfig", "SegTrainConfig", "ExperimentConfig", "ModelConfig", "ShardsConfig",
-                 "SyntheticConfig", "TrainConfig")  # fmt: skip
-
-
-def __getattr__(name: str):
-    if name in _SCHEMA_NAMES:
-        from mcis_dist import schema
-
-        return getattr(schema, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,9 @@
 
 Each section is a :class:`~mcis_dist.config.ConfigSection` (unknown keys and wrong types are
 errors); ``describe_schema(ExperimentConfig)`` lists every key with its type, default and
-description. One section per concern; stages add theirs as they arrive.
+description. One section per concern. Over 400 lines because it is one dataclass per config
+section, each field with its bounds and one-line description: splitting it would scatter one
+schema over several files.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mcis_dist.config import ConfigSection
+from mcis_dist.config.base import ConfigSection
 
 
 class SyntheticConfig(ConfigSection):
@@ -389,7 +391,7 @@ class JointDataConfig(ConfigSection):
 
 
 class AffinityTrainConfig(RunnerConfig):
-    """AffinityNet training (REFERENCE §4: 8 epochs, lr 0.01 ResNet-38 / 0.1 VGG, poly 0.9)."""
+    """AffinityNet training (psa's code: 8 epochs, lr 0.01 ResNet-38 / 0.1 VGG, poly 0.9)."""
 
     epochs: int = Field(8, ge=1, description="Training epochs.")
     lr: float = Field(0.01, gt=0, description="Base learning rate (backbone weights).")
@@ -398,7 +400,7 @@ class AffinityTrainConfig(RunnerConfig):
 
 
 class AffinityConfig(ConfigSection):
-    """AffinityNet (REFERENCE §4): confident labels from the CAMs, then ``mcis affinity``."""
+    """AffinityNet (psa; paper §4.4): confident labels from the CAMs, then ``mcis affinity``."""
 
     cams_url: str | None = Field(None, description="CAM folder; default: cams.out_url.")
     out_url: str | None = Field(
@@ -411,7 +413,7 @@ class AffinityConfig(ConfigSection):
     alpha_high: float = Field(32.0, gt=0, description="Background power of confident background.")
     fg_threshold: float = Field(0.3, ge=0, le=1, description="threshold mode: foreground above.")
     bg_threshold: float = Field(0.05, ge=0, le=1, description="threshold mode: background below.")
-    crf: bool = Field(False, description="Dense CRF on both label score maps (REFERENCE §6).")
+    crf: bool = Field(False, description="Dense CRF on both label score maps (as psa does).")
     backbone: str | None = Field(None, description="AffinityNet backbone; default: model.backbone.")
     init_from_classifier: bool = Field(
         True, description="Start the backbone from the classifier checkpoint's backbone."
@@ -442,7 +444,7 @@ class AffinityConfig(ConfigSection):
 
 class MasksConfig(ConfigSection):
     """Pseudo masks (``mcis masks``): random walk with AffinityNet (LID), saliency-guided
-    labels (VOC route, REFERENCE §4b), or thresholded CAMs (the baseline)."""
+    labels (VOC route, paper §3.2), or thresholded CAMs (the baseline)."""
 
     mode: Literal["random_walk", "saliency", "cams"] = Field(
         "random_walk", description="random_walk (LID), saliency (VOC), or cams (baseline)."
@@ -525,7 +527,7 @@ class SegConfig(ConfigSection):
     train: SegTrainConfig = Field(default_factory=SegTrainConfig, description="Ray Train runner.")
     eval_scales: list[float] = Field([1.0], description="Test scales (multi-scale: several).")
     eval_flip: bool = Field(False, description="Also average the flipped image's scores.")
-    crf: bool = Field(False, description="Dense CRF on the test scores (REFERENCE §6).")
+    crf: bool = Field(False, description="Dense CRF on the test scores (paper §3.3).")
     export_opset: int = Field(17, ge=7, description="ONNX opset of `mcis export`.")
     num_actors: int = Field(0, ge=0, description="Prediction/eval actors; 0: per GPU or CPUs.")
     use_gpu: bool = Field(False, description="One GPU per prediction/eval actor.")

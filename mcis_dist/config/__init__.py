@@ -1,0 +1,72 @@
+"""Experiment configs: the typed schema (:mod:`.schema`), loading with ``a.b=value`` overrides,
+checking, writing and comparing (:mod:`.load`). Everything is importable from here.
+
+Layers inside: ``base`` (the error, the section base) <- ``schema`` (the settings) <- ``load``.
+"""
+
+from mcis_dist.config.base import ConfigError, ConfigSection
+from mcis_dist.config.load import (
+    MASK,
+    MISSING,
+    SECRET_KEY_RE,
+    YAML_EXPONENT,
+    config_from_dict,
+    describe_schema,
+    diff_configs,
+    dump_config,
+    load_config,
+    save_resolved_config,
+    write_run_config,
+)
+from mcis_dist.config.schema import (
+    SPLIT_OPTIONS,
+    AffinityConfig,
+    AffinityTrainConfig,
+    CamsConfig,
+    DataConfig,
+    ExperimentConfig,
+    JointDataConfig,
+    MasksConfig,
+    ModelConfig,
+    PipelineConfig,
+    RunnerConfig,
+    SegConfig,
+    SegDataConfig,
+    SegTrainConfig,
+    ShardsConfig,
+    SyntheticConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "AffinityConfig",
+    "AffinityTrainConfig",
+    "CamsConfig",
+    "ConfigError",
+    "ConfigSection",
+    "DataConfig",
+    "ExperimentConfig",
+    "JointDataConfig",
+    "MASK",
+    "MISSING",
+    "MasksConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "RunnerConfig",
+    "SECRET_KEY_RE",
+    "SPLIT_OPTIONS",
+    "SegConfig",
+    "SegDataConfig",
+    "SegTrainConfig",
+    "ShardsConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "YAML_EXPONENT",
+    "config_from_dict",
+    "describe_schema",
+    "diff_configs",
+    "dump_config",
+    "load_config",
+    "save_resolved_config",
+    "write_run_config",
+]
