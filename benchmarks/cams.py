@@ -19,8 +19,9 @@ from mcis_dist.cams.infer import CamEngine, CamSettings
 from mcis_dist.cli import main as mcis
 from mcis_dist.data.loader import open_manifest
 from mcis_dist.data.related import RelatedSampler
-from mcis_dist.data.stream import iter_shard, parse_record
+from mcis_dist.data.stream import parse_record
 from mcis_dist.data.transforms import decode_rgb
+from mcis_dist.formats.shards import iter_shard
 from mcis_dist.models.backbones import build_backbone
 from mcis_dist.models.mcis import MCISClassifier
 

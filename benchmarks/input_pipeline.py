@@ -143,7 +143,7 @@ def evict(paths: list[str]) -> None:
 
 def read_samples(paths: list[str]) -> int:
     """Every sample of every shard through webdataset's tar iterator (no decoding)."""
-    from mcis_dist.data.stream import iter_shard
+    from mcis_dist.formats.shards import iter_shard
 
     n = 0
     for p in paths:

@@ -37,9 +37,10 @@ import torch
 from mcis_dist.config import load_config
 from mcis_dist.losses import mcis_loss
 from mcis_dist.models.backbones import build_backbone
+from mcis_dist.models.build import build_model
 from mcis_dist.models.mcis import MCISClassifier
-from mcis_dist.train.classifier import LossView, build_model, train_one_epoch
-from mcis_dist.train.optim import build_optimizer, make_scheduler
+from mcis_dist.runtime.optim import build_optimizer, make_scheduler
+from mcis_dist.train.classifier import LossView, train_one_epoch
 
 from common import parse_args, print_table, timeit, write_results
 

@@ -307,9 +307,9 @@ def _synthetic_spec(args):
 
 
 def cmd_shards_build(args) -> int:
+    from mcis_dist.formats.shards import summarize
     from mcis_dist.shards.build import BuildOptions, build_dataset
     from mcis_dist.shards.images import DEFAULT_MAX_PIXELS
-    from mcis_dist.shards.manifest import summarize
     from mcis_dist.storage import open_storage
 
     opts = BuildOptions(
@@ -345,7 +345,7 @@ def cmd_shards_build(args) -> int:
 
 def _split_storages(url: str, endpoint_url: str | None):
     """(name, storage) for a split folder, or for every split under a dataset folder."""
-    from mcis_dist.shards.manifest import MANIFEST_NAME, PARTS_DIR, find_splits
+    from mcis_dist.formats.shards import MANIFEST_NAME, PARTS_DIR, find_splits
     from mcis_dist.storage import open_storage
 
     root = open_storage(url, endpoint_url=endpoint_url)
@@ -359,7 +359,7 @@ def _split_storages(url: str, endpoint_url: str | None):
 
 
 def cmd_shards_info(args) -> int:
-    from mcis_dist.shards.manifest import ManifestError, read_manifest, summarize
+    from mcis_dist.formats.shards import ManifestError, read_manifest, summarize
 
     status = EXIT_OK
     for where, storage in _split_storages(args.url, args.endpoint_url):
@@ -376,7 +376,7 @@ def cmd_shards_info(args) -> int:
 def cmd_shards_verify(args) -> int:
     from tqdm.auto import tqdm
 
-    from mcis_dist.shards.manifest import read_manifest, verify_split
+    from mcis_dist.formats.shards import read_manifest, verify_split
 
     status = EXIT_OK
     for where, storage in _split_storages(args.url, args.endpoint_url):
@@ -412,8 +412,9 @@ def cmd_weights_convert(args) -> int:
 
 def cmd_train_cls(args) -> int:
     from mcis_dist.config import load_config, write_run_config
+    from mcis_dist.runtime.paths import endpoint_url
     from mcis_dist.storage import open_storage
-    from mcis_dist.train.classifier import endpoint_url, run_url, train_classifier
+    from mcis_dist.train.classifier import run_url, train_classifier
 
     cfg = load_config(args.config, args.overrides)
     run = open_storage(run_url(cfg), endpoint_url=endpoint_url(cfg))
@@ -550,14 +551,14 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from mcis_dist.config import ConfigError
     from mcis_dist.data.loader import LoaderError
+    from mcis_dist.formats.shards import ManifestError
     from mcis_dist.models.weights import WeightsError
-    from mcis_dist.sharded import StageError
+    from mcis_dist.runtime.checkpoint import CheckpointError
+    from mcis_dist.runtime.sharded import StageError
+    from mcis_dist.runtime.trainer import TrainingError
     from mcis_dist.shards.build import BuildError
-    from mcis_dist.shards.manifest import ManifestError
     from mcis_dist.shards.sources import SourceError
     from mcis_dist.storage import StorageError
-    from mcis_dist.train.checkpoint import CheckpointError
-    from mcis_dist.train.classifier import TrainingError
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home by default
     args = _build_parser().parse_args(argv)

@@ -12,35 +12,12 @@ from pathlib import Path
 
 from mcis_dist.config import ExperimentConfig, load_config, write_run_config
 from mcis_dist.data.loader import PairLoader
-from mcis_dist.shards.build import BuildOptions, build_dataset
-from mcis_dist.shards.manifest import summarize
-from mcis_dist.shards.synthetic import SyntheticSpec
+from mcis_dist.formats.shards import summarize
+from mcis_dist.shards.build import build_dataset, build_options
+from mcis_dist.shards.synthetic import synthetic_spec
 from mcis_dist.storage import open_storage
 
 DEFAULT_CONFIG = Path("configs/demo.yaml")
-
-
-def synthetic_spec(cfg: ExperimentConfig) -> SyntheticSpec:
-    s = cfg.synthetic
-    return SyntheticSpec(
-        num_train=s.num_train,
-        num_val=s.num_val,
-        min_size=s.min_size,
-        max_size=s.max_size,
-        num_classes=s.num_classes,
-        seed=s.seed,
-    )
-
-
-def build_options(cfg: ExperimentConfig, overwrite: bool = False) -> BuildOptions:
-    sh = cfg.shards
-    return BuildOptions(
-        shard_size_mb=sh.shard_size_mb,
-        workers=sh.workers,
-        seed=sh.seed,
-        verify=sh.verify,
-        overwrite=overwrite,
-    )
 
 
 def pair_grid(batch: dict, classes: list[str], mean, std, rows: int = 4) -> bytes:

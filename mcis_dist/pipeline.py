@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from mcis_dist.config import ExperimentConfig, write_run_config
-from mcis_dist.sharded import StageError
+from mcis_dist.runtime.sharded import StageError
 from mcis_dist.storage import open_storage
 
 __all__ = ["run_pipeline", "training_complete", "check_consistency", "build_shards", "STAGE_ORDER"]
@@ -93,8 +93,8 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
     """Run every stage that is not complete; return (and write) the run report.
 
     ``log`` gets the stages' own lines, ``say`` (default ``log``) the pipeline's narration."""
-    from mcis_dist.train.classifier import absolute_paths, endpoint_url
-    from mcis_dist.train.runner import ensure_ray
+    from mcis_dist.runtime.paths import absolute_paths, endpoint_url
+    from mcis_dist.runtime.session import ray_session
 
     say = say or log
     cfg = absolute_paths(cfg)
@@ -117,15 +117,9 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
     _check_inputs(cfg)
     check_consistency(cfg)
     t0 = time.perf_counter()
-    started = ensure_ray()
-    ray_start = round(time.perf_counter() - t0, 1)
-    try:
+    with ray_session():
+        ray_start = round(time.perf_counter() - t0, 1)
         _stages(cfg, step, state, results, log, say, endpoint)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     report = _report(cfg, results, seconds)
     report["ray_start_seconds"] = ray_start  # connecting to (or starting) Ray, once
     from mcis_dist.report import write_report
@@ -138,7 +132,7 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
 def build_shards(cfg: ExperimentConfig, say=print) -> None:
     """Build what is missing of the shards: the built-in dataset's splits, or the splits that
     ``shards.splits`` describes for another source. Complete splits are left alone."""
-    from mcis_dist.shards.manifest import MANIFEST_NAME
+    from mcis_dist.formats.shards import MANIFEST_NAME
 
     shards = open_storage(cfg.shards.url, endpoint_url=cfg.shards.endpoint_url)
     wanted = ["train", "val"] if cfg.shards.source == "synthetic" else list(cfg.shards.splits)
@@ -147,8 +141,8 @@ def build_shards(cfg: ExperimentConfig, say=print) -> None:
     if not missing:
         say(f"  {cfg.shards.url}: complete")
         return
-    from mcis_dist.demo import build_options, synthetic_spec
-    from mcis_dist.shards.build import build_dataset
+    from mcis_dist.shards.build import build_dataset, build_options
+    from mcis_dist.shards.synthetic import synthetic_spec
 
     if needed:
         build_dataset("synthetic", shards, build_options(cfg), missing,
@@ -162,7 +156,7 @@ def build_shards(cfg: ExperimentConfig, say=print) -> None:
 
 def _check_inputs(cfg: ExperimentConfig) -> None:
     """The splits the stages read exist: otherwise say how to make them."""
-    from mcis_dist.shards.manifest import MANIFEST_NAME
+    from mcis_dist.formats.shards import MANIFEST_NAME
 
     for what, url in (("data.train_url", cfg.data.train_url), ("seg.val_url", cfg.seg.val_url)):
         if not open_storage(url, endpoint_url=cfg.data.endpoint_url).exists(MANIFEST_NAME):
@@ -174,12 +168,12 @@ def _check_inputs(cfg: ExperimentConfig) -> None:
 
 
 def _stages(cfg, step, state, results, log, say, endpoint) -> None:
-    from mcis_dist.affinity.build import affinity_run_url
     from mcis_dist.affinity.train import train_affinity
     from mcis_dist.cams.evaluate import evaluate_cams
     from mcis_dist.cams.stage import compute_cams
     from mcis_dist.masks.evaluate import evaluate_masks
     from mcis_dist.masks.stage import make_masks
+    from mcis_dist.runtime.paths import affinity_run_url
     from mcis_dist.seg.evaluate import evaluate_seg
     from mcis_dist.seg.train import run_url as seg_run_url
     from mcis_dist.seg.train import train_seg
@@ -266,7 +260,7 @@ def _stages(cfg, step, state, results, log, say, endpoint) -> None:
           lambda: train_seg(cfg, log=log), trained_on="pseudo masks")  # fmt: skip
 
     def seg_eval():
-        from mcis_dist.train.checkpoint import newest_checkpoint
+        from mcis_dist.runtime.checkpoint import newest_checkpoint
 
         newest = newest_checkpoint(open_storage(seg_run_url(cfg), endpoint_url=endpoint))
         key = json.dumps([newest, s.eval_scales, s.eval_flip, s.crf])

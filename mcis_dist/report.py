@@ -114,7 +114,7 @@ def attention_lines(attention: dict | None) -> list[str]:
 
 
 def write_report(run, cfg: ExperimentConfig, report: dict, endpoint: str | None) -> None:
-    from mcis_dist.affinity.build import affinity_run_url
+    from mcis_dist.runtime.paths import affinity_run_url
     from mcis_dist.seg.train import run_url as seg_run_url
     from mcis_dist.train.classifier import run_url as cls_run_url
 

@@ -3,7 +3,7 @@
 A sweep file (``configs/tune/*.yaml``) names a base experiment config, overrides of it, the stage
 to tune (``cls``: the classifier; ``affinity``: AffinityNet and the random walk of the pseudo
 masks) and a search space of dotted experiment keys. Each trial is one Ray Train run of the
-stage (the shared runner, ``mcis_dist.train.runner``) on the base config + the trial's values,
+stage (the shared runner, ``mcis_dist.runtime.trainer``) on the base config + the trial's values,
 validated after every epoch on the validation split's masks (``mcis_dist.train.validate``:
 ``val_miou``); a ``TuneReportCallback`` hands the workers' epoch-end metrics to Tune, whose ASHA
 scheduler stops the weak trials at its rungs. Train V2's pattern: a Tune *function trainable*
@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from mcis_dist.affinity import train as affinity_train
 from mcis_dist.config import (
     YAML_EXPONENT,
     ConfigError,
@@ -46,8 +47,9 @@ from mcis_dist.config import (
     load_config,
     write_run_config,
 )
-from mcis_dist.sharded import StageError
+from mcis_dist.runtime.sharded import StageError
 from mcis_dist.storage import open_storage
+from mcis_dist.train import classifier
 
 __all__ = ["SWEEP_STAGES", "Sweep", "load_sweep", "search_space", "run_sweep", "run_trial"]
 
@@ -59,7 +61,7 @@ KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 @dataclass(frozen=True)
 class SweepStage:
-    runner: str  # the stage in mcis_dist.train.runner.STAGES
+    runner: str  # the stage in mcis_dist.runtime.trainer.STAGES
     section: str  # its RunnerConfig section
     tunable: tuple[str, ...]  # key prefixes a sweep of it may set
     metrics: tuple[str, ...]  # what its validation reports
@@ -344,7 +346,7 @@ def run_trial(params: dict, context: dict) -> None:
     """Tune's function trainable: one Ray Train run of the stage with the trial's values."""
     import ray.tune
 
-    from mcis_dist.train.runner import fit
+    from mcis_dist.runtime.trainer import fit
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(context, params, trial_id)
@@ -353,15 +355,16 @@ def run_trial(params: dict, context: dict) -> None:
     write_run_config(cfg, trial)
     if stage.runner == "affinity":
         _trial_labels(cfg, context)
-    fit(cfg, stage.runner, stage.section, callbacks=[EpochReports(context["metric"])])
+    trained = {"cls": classifier.STAGE, "affinity": affinity_train.STAGE}[stage.runner]
+    fit(cfg, trained, stage.section, callbacks=[EpochReports(context["metric"])])
 
 
 def _trial_labels(cfg: ExperimentConfig, context: dict) -> None:
     """AffinityNet's confident labels: the base experiment's (linked) when the trial makes them
     the same way, else its own (``make_labels``, in the trial folder)."""
-    from mcis_dist.affinity.build import labels_url
     from mcis_dist.masks.modes import MODES
     from mcis_dist.masks.stage import make_labels
+    from mcis_dist.runtime.paths import labels_url
 
     own = labels_url(cfg)
     base = config_from_dict(context["base"], ExperimentConfig)
@@ -384,7 +387,7 @@ class SweepResult:
 
 
 def sweep_url(sweep: Sweep, base: ExperimentConfig) -> str:
-    from mcis_dist.train.runner import absolute_url
+    from mcis_dist.runtime.paths import absolute_url
 
     if sweep.out:
         return absolute_url(sweep.out).rstrip("/")
@@ -394,8 +397,9 @@ def sweep_url(sweep: Sweep, base: ExperimentConfig) -> str:
 def run_sweep(sweep: Sweep, base: ExperimentConfig, restart: bool = False,
               retry_failed: bool = False, log=print) -> SweepResult:  # fmt: skip
     """Run (or resume) the sweep; write and return its table and best config."""
-    from mcis_dist.train.classifier import absolute_paths
-    from mcis_dist.train.runner import check_resources, endpoint_url
+    from mcis_dist.runtime.paths import absolute_paths, endpoint_url
+    from mcis_dist.runtime.session import ray_session
+    from mcis_dist.runtime.trainer import check_resources
 
     base = absolute_paths(base)
     stage = SWEEP_STAGES[sweep.stage]
@@ -405,8 +409,7 @@ def run_sweep(sweep: Sweep, base: ExperimentConfig, restart: bool = False,
     if restart:
         _discard(url)
     _ensure_shards(base, log)
-    started = _start_ray()
-    try:
+    with ray_session(dashboard=True):  # see ensure_ray: ASHA-stopped trials
         runner = _section(base, stage.section)
         check_resources(runner, stage.section)  # a trial that cannot fit would wait forever
         context = {"stage": sweep.stage, "sweep_url": url, "metric": sweep.metric}
@@ -415,30 +418,8 @@ def run_sweep(sweep: Sweep, base: ExperimentConfig, restart: bool = False,
             base.cams.checkpoint = context["checkpoint"]
         context["base"] = json.loads(base.model_dump_json())
         grid = _tune(sweep, base, url, folder, context, runner, retry_failed, log)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     rows = result_rows(grid, sweep, runner.epochs)
     return _write_results(sweep, base, url, folder, rows, log)
-
-
-def _start_ray() -> bool:
-    """Like ``ensure_ray``, but an embedded Ray gets its dashboard (on 127.0.0.1): Train V2's
-    placement-group cleaner asks the State API whether a run's controller died, and a trial
-    that ASHA stops kills its controller; without the dashboard its workers' CPUs stay
-    reserved and the next trials wait forever. True if it started an embedded Ray."""
-    import ray
-
-    from mcis_dist.train.runner import ensure_ray
-
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        return ensure_ray()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=0,
-             _node_ip_address="127.0.0.1", configure_logging=False)  # fmt: skip
-    return True
 
 
 def concurrency(runner, requested: int = 0) -> int:
@@ -459,7 +440,7 @@ def _tune(sweep, base, url, folder, context, runner, retry_failed, log):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from mcis_dist.train.runner import run_storage
+    from mcis_dist.runtime.trainer import run_storage
 
     # A trial that ASHA stops leaves its Train controller blocked on the report queue nobody
     # reads any more (and its workers holding their CPUs): Tune kills such a trial's actor (and
@@ -534,7 +515,7 @@ def _discard(url: str) -> None:
 
 def _ensure_shards(base: ExperimentConfig, log) -> None:
     """The training and validation splits exist; the built-in dataset is built when missing."""
-    from mcis_dist.shards.manifest import MANIFEST_NAME
+    from mcis_dist.formats.shards import MANIFEST_NAME
 
     need = {"data.train_url": base.data.train_url, "seg.val_url": base.seg.val_url}
     missing = {k: u for k, u in need.items()
@@ -546,8 +527,8 @@ def _ensure_shards(base: ExperimentConfig, log) -> None:
                                                 for u in missing.values()):  # fmt: skip
         raise StageError(f"no shards at {', '.join(f'{k}={u}' for k, u in missing.items())}: build "
                          f"them first with `mcis shards build`")  # fmt: skip
-    from mcis_dist.demo import build_options, synthetic_spec
-    from mcis_dist.shards.build import build_dataset
+    from mcis_dist.shards.build import build_dataset, build_options
+    from mcis_dist.shards.synthetic import synthetic_spec
 
     log(f"tune: building the built-in dataset's shards at {own}")
     build_dataset("synthetic", open_storage(own, endpoint_url=base.shards.endpoint_url),
@@ -558,13 +539,12 @@ def _prepare_affinity(base: ExperimentConfig, url: str, log) -> dict:
     """What every AffinityNet trial shares, made once (each step skipped when complete): the
     base experiment's classifier, its CAMs and confident labels of the training images, and
     the CAMs of the validation split in the sweep folder."""
-    from mcis_dist.affinity.build import labels_url
     from mcis_dist.cams.stage import compute_cams
     from mcis_dist.masks.stage import make_labels
     from mcis_dist.pipeline import training_complete
-    from mcis_dist.train import checkpoint as ckpt
+    from mcis_dist.runtime import checkpoint as ckpt
+    from mcis_dist.runtime.paths import endpoint_url, labels_url
     from mcis_dist.train.classifier import run_url, train_classifier
-    from mcis_dist.train.runner import endpoint_url
 
     endpoint = endpoint_url(base)
     checkpoint = base.cams.checkpoint
@@ -588,7 +568,7 @@ def _prepare_affinity(base: ExperimentConfig, url: str, log) -> dict:
 def result_rows(grid, sweep: Sweep, epochs: int) -> list[dict]:
     """One row per trial: status, its values, the objective (last and best epoch), epochs,
     seconds and the error line of a failed trial; best first, failed last."""
-    from mcis_dist.train.runner import worker_error
+    from mcis_dist.runtime.trainer import worker_error
 
     analysis = getattr(grid, "_experiment_analysis", None)
     trials = {t.trial_id: t for t in getattr(analysis, "trials", None) or []}

@@ -16,8 +16,8 @@ import torch
 
 from mcis_dist.cli import main
 from mcis_dist.config import load_config
-from mcis_dist.train.checkpoint import load as load_checkpoint
-from mcis_dist.train.classifier import build_model
+from mcis_dist.models.build import build_model
+from mcis_dist.runtime.checkpoint import load as load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")

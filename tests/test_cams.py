@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcis_dist.cams.evaluate import cam_labels, upsample_cams
 from mcis_dist.cams.infer import CamEngine, CamSettings, FeatureCache, resize_long
-from mcis_dist.cams.stage import decode_cam, encode_cam
+from mcis_dist.cams.maps import cam_labels, upsample_cams
 from mcis_dist.cli import main
 from mcis_dist.data.loader import open_manifest
 from mcis_dist.data.related import RelatedSampler
 from mcis_dist.data.transforms import decode_rgb, normalize
+from mcis_dist.formats.cams import decode_cam, encode_cam
 from mcis_dist.models.backbones import build_backbone
 from mcis_dist.models.mcis import (
     MCISClassifier,

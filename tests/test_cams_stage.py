@@ -20,15 +20,15 @@ import torch
 from PIL import Image
 
 from mcis_dist.cams.infer import CamEngine, CamSettings
-from mcis_dist.cams.stage import encode_cam, iter_cam_shard
 from mcis_dist.cli import main
 from mcis_dist.config import load_config
 from mcis_dist.data.loader import open_manifest
 from mcis_dist.data.related import RelatedSampler
 from mcis_dist.data.transforms import decode_rgb
+from mcis_dist.formats.cams import encode_cam, iter_cam_shard
+from mcis_dist.models.build import build_model
 from mcis_dist.shards.build import ShardWriter
 from mcis_dist.storage import open_storage
-from mcis_dist.train.classifier import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
@@ -223,7 +223,7 @@ def test_evaluation_against_a_hand_computed_confusion_matrix(setup, tmp_path):
     """Two 2x4 images with known masks and stride-1 maps: the label maps at threshold 0.5 are
     written out by hand, and so are the confusion matrix and the IoUs."""
     from mcis_dist.cams.evaluate import evaluate_cams
-    from mcis_dist.cams.stage import FORMAT
+    from mcis_dist.formats.cams import FORMAT
 
     split, cams = tmp_path / "split", tmp_path / "cams"
     split.mkdir(), cams.mkdir()

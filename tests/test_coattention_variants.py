@@ -17,7 +17,7 @@ from mcis_dist.data.related import RelatedSampler
 from mcis_dist.models import diagnostics
 from mcis_dist.models.coattention import coattention_cosine, coattention_dense
 from mcis_dist.models.mcis import MCISClassifier, contribution_map
-from mcis_dist.train.optim import build_optimizer
+from mcis_dist.runtime.optim import build_optimizer
 
 F64 = torch.float64
 C = 6  # channels of the tiny backbone

@@ -21,8 +21,8 @@ from mcis_dist.models.deeplab import (
     load_resnet_weights,
     resnet_trunk,
 )
+from mcis_dist.runtime.optim import build_optimizer
 from mcis_dist.seg.infer import predict_labels, predict_scores
-from mcis_dist.train.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

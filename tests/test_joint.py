@@ -24,9 +24,9 @@ from mcis_dist.data.joint import (
     open_label_folder,
 )
 from mcis_dist.data.loader import LoaderError
-from mcis_dist.data.stream import iter_shard
 from mcis_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, sample_seed
-from mcis_dist.masks.format import decode_label
+from mcis_dist.formats.labels import decode_label
+from mcis_dist.formats.shards import iter_shard
 from mcis_dist.shards.build import ShardWriter
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -240,8 +240,8 @@ def test_images_are_the_stored_ones_augmented(shards):
     stored image, resized, placed somewhere on a mean-colour canvas."""
     from torchvision.transforms.v2 import functional as TF
 
-    from mcis_dist.data.stream import iter_shard
     from mcis_dist.data.transforms import decode_rgb
+    from mcis_dist.formats.shards import iter_shard
 
     c = cfg(shards, num_workers=0, color_jitter=[0, 0, 0, 0], hflip=False,
             resize_long=[176, 176], crop_size=176)  # fmt: skip

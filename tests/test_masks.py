@@ -14,16 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from mcis_dist.affinity.build import affinity_run_url, build_affinity_net
 from mcis_dist.affinity.labels import confident_labels, saliency_labels
 from mcis_dist.affinity.random_walk import neighbour_offsets, propagate_to_labels
-from mcis_dist.cams.evaluate import cam_labels, upsample_cams
-from mcis_dist.cams.stage import FORMAT as CAM_FORMAT
-from mcis_dist.cams.stage import encode_cam
+from mcis_dist.cams.maps import cam_labels, upsample_cams
 from mcis_dist.config import load_config
 from mcis_dist.crf import crf_inference
 from mcis_dist.data.transforms import normalize
-from mcis_dist.masks.format import (
+from mcis_dist.formats.cams import FORMAT as CAM_FORMAT
+from mcis_dist.formats.cams import encode_cam
+from mcis_dist.formats.labels import (
     FORMAT,
     decode_label,
     encode_label,
@@ -32,7 +31,9 @@ from mcis_dist.masks.format import (
 )
 from mcis_dist.masks.modes import MODES, Sample, SkipSample, cams_on_grid, make_sample
 from mcis_dist.masks.stage import LabelActor, resolve_affinity_checkpoint
-from mcis_dist.sharded import StageError
+from mcis_dist.models.build import build_affinity_net
+from mcis_dist.runtime.paths import affinity_run_url
+from mcis_dist.runtime.sharded import StageError
 from mcis_dist.shards.build import ShardWriter
 from mcis_dist.storage import open_storage
 

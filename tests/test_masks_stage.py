@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from mcis_dist.affinity.build import affinity_run_url, build_affinity_net, labels_url
-from mcis_dist.cams.stage import iter_cam_shard
 from mcis_dist.cli import main
 from mcis_dist.config import load_config
-from mcis_dist.data.stream import iter_shard
+from mcis_dist.formats.cams import iter_cam_shard
+from mcis_dist.formats.labels import iter_label_shard
+from mcis_dist.formats.shards import iter_shard
 from mcis_dist.masks.evaluate import evaluate_masks
-from mcis_dist.masks.format import iter_label_shard
 from mcis_dist.masks.modes import MODES, make_sample
 from mcis_dist.masks.stage import make_labels, make_masks
+from mcis_dist.models.build import build_affinity_net, build_model
+from mcis_dist.runtime.paths import affinity_run_url, labels_url
 from mcis_dist.shards.build import ShardWriter
 from mcis_dist.storage import open_storage
-from mcis_dist.train.classifier import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
@@ -209,7 +209,7 @@ def test_a_cam_without_image_and_a_cam_of_another_size_are_skipped_and_listed(se
     renamed, resized = records[0][0]["key"], records[1][0]["key"]
     records[0][0]["key"] = "ghost"
     records[1][0]["size"] = [records[1][0]["size"][0] + 1, records[1][0]["size"][1]]
-    from mcis_dist.cams.stage import encode_cam
+    from mcis_dist.formats.cams import encode_cam
 
     writer = ShardWriter(cams / shard["name"])
     for meta, maps in records:

@@ -1,4 +1,4 @@
-"""Optimiser groups and lr schedules of ``mcis_dist.train.optim`` (authors' VOC code, §4.4)."""
+"""Optimiser groups and lr schedules of ``mcis_dist.runtime.optim`` (authors' VOC code, §4.4)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from mcis_dist.config import TrainConfig
 from mcis_dist.models.backbones import build_backbone
 from mcis_dist.models.mcis import MCISClassifier
-from mcis_dist.train.optim import (
+from mcis_dist.runtime.optim import (
     GROUP_NAMES,
     build_optimizer,
     lr_factor,

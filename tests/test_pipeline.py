@@ -19,7 +19,7 @@ import pytest
 
 from mcis_dist.config import ExperimentConfig, load_config
 from mcis_dist.pipeline import check_consistency, training_complete
-from mcis_dist.sharded import StageError
+from mcis_dist.runtime.sharded import StageError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mcis_dist.data.related import RelatedSampler
-from mcis_dist.data.stream import iter_shard
+from mcis_dist.formats.shards import iter_shard
 from mcis_dist.shards.build import BuildOptions, build_dataset
 from mcis_dist.shards.synthetic import SyntheticSpec
 from mcis_dist.storage import LocalStorage, S3Storage

@@ -297,8 +297,8 @@ def test_checkpoint_survives_a_flaky_upload_and_download(proxy, bucket, s3_endpo
     back through 503s, resets, slow bodies and a stall: same bytes, same tensors, and a resumed
     step equals an uninterrupted one."""
     from mcis_dist.config import load_config
-    from mcis_dist.train import checkpoint as ckpt
-    from mcis_dist.train.classifier import build_model
+    from mcis_dist.models.build import build_model
+    from mcis_dist.runtime import checkpoint as ckpt
 
     torch.manual_seed(0)
     cfg = load_config(CONFIG, [])
@@ -480,7 +480,7 @@ def test_cams_stage_on_a_flaky_s3_finishes_complete(proxy, s3_shards, bucket, s3
     to S3, all through 503s, 500s, resets and slow bodies: a complete manifest, every image
     mapped once, nothing skipped, and every CAM shard's bytes as the manifest records them."""
     from mcis_dist.config import load_config
-    from mcis_dist.train.classifier import build_model
+    from mcis_dist.models.build import build_model
 
     torch.manual_seed(0)
     model = build_model(load_config(CONFIG, []), num_classes=8)

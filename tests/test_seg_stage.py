@@ -18,18 +18,18 @@ from PIL import Image
 from mcis_dist.cli import main
 from mcis_dist.config import load_config
 from mcis_dist.crf import crf_inference
-from mcis_dist.data.stream import iter_shard
 from mcis_dist.data.transforms import decode_rgb, normalize
 from mcis_dist.evaluation import ConfusionMatrix, palette
-from mcis_dist.masks.format import assemble_manifest, decode_label, encode_label
+from mcis_dist.formats.labels import assemble_manifest, decode_label, encode_label
+from mcis_dist.formats.shards import iter_shard
+from mcis_dist.runtime.checkpoint import load as load_checkpoint
+from mcis_dist.runtime.sharded import StageError
+from mcis_dist.runtime.trainer import TrainingError
 from mcis_dist.seg.evaluate import evaluate_seg
 from mcis_dist.seg.infer import predict_labels
 from mcis_dist.seg.predict import predict
 from mcis_dist.seg.train import check_seg, load_segmenter, run_url, train_seg
-from mcis_dist.sharded import StageError
 from mcis_dist.shards.build import ShardWriter
-from mcis_dist.train.checkpoint import load as load_checkpoint
-from mcis_dist.train.runner import TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")

@@ -12,9 +12,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from mcis_dist.formats.shards import ManifestError, read_manifest, verify_split
 from mcis_dist.shards import build as build_mod
 from mcis_dist.shards.build import BuildError, BuildOptions, build_dataset, cut_shards
-from mcis_dist.shards.manifest import ManifestError, read_manifest, verify_split
 from mcis_dist.shards.sources import PlannedSample, SourceError, sample_key
 from mcis_dist.shards.synthetic import SyntheticSpec
 from mcis_dist.storage import LocalStorage

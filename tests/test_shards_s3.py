@@ -17,8 +17,8 @@ from webdataset.gopen import gopen_schemes
 
 from mcis_dist.cli import main
 from mcis_dist.data.stream import register_webdataset_s3
+from mcis_dist.formats.shards import read_manifest
 from mcis_dist.shards.build import BuildOptions, build_dataset
-from mcis_dist.shards.manifest import read_manifest
 from mcis_dist.shards.synthetic import SyntheticSpec
 from mcis_dist.storage import LocalStorage, S3Storage, StorageError, open_url
 

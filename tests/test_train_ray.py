@@ -18,7 +18,7 @@ import torch
 
 from mcis_dist.cli import main
 from mcis_dist.config import load_config
-from mcis_dist.train.checkpoint import load as load_checkpoint
+from mcis_dist.runtime.checkpoint import load as load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

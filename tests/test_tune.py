@@ -117,9 +117,10 @@ def test_classifier_validation_equals_mcis_eval_cams(val_shards, tmp_path, one_t
     """The hook's val_miou = `mcis eval cams` of single-round scale-1 maps that CamActor (the
     `mcis cams` worker) wrote for the same model."""
     from mcis_dist.cams.evaluate import evaluate_cams
-    from mcis_dist.cams.stage import CamActor, assemble_manifest, cam_shard_name
+    from mcis_dist.cams.stage import CamActor, assemble_manifest
     from mcis_dist.data.loader import open_manifest
-    from mcis_dist.train.classifier import build_model
+    from mcis_dist.formats.cams import cam_shard_name
+    from mcis_dist.models.build import build_model
     from mcis_dist.train.validate import classifier_validator, read_val_images
 
     val = str(val_shards / "val")

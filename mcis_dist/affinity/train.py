@@ -5,7 +5,7 @@
    ``<affinity.out_url>/labels`` (resumable, skipped when complete).
 2. AffinityNet trains on crops of the images joined with those labels (``JointLoader``) with the
    three-term loss bg_pos/4 + fg_pos/4 + neg/2 over the pairs within ``affinity.radius`` at
-   stride 8, through the training machinery every stage shares (``mcis_dist.train.runner``:
+   stride 8, through the training machinery every stage shares (``mcis_dist.runtime.trainer``:
    optimiser groups, poly schedule, AMP, DDP, checkpoints to ``<affinity.out_url>/run``, exact
    resume, ``max_failures``). Its backbone starts from the classifier checkpoint's backbone
    (``affinity.init_from_classifier``; no ImageNet weights are needed).
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from mcis_dist.affinity.build import affinity_run_url, build_affinity_net, labels_url
 from mcis_dist.affinity.labels import downsample_labels
 from mcis_dist.affinity.loss import affinity_loss, pair_offsets
 from mcis_dist.config import ExperimentConfig
 from mcis_dist.models.affinitynet import AffinityNet
-from mcis_dist.train.runner import Built, TrainingError, endpoint_url, fit
+from mcis_dist.models.build import build_affinity_net
+from mcis_dist.runtime import checkpoint as ckpt
+from mcis_dist.runtime.paths import affinity_run_url, endpoint_url, labels_url
+from mcis_dist.runtime.trainer import Built, Stage, TrainingError, fit
 
 __all__ = ["affinity_stage", "train_affinity", "affinity_step_loss"]
 
@@ -48,9 +50,7 @@ def affinity_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Buil
     )  # fmt: skip
     net = build_affinity_net(cfg)
     if cfg.affinity.init_from_classifier:
-        from mcis_dist.cams.stage import resolve_checkpoint
-
-        state, where = resolve_checkpoint(cfg, cfg.cams.checkpoint)
+        state, where = ckpt.classifier_checkpoint(cfg, cfg.cams.checkpoint)
         try:
             net.load_backbone_from_classifier(state)
         except ValueError as e:
@@ -75,7 +75,7 @@ def affinity_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Buil
 
 
 def _image_url(cfg: ExperimentConfig) -> str:
-    from mcis_dist.masks.format import read_label_manifest
+    from mcis_dist.formats.labels import read_label_manifest
 
     manifest, _ = read_label_manifest(labels_url(cfg), endpoint_url(cfg))
     return manifest["source"]["url"]
@@ -84,8 +84,8 @@ def _image_url(cfg: ExperimentConfig) -> str:
 def check_affinity(cfg: ExperimentConfig) -> None:
     _image_url(cfg)  # the labels exist and name their images
     if cfg.affinity.train.val_every_epochs:
-        from mcis_dist.cams.stage import read_cam_manifest
-        from mcis_dist.sharded import StageError
+        from mcis_dist.formats.cams import read_cam_manifest
+        from mcis_dist.runtime.sharded import StageError
 
         if cfg.affinity.val_cams_url is None:
             raise TrainingError(
@@ -102,12 +102,16 @@ def check_affinity(cfg: ExperimentConfig) -> None:
 def train_affinity(cfg: ExperimentConfig, log=print):
     """Confident labels (skipped when complete), then AffinityNet training (resumes)."""
     from mcis_dist.masks.stage import make_labels
-    from mcis_dist.train.classifier import absolute_paths
+    from mcis_dist.runtime.paths import absolute_paths
 
     cfg = absolute_paths(cfg)
     make_labels(cfg, log=log)
-    return fit(cfg, "affinity", "affinity.train", log)
+    return fit(cfg, STAGE, "affinity.train", log)
 
 
 def run_url(cfg: ExperimentConfig) -> str:
     return affinity_run_url(cfg)
+
+
+STAGE = Stage("affinity", lambda cfg: cfg.affinity.train, run_url, affinity_stage, check_affinity,
+              terms=("bg_pos", "fg_pos", "neg"))  # fmt: skip

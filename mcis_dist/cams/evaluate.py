@@ -16,57 +16,22 @@ Two numbers are reported, and kept apart on purpose:
 
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-
-from mcis_dist.cams.stage import _abs, _endpoint, iter_cam_shard, read_cam_manifest
+from mcis_dist.cams.maps import cam_labels, upsample_cams
 from mcis_dist.config import ExperimentConfig
+from mcis_dist.data.transforms import decode_mask, decode_rgb_array
 from mcis_dist.evaluation import ConfusionMatrix, ThresholdSweep, format_table
 from mcis_dist.evaluation.overlay import cam_panel, save_grid
-from mcis_dist.sharded import StageError, Timer
+from mcis_dist.formats.cams import iter_cam_shard, read_cam_manifest
+from mcis_dist.runtime import checkpoint as ckpt
+from mcis_dist.runtime.paths import absolute_url, endpoint_url
+from mcis_dist.runtime.sharded import StageError, Timer
 from mcis_dist.storage import open_storage
 
-__all__ = ["upsample_cams", "evaluate_cams", "cam_labels"]
-
-
-def upsample_cams(maps: np.ndarray, stride: int, size: tuple[int, int]) -> np.ndarray:
-    """(L, h, w) maps at ``stride`` -> (L, H, W) float32 on the image's pixel grid."""
-    maps = np.asarray(maps, dtype=np.float32)
-    if maps.shape[0] == 0:
-        return np.zeros((0, *size), dtype=np.float32)
-    if stride == 1 and maps.shape[1:] == tuple(size):
-        return maps
-    t = torch.from_numpy(maps)[None]  # (1, L, h, w)
-    up = F.interpolate(t, size=(maps.shape[1] * stride, maps.shape[2] * stride),
-                       mode="bilinear", align_corners=False)  # fmt: skip
-    return up[0, :, : size[0], : size[1]].numpy()
-
-
-def cam_labels(scores: np.ndarray, class_ids, threshold: float) -> np.ndarray:
-    """(L, H, W) scores -> (H, W) label map: 0 where max < threshold... ties to background."""
-    if len(class_ids) == 0:
-        return np.zeros(scores.shape[1:], dtype=np.uint8)
-    best = scores.argmax(axis=0)
-    labels = np.asarray(class_ids, dtype=np.int64)[best] + 1
-    labels[scores.max(axis=0) <= threshold] = 0
-    return labels.astype(np.uint8)
-
-
-def _mask(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L") if im.mode not in ("L", "P") else im, dtype=np.uint8)
-
-
-def _rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+__all__ = ["evaluate_cams"]
 
 
 def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds=None,
@@ -76,10 +41,10 @@ def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds
     from tqdm import tqdm
 
     from mcis_dist.data.loader import open_manifest
-    from mcis_dist.data.stream import iter_shard
+    from mcis_dist.formats.shards import iter_shard
 
-    timer, endpoint = Timer(), _endpoint(cfg)
-    cams_url = _abs(cams_url or cfg.cams.out_url)
+    timer, endpoint = Timer(), endpoint_url(cfg)
+    cams_url = absolute_url(cams_url or cfg.cams.out_url)
     manifest, cams = read_cam_manifest(cams_url, endpoint)
     source_manifest, source = open_manifest(manifest["source"]["url"], endpoint)
     classes = manifest["classes"]
@@ -107,7 +72,7 @@ def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds
                     continue
                 meta, m = maps[key]
                 try:
-                    gt = _mask(raw["mask.png"])
+                    gt = decode_mask(raw["mask.png"])
                     if list(gt.shape) != meta["size"]:
                         raise ValueError(f"mask {gt.shape} but image {meta['size']}")
                     scores = upsample_cams(m, meta["stride"], tuple(meta["size"]))
@@ -119,7 +84,7 @@ def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds
                 counts["images"] += 1
                 bar.update(1)
                 if len(panels) < cfg.cams.eval_grid:
-                    rgb = _rgb(raw.get("jpg", raw.get("png")))
+                    rgb = decode_rgb_array(raw.get("jpg", raw.get("png")))
                     pred = cam_labels(scores, meta["labels"], fixed)
                     panels.append((key, cam_panel(rgb, scores, [classes[k] for k in meta["labels"]],
                                                   label_map=pred, gt=gt)))  # fmt: skip
@@ -146,7 +111,7 @@ def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds
     }
     if cfg.cams.eval_attention_pairs:
         result["attention"] = attention_report(cfg, manifest, source_manifest, source, log)
-    out = open_storage(_abs(out_url) if out_url else cams.describe("eval"), endpoint_url=endpoint)
+    out = open_storage(absolute_url(out_url) if out_url else cams.describe("eval"), endpoint_url=endpoint)
     out.write_bytes("eval.json", json.dumps(result, indent=1).encode())
     if panels:
         with tempfile.TemporaryDirectory() as tmp:
@@ -163,15 +128,15 @@ def attention_report(cfg: ExperimentConfig, manifest: dict, source_manifest: dic
     """The classifier's attention diagnostics (``mcis_dist.models.diagnostics``) on
     ``cams.eval_attention_pairs`` pairs of the mapped split; None (with a line) when the maps'
     checkpoint cannot be loaded."""
-    from mcis_dist.cams.stage import check_model_state, resolve_checkpoint
+    from mcis_dist.cams.stage import check_model_state
     from mcis_dist.data.related import RelatedSampler
+    from mcis_dist.models.build import build_model
     from mcis_dist.models.diagnostics import split_report
+    from mcis_dist.runtime.checkpoint import CheckpointError, load_model_state
     from mcis_dist.storage import StorageError
-    from mcis_dist.train.checkpoint import CheckpointError, load_model_state
-    from mcis_dist.train.classifier import build_model
 
     try:
-        state, where = resolve_checkpoint(cfg, manifest.get("checkpoint"))
+        state, where = ckpt.classifier_checkpoint(cfg, manifest.get("checkpoint"))
         check_model_state(cfg, state, len(manifest["classes"]), where)
     except (StageError, CheckpointError, StorageError) as e:
         log(f"eval cams: no attention diagnostics ({e})")

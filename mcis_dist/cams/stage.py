@@ -9,22 +9,29 @@ images that could not be read), each sample holding
   single-round because no other image holds them]}``.
 
 Plus the DALI-style ``.idx`` of each tar, a part record per shard and ``manifest.json``
-(format ``mcis-cams/1``) written last. See ``mcis_dist.sharded`` for the resume and fault rules.
+(format ``mcis-cams/1``) written last. See ``mcis_dist.runtime.sharded`` for the resume and fault rules.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from mcis_dist.config import ExperimentConfig, config_from_dict
-from mcis_dist.sharded import (
+from mcis_dist.errors import reason
+from mcis_dist.formats.cams import (
+    FORMAT,
+    cam_shard_name,
+    encode_cam,
+)
+from mcis_dist.formats.manifest import write_manifest
+from mcis_dist.runtime import checkpoint as ckpt
+from mcis_dist.runtime.paths import absolute_url, endpoint_url
+from mcis_dist.runtime.session import ray_session
+from mcis_dist.runtime.sharded import (
     StageError,
     Timer,
     actor_options,
@@ -36,36 +43,11 @@ from mcis_dist.sharded import (
     stage_complete,
     write_part,
 )
-from mcis_dist.shards.manifest import MANIFEST_NAME
 from mcis_dist.storage import open_storage
 
-FORMAT = "mcis-cams/1"
 MAX_LISTED = 1000  # skipped samples listed by key in a manifest (all are counted)
 
-__all__ = ["FORMAT", "CamActor", "compute_cams", "encode_cam", "decode_cam", "iter_cam_shard"]
-
-
-# ---------------------------------------------------------------------------------- the format
-def encode_cam(cams: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(cams, dtype=np.float16), allow_pickle=False)
-    return buf.getvalue()
-
-
-def decode_cam(blob: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(blob), allow_pickle=False)
-
-
-def cam_shard_name(index: int) -> str:
-    return f"cams-{index:06d}.tar"
-
-
-def iter_cam_shard(storage, name: str):
-    """(meta dict, maps float16 (L, h, w)) of every sample of one CAM shard, in order."""
-    from mcis_dist.data.stream import iter_shard
-
-    for raw in iter_shard(storage.describe(name), getattr(storage, "endpoint_url", None)):
-        yield json.loads(raw["json"]), decode_cam(raw["cam.npy"])
+__all__ = ["CamActor", "compute_cams"]
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -85,44 +67,10 @@ def stage_settings(cfg: ExperimentConfig) -> dict:
     return out
 
 
-def _abs(url: str | None) -> str | None:
-    if url is None or "://" in url:
-        return url
-    return str(Path(url).expanduser().absolute())
-
-
-def _endpoint(cfg: ExperimentConfig) -> str | None:
-    from mcis_dist.train.classifier import endpoint_url
-
-    return endpoint_url(cfg)
-
-
-def resolve_checkpoint(cfg: ExperimentConfig, checkpoint: str | None) -> tuple[dict, str]:
-    """(model state dict, where) of the checkpoint to map with: the given URL, the config's, or
-    the newest of the experiment's classifier run."""
-    from mcis_dist.train import checkpoint as ckpt
-    from mcis_dist.train.classifier import run_url
-
-    url = checkpoint or cfg.cams.checkpoint
-    if url is None:
-        run = open_storage(run_url(cfg), endpoint_url=_endpoint(cfg))
-        newest = ckpt.newest_checkpoint(run)
-        if newest is None:
-            raise StageError(
-                f"no classifier checkpoint under {run.describe()}: run `mcis train-cls` with this "
-                f"config first, or name one with --checkpoint / cams.checkpoint"
-            )
-        url = run.describe(newest)
-    state, where = ckpt.load_from(_abs(url), endpoint_url=_endpoint(cfg))
-    if not isinstance(state, dict) or "model" not in state:
-        raise StageError(f"{where} is not a classifier checkpoint (it has no 'model' entry)")
-    return state["model"], where
-
-
 def check_model_state(cfg: ExperimentConfig, state: dict, num_classes: int, where: str) -> None:
     """Build the configured model and load the state: a mismatch names the keys."""
-    from mcis_dist.train import checkpoint as ckpt
-    from mcis_dist.train.classifier import build_model
+    from mcis_dist.models.build import build_model
+    from mcis_dist.runtime import checkpoint as ckpt
 
     model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(
         update={"weights": None})}), num_classes)  # fmt: skip
@@ -140,7 +88,7 @@ class CamActor:
         from mcis_dist.cams.infer import CamEngine, CamSettings
         from mcis_dist.data.loader import open_manifest
         from mcis_dist.data.related import RelatedSampler
-        from mcis_dist.train.classifier import build_model
+        from mcis_dist.models.build import build_model
 
         cfg = config_from_dict(experiment, ExperimentConfig, source="<cams config>")
         cfg.model.weights = None  # the checkpoint has every weight
@@ -151,7 +99,7 @@ class CamActor:
         model = build_model(cfg, num_classes)
         model.load_state_dict(state)
         self.model = model.to(self.device).eval()
-        endpoint = _endpoint(cfg)
+        endpoint = endpoint_url(cfg)
         manifest, self.source = open_manifest(cfg.cams.split_url, endpoint, check_shards=False)
         self.out = open_storage(cfg.cams.out_url, endpoint_url=endpoint)
         sampler = None
@@ -165,8 +113,9 @@ class CamActor:
         return os.getpid()
 
     def run(self, job: dict) -> dict:
-        from mcis_dist.data.stream import iter_shard, parse_record
+        from mcis_dist.data.stream import parse_record
         from mcis_dist.data.transforms import decode_rgb
+        from mcis_dist.formats.shards import iter_shard
         from mcis_dist.shards.build import ShardWriter
 
         start, name = time.perf_counter(), job["name"]
@@ -183,7 +132,7 @@ class CamActor:
                         key, labels, domain, data = parse_record(raw, self.num_classes)
                         rgb = decode_rgb(data)
                     except Exception as e:  # a bad sample is skipped and listed
-                        skipped.append({"key": key, "reason": _reason(e)})
+                        skipped.append({"key": key, "reason": reason(e)})
                         continue
                     maps, fell = self.engine.cams(rgb, labels, key, domain)
                     meta = {"key": key, "labels": list(labels), "size": list(rgb.shape[-2:]),
@@ -194,7 +143,7 @@ class CamActor:
                     for k in fell:
                         fallback[str(k)] = fallback.get(str(k), 0) + 1
             except Exception as e:  # an unreadable or truncated input shard: keep what was read
-                skipped.append({"key": f"{job['source']}:*", "reason": f"shard: {_reason(e)}"})
+                skipped.append({"key": f"{job['source']}:*", "reason": f"shard: {reason(e)}"})
             index = writer.close().encode()
             if not keys:
                 staged.discard()
@@ -216,11 +165,6 @@ class CamActor:
         return record
 
 
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 # ---------------------------------------------------------------------------------- the driver
 def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print) -> dict:
     """Maps for every image of ``cams.split_url`` into ``cams.out_url``; returns the manifest.
@@ -228,15 +172,15 @@ def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print
     from tqdm import tqdm
 
     from mcis_dist.data.loader import open_manifest
-    from mcis_dist.train.classifier import absolute_paths
+    from mcis_dist.runtime.paths import absolute_paths
 
     cfg = absolute_paths(cfg)
-    cfg.cams.split_url, cfg.cams.out_url = _abs(cfg.cams.split_url), _abs(cfg.cams.out_url)
-    cfg.cams.checkpoint = _abs(checkpoint or cfg.cams.checkpoint)
-    timer, endpoint = Timer(), _endpoint(cfg)
-    source_manifest, _ = open_manifest(cfg.cams.split_url, cfg.data.endpoint_url or endpoint)
+    cfg.cams.split_url, cfg.cams.out_url = absolute_url(cfg.cams.split_url), absolute_url(cfg.cams.out_url)
+    cfg.cams.checkpoint = absolute_url(checkpoint or cfg.cams.checkpoint)
+    timer, endpoint = Timer(), endpoint_url(cfg)
+    source_manifest, _ = open_manifest(cfg.cams.split_url, endpoint)
     classes = source_manifest["classes"]
-    state, where = resolve_checkpoint(cfg, cfg.cams.checkpoint)
+    state, where = ckpt.classifier_checkpoint(cfg, cfg.cams.checkpoint)
     check_model_state(cfg, state, len(classes), where)
     out = open_storage(cfg.cams.out_url, endpoint_url=endpoint)
     out.check_writable()
@@ -271,7 +215,7 @@ def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print
         records += _run_actors(cfg, jobs, state, len(classes), total - _done(kept), log, tqdm)
         clean_temporaries(out)  # left by actors that died mid-shard
     manifest = assemble_manifest(cfg, records, source_manifest, stage_fp, where, timer())
-    out.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    write_manifest(out, manifest)
     log(f"cams: {manifest['samples']} maps in {len(manifest['shards'])} shards at "
         f"{out.describe()} ({manifest['skipped_count']} skipped, "
         f"{manifest['fallback']['images']} images with single-round fallbacks) in {timer():.1f} s")  # fmt: skip
@@ -285,10 +229,7 @@ def _done(kept: dict) -> int:
 def _run_actors(cfg, jobs, state, num_classes, todo, log, tqdm) -> list[dict]:
     import ray
 
-    from mcis_dist.train.classifier import ensure_ray
-
-    started = ensure_ray()
-    try:
+    with ray_session():
         c = cfg.cams
         n = plan_actors(c.num_actors, c.use_gpu, c.cpus_per_actor, len(jobs))
         experiment, state_ref = json.loads(cfg.model_dump_json()), ray.put(state)
@@ -300,9 +241,6 @@ def _run_actors(cfg, jobs, state, num_classes, todo, log, tqdm) -> list[dict]:
                 max_failures=c.max_failures, log=log, what="shard",
                 progress=lambda r: bar.update(r["samples"] + len(r["skipped"])),
             )  # fmt: skip
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def assemble_manifest(cfg, records, source_manifest, stage_fp, where, seconds) -> dict:
@@ -357,16 +295,3 @@ def assemble_manifest(cfg, records, source_manifest, stage_fp, where, seconds) -
             "images_per_s_per_actor": round(samples / compute, 3) if compute else None,
         },  # fmt: skip
     }
-
-
-def read_cam_manifest(url: str, endpoint_url: str | None = None) -> tuple[dict, object]:
-    """(manifest, storage) of a finished CAM folder; a clear error otherwise."""
-    storage = open_storage(url, endpoint_url=endpoint_url)
-    if not storage.exists(MANIFEST_NAME):
-        raise StageError(f"{storage.describe()} has no {MANIFEST_NAME}: run `mcis cams` first "
-                         f"(or it is still running)")  # fmt: skip
-    manifest = json.loads(storage.read_bytes(MANIFEST_NAME))
-    if manifest.get("format") != FORMAT:
-        raise StageError(f"{storage.describe(MANIFEST_NAME)} is not a CAM manifest "
-                         f"(format {manifest.get('format')!r}, expected {FORMAT!r})")  # fmt: skip
-    return manifest, storage

@@ -46,10 +46,10 @@ from mcis_dist.data.sharding import (
 )
 from mcis_dist.data.stream import IMAGE_EXTS, MAX_LISTED, iter_shard
 from mcis_dist.data.transforms import decode_rgb, normalize, sample_seed
-from mcis_dist.masks.format import FORMAT as LABELS_FORMAT
-from mcis_dist.masks.format import IGNORE, LABEL_MEMBER, decode_label
-from mcis_dist.shards.manifest import FORMAT as SHARDS_FORMAT
-from mcis_dist.shards.manifest import MANIFEST_NAME
+from mcis_dist.formats.labels import FORMAT as LABELS_FORMAT
+from mcis_dist.formats.labels import IGNORE, LABEL_MEMBER, decode_label
+from mcis_dist.formats.shards import FORMAT as SHARDS_FORMAT
+from mcis_dist.formats.shards import MANIFEST_NAME
 from mcis_dist.storage import StorageError, open_storage
 
 __all__ = ["JointAugmentSpec", "JointLoader", "augment_with_box", "joint_augment",

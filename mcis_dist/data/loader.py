@@ -25,7 +25,7 @@ from mcis_dist.data.pairs import PairStats
 from mcis_dist.data.sharding import rank_and_world
 from mcis_dist.data.stream import MAX_LISTED, PairStream, StreamSpec
 from mcis_dist.data.transforms import AugmentSpec, normalize
-from mcis_dist.shards.manifest import ManifestError, read_manifest
+from mcis_dist.formats.shards import ManifestError, read_manifest
 from mcis_dist.storage import StorageError, open_storage
 
 BACKENDS = ("auto", "webdataset", "dali")

@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mcis_dist.data.pairs import DOMAIN_IDS, PairPool, PoolItem, pair_type
 from mcis_dist.data.sharding import Unit, assign, batches_per_rank, consumed_by_worker, worker_quota
 from mcis_dist.data.transforms import AugmentSpec, augment, decode_rgb, sample_seed
+from mcis_dist.formats.shards import iter_shard
 from mcis_dist.storage import open_url
 
 IMAGE_EXTS = ("jpg", "png")
@@ -118,16 +119,6 @@ def register_webdataset_s3(endpoint_url: str | None = None) -> None:
         return open_url(url, endpoint_url=endpoint_url)
 
     gopen_schemes["s3"] = gopen_s3
-
-
-def iter_shard(url: str, endpoint_url: str | None = None):
-    """Raw samples (dicts of member bytes, ``__key__``) of one shard, in tar order; an S3 read
-    that breaks mid-shard resumes where it broke (a StorageError naming the URL if it cannot)."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    with open_url(url, endpoint_url=endpoint_url) as stream:
-        members = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        yield from group_by_keys(members)
 
 
 class PairStream(IterableDataset):

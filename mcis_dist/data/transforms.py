@@ -54,6 +54,19 @@ def decode_rgb(data: bytes) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
 
 
+def decode_rgb_array(data: bytes) -> np.ndarray:
+    """Encoded JPEG/PNG bytes → (H, W, 3) uint8 numpy (for figures)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """An encoded mask PNG (grey or palette: the pixel values are class indices) → (H, W)
+    uint8."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("L") if im.mode not in ("L", "P") else im, dtype=np.uint8)
+
+
 def augment(img: torch.Tensor, spec: AugmentSpec, rng: np.random.Generator) -> torch.Tensor:
     """(3, H, W) uint8 → (3, S, S) uint8, S = spec.crop_size."""
     _, h, w = img.shape

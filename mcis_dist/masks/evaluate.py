@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mcis_dist.cams.evaluate import _mask, _rgb
-from mcis_dist.cams.stage import _abs, _endpoint
 from mcis_dist.config import ExperimentConfig
+from mcis_dist.data.transforms import decode_mask, decode_rgb_array
 from mcis_dist.evaluation import ConfusionMatrix, blend, colorize, format_table, save_grid
-from mcis_dist.masks.format import IGNORE, iter_label_shard, read_label_manifest
-from mcis_dist.sharded import StageError, Timer
+from mcis_dist.formats.labels import IGNORE, iter_label_shard, read_label_manifest
+from mcis_dist.runtime.paths import absolute_url, endpoint_url
+from mcis_dist.runtime.sharded import StageError, Timer
 from mcis_dist.storage import open_storage
 
 __all__ = ["evaluate_masks", "count_labels"]
@@ -58,10 +58,10 @@ def evaluate_masks(cfg: ExperimentConfig, masks_url: str | None = None,
     from tqdm import tqdm
 
     from mcis_dist.data.loader import open_manifest
-    from mcis_dist.data.stream import iter_shard
+    from mcis_dist.formats.shards import iter_shard
 
-    timer, endpoint = Timer(), _endpoint(cfg)
-    masks_url = _abs(masks_url or cfg.masks.out_url)
+    timer, endpoint = Timer(), endpoint_url(cfg)
+    masks_url = absolute_url(masks_url or cfg.masks.out_url)
     manifest, labels = read_label_manifest(masks_url, endpoint)
     source_manifest, source = open_manifest(manifest["source"]["url"], endpoint)
     names = ["background", *manifest["classes"]]
@@ -87,7 +87,7 @@ def evaluate_masks(cfg: ExperimentConfig, masks_url: str | None = None,
                     continue
                 pred = preds[key]
                 try:
-                    gt = _mask(raw["mask.png"])
+                    gt = decode_mask(raw["mask.png"])
                     n, k = count_labels(left_out, as_bg, gt, pred)
                 except ValueError as e:
                     counts["bad"] += 1
@@ -97,7 +97,7 @@ def evaluate_masks(cfg: ExperimentConfig, masks_url: str | None = None,
                 counts["images"] += 1
                 bar.update(1)
                 if len(panels) < cfg.masks.eval_grid:
-                    panels.append((key, _panel(_rgb(raw.get("jpg", raw.get("png"))), pred, gt)))
+                    panels.append((key, _panel(decode_rgb_array(raw.get("jpg", raw.get("png"))), pred, gt)))
     if counts["images"] == 0:
         raise StageError(
             f"none of the {manifest['samples']} labelled images of {manifest['source']['url']} "
@@ -115,7 +115,7 @@ def evaluate_masks(cfg: ExperimentConfig, masks_url: str | None = None,
         "ignore_as_bg": as_bg.to_dict(names),
         "seconds": timer(),
     }
-    out = open_storage(_abs(out_url) if out_url else labels.describe("eval"), endpoint_url=endpoint)
+    out = open_storage(absolute_url(out_url) if out_url else labels.describe("eval"), endpoint_url=endpoint)
     out.write_bytes("eval.json", json.dumps(result, indent=1).encode())
     if panels:
         with tempfile.TemporaryDirectory() as tmp:

@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from mcis_dist.affinity.build import build_affinity_net
 from mcis_dist.affinity.labels import confident_labels, saliency_labels
 from mcis_dist.affinity.random_walk import neighbour_offsets, propagate_to_labels, random_walk
-from mcis_dist.cams.evaluate import cam_labels, upsample_cams
-from mcis_dist.cams.stage import _reason
+from mcis_dist.cams.maps import cam_labels, upsample_cams
 from mcis_dist.config import ExperimentConfig
-from mcis_dist.masks.format import IGNORE
+from mcis_dist.errors import reason
+from mcis_dist.formats.labels import IGNORE
+from mcis_dist.models.build import build_affinity_net
 
 SALIENCY_MEMBER = "sal.png"  # shards/README.md: the image shard's saliency map (grey PNG)
 
@@ -256,7 +256,7 @@ def make_sample(raw: dict, meta: dict, maps: np.ndarray, saliency: bool = False)
     try:
         rgb = decode_rgb(data).permute(1, 2, 0).numpy()  # (H, W, 3)
     except Exception as e:
-        raise SkipSample(f"undecodable image: {_reason(e)}") from None
+        raise SkipSample(f"undecodable image: {reason(e)}") from None
     size, stride = [int(rgb.shape[0]), int(rgb.shape[1])], int(meta["stride"])
     if list(meta["size"]) != size:
         raise SkipSample(f"the CAM is for size {list(meta['size'])} but the image is {size}")
@@ -269,7 +269,7 @@ def make_sample(raw: dict, meta: dict, maps: np.ndarray, saliency: bool = False)
         try:
             sal = _grey(raw[SALIENCY_MEMBER])
         except Exception as e:
-            raise SkipSample(f"undecodable saliency map: {_reason(e)}") from None
+            raise SkipSample(f"undecodable saliency map: {reason(e)}") from None
         if list(sal.shape) != size:
             raise SkipSample(f"saliency map {list(sal.shape)} but the image is {size}")
     return Sample(key, labels, maps.astype(np.float32), stride, rgb, sal)

@@ -4,14 +4,14 @@
 One :class:`LabelActor` walks a CAM shard together with its image shard (the CAM manifest's
 ``shards[i]["source"]``; joined by key) and turns each image's maps into a label map with the
 function of the stage's mode (:data:`mcis_dist.masks.modes.MODES`: ``confident``,
-``random_walk``, ``saliency``, ``cams``), writing one label shard (:mod:`mcis_dist.masks.format`)
+``random_walk``, ``saliency``, ``cams``), writing one label shard (:mod:`mcis_dist.formats.labels`)
 per CAM shard.
 
 Inputs the stage cannot label (a CAM without its image, a CAM whose size differs from its
 image's, an undecodable image, no saliency map, too little saliency foreground) are skipped,
 counted and listed in the manifest; the stage finishes. Labels with no confident pixel (all 255)
 are written all the same and counted as ``empty``. Resume, fault tolerance and fingerprints
-follow :mod:`mcis_dist.sharded`, exactly as ``mcis cams`` does: the fingerprint of a label shard
+follow :mod:`mcis_dist.runtime.sharded`, exactly as ``mcis cams`` does: the fingerprint of a label shard
 is the mode's settings, the AffinityNet's weights (``random_walk``), the CAM manifest's
 fingerprint and the checksums of the CAM shard and of its image shard.
 """
@@ -24,19 +24,23 @@ import time
 
 import torch
 
-from mcis_dist.affinity.build import affinity_run_url, build_affinity_net, labels_url
 from mcis_dist.affinity.labels import is_empty
-from mcis_dist.cams.stage import _abs, _endpoint, _reason, iter_cam_shard, read_cam_manifest
 from mcis_dist.config import ExperimentConfig, config_from_dict
-from mcis_dist.masks.format import (
+from mcis_dist.errors import reason
+from mcis_dist.formats.cams import iter_cam_shard, read_cam_manifest
+from mcis_dist.formats.labels import (
     FORMAT,
     LABEL_MEMBER,
     assemble_manifest,
     encode_label,
     label_shard_name,
 )
+from mcis_dist.formats.manifest import write_manifest
 from mcis_dist.masks.modes import MODES, SkipSample, make_sample
-from mcis_dist.sharded import (
+from mcis_dist.models.build import build_affinity_net
+from mcis_dist.runtime.paths import absolute_url, affinity_run_url, endpoint_url, labels_url
+from mcis_dist.runtime.session import ray_session
+from mcis_dist.runtime.sharded import (
     StageError,
     Timer,
     actor_options,
@@ -48,7 +52,6 @@ from mcis_dist.sharded import (
     stage_complete,
     write_part,
 )
-from mcis_dist.shards.manifest import MANIFEST_NAME
 from mcis_dist.storage import open_storage
 
 __all__ = ["LabelActor", "make_labels", "make_masks", "resolve_affinity_checkpoint"]
@@ -82,7 +85,7 @@ class LabelActor:
         if self.device.type == "cpu":
             torch.set_num_threads(spec["threads"])
         self.label = self.mode.build(cfg, state, self.device)
-        endpoint = _endpoint(cfg)
+        endpoint = endpoint_url(cfg)
         self.cams = open_storage(spec["cams_url"], endpoint_url=endpoint)
         self.source = open_storage(spec["source_url"], endpoint_url=endpoint)
         self.out = open_storage(spec["out_url"], endpoint_url=endpoint)
@@ -91,7 +94,7 @@ class LabelActor:
         return os.getpid()
 
     def run(self, job: dict) -> dict:
-        from mcis_dist.data.stream import iter_shard
+        from mcis_dist.formats.shards import iter_shard
         from mcis_dist.shards.build import ShardWriter
 
         start, name = time.perf_counter(), job["name"]
@@ -99,7 +102,7 @@ class LabelActor:
 
         def lost(shard):
             def note(e):
-                skipped.append({"key": f"{shard}:*", "reason": f"shard: {_reason(e)}"})
+                skipped.append({"key": f"{shard}:*", "reason": f"shard: {reason(e)}"})
                 broken.append(shard)
 
             return note
@@ -150,11 +153,11 @@ class LabelActor:
 def resolve_affinity_checkpoint(cfg: ExperimentConfig, checkpoint: str | None) -> tuple[dict, str]:
     """(AffinityNet state dict, where), checked against the configured AffinityNet: the given
     URL, ``masks.checkpoint``, or the newest ``checkpoint_*`` of the affinity run."""
-    from mcis_dist.train import checkpoint as ckpt
+    from mcis_dist.runtime import checkpoint as ckpt
 
     url = checkpoint or cfg.masks.checkpoint
     if url is None:
-        run = open_storage(affinity_run_url(cfg), endpoint_url=_endpoint(cfg))
+        run = open_storage(affinity_run_url(cfg), endpoint_url=endpoint_url(cfg))
         newest = ckpt.newest_checkpoint(run)
         if newest is None:
             raise StageError(
@@ -162,7 +165,7 @@ def resolve_affinity_checkpoint(cfg: ExperimentConfig, checkpoint: str | None) -
                 f"config first, or name one with --checkpoint / masks.checkpoint"
             )
         url = run.describe(newest)
-    state, where = ckpt.load_from(_abs(url), endpoint_url=_endpoint(cfg))
+    state, where = ckpt.load_from(absolute_url(url), endpoint_url=endpoint_url(cfg))
     if not isinstance(state, dict) or "model" not in state:
         raise StageError(f"{where} is not an AffinityNet checkpoint (it has no 'model' entry)")
     try:
@@ -176,14 +179,14 @@ def resolve_affinity_checkpoint(cfg: ExperimentConfig, checkpoint: str | None) -
 
 def _resolved(cfg: ExperimentConfig) -> ExperimentConfig:
     """A copy whose local paths are absolute (the actors run in another working directory)."""
-    from mcis_dist.train.classifier import absolute_paths
+    from mcis_dist.runtime.paths import absolute_paths
 
     cfg = absolute_paths(cfg)
     for section, names in ((cfg.cams, ("split_url", "out_url")),
                            (cfg.affinity, ("cams_url", "out_url")),
                            (cfg.masks, ("cams_url", "out_url", "checkpoint"))):  # fmt: skip
         for n in names:
-            setattr(section, n, _abs(getattr(section, n)))
+            setattr(section, n, absolute_url(getattr(section, n)))
     return cfg
 
 
@@ -204,7 +207,7 @@ def make_masks(cfg: ExperimentConfig, checkpoint: str | None = None, log=print) 
     m = cfg.masks
     actors = {"num_actors": m.num_actors, "use_gpu": m.use_gpu, "cpus_per_actor": m.cpus_per_actor,
               "threads": m.torch_threads, "max_failures": m.max_failures}  # fmt: skip
-    return _label_stage(cfg, m.mode, m.cams_url, m.out_url, actors, _abs(checkpoint), log)
+    return _label_stage(cfg, m.mode, m.cams_url, m.out_url, actors, absolute_url(checkpoint), log)
 
 
 def _label_stage(cfg, mode, cams_url, out_url, actors, checkpoint, log) -> dict:
@@ -213,10 +216,10 @@ def _label_stage(cfg, mode, cams_url, out_url, actors, checkpoint, log) -> dict:
     from mcis_dist.data.loader import open_manifest
 
     what = "labels" if mode == "confident" else "masks"
-    timer, endpoint = Timer(), _endpoint(cfg)
+    timer, endpoint = Timer(), endpoint_url(cfg)
     cam_manifest, _ = read_cam_manifest(cams_url, endpoint)
     source_url = cam_manifest["source"]["url"]
-    source_manifest, _ = open_manifest(source_url, cfg.data.endpoint_url or endpoint)
+    source_manifest, _ = open_manifest(source_url, endpoint)
     position = {s["name"]: i for i, s in enumerate(source_manifest["shards"])}
     by_source = {s["name"]: s for s in source_manifest["shards"]}
     gone = [s["source"] for s in cam_manifest["shards"] if s["source"] not in position]
@@ -271,7 +274,7 @@ def _label_stage(cfg, mode, cams_url, out_url, actors, checkpoint, log) -> dict:
     )  # fmt: skip
     if where:
         manifest["checkpoint"] = where
-    out.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    write_manifest(out, manifest)
     log(f"{what}: {manifest['samples']} labels in {len(manifest['shards'])} shards at "
         f"{out.describe()} ({manifest['skipped_count']} skipped, {manifest['empty']} all "
         f"255) in {timer():.1f} s")  # fmt: skip
@@ -281,10 +284,7 @@ def _label_stage(cfg, mode, cams_url, out_url, actors, checkpoint, log) -> dict:
 def _run_actors(cfg, jobs, spec, actors, state, todo, what, log, tqdm) -> list[dict]:
     import ray
 
-    from mcis_dist.train.classifier import ensure_ray
-
-    started = ensure_ray()
-    try:
+    with ray_session():
         n = plan_actors(actors["num_actors"], actors["use_gpu"], actors["cpus_per_actor"],
                         len(jobs))  # fmt: skip
         experiment = json.loads(cfg.model_dump_json())
@@ -298,6 +298,3 @@ def _run_actors(cfg, jobs, spec, actors, state, todo, what, log, tqdm) -> list[d
                 max_failures=actors["max_failures"], log=log, what="shard",
                 progress=lambda r: bar.update(r["samples"] + len(r["skipped"])),
             )  # fmt: skip
-    finally:
-        if started:
-            ray.shutdown()

@@ -6,7 +6,7 @@ shards at the test scales ``seg.eval_scales`` × ``seg.eval_flip``, refined by t
 ``seg.crf`` (``mcis_dist.seg.infer.predict_labels``). Each shard comes back as its *raw*
 confusion matrix; the driver sums them (never averaging per-shard mIoU), so the result is the
 matrix of one pass over every pixel whose mask is not 255, whatever the number of actors. A lost
-actor's shard is redone by a replacement (``mcis_dist.sharded.run_sharded``); an evaluation
+actor's shard is redone by a replacement (``mcis_dist.runtime.sharded.run_sharded``); an evaluation
 writes no shards, so there is nothing to resume.
 
 Writes ``eval.json`` (miou, per_class, matrix, settings, images, seconds, images_per_s) and
@@ -26,7 +26,8 @@ import torch
 
 from mcis_dist.config import ExperimentConfig, config_from_dict
 from mcis_dist.evaluation import ConfusionMatrix, blend, colorize, format_table, save_grid
-from mcis_dist.sharded import StageError, Timer, actor_options, plan_actors, run_sharded
+from mcis_dist.runtime.session import ray_session
+from mcis_dist.runtime.sharded import StageError, Timer, actor_options, plan_actors, run_sharded
 from mcis_dist.storage import open_storage
 
 __all__ = ["SegActor", "evaluate_seg", "eval_settings"]
@@ -91,7 +92,7 @@ class SegActor:
         """The raw confusion matrix of one shard (and up to ``job["panels"]`` overlay rows)."""
         from mcis_dist.data.stream import IMAGE_EXTS, iter_shard
         from mcis_dist.data.transforms import decode_rgb
-        from mcis_dist.masks.format import decode_label
+        from mcis_dist.formats.labels import decode_label
 
         start = time.perf_counter()
         cm = ConfusionMatrix(self.num_classes)
@@ -141,8 +142,8 @@ def _panel(rgb: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> list[np.ndarray
 def prepare(cfg: ExperimentConfig, checkpoint: str | None):
     """(cfg with absolute paths, endpoint, model, classes, where): what every driver of the
     trained network starts with."""
+    from mcis_dist.runtime.paths import absolute_paths, endpoint_url
     from mcis_dist.seg.train import load_segmenter
-    from mcis_dist.train.classifier import absolute_paths, endpoint_url
 
     cfg = absolute_paths(cfg)
     model, classes, where = load_segmenter(cfg, checkpoint)
@@ -154,10 +155,7 @@ def run_pool(cfg: ExperimentConfig, actor_cls, jobs: list[dict], state, num_clas
     """``actor_cls.run`` over the jobs on a pool of Ray actors; (records in job order, actors)."""
     import ray
 
-    from mcis_dist.train.classifier import ensure_ray
-
-    started = ensure_ray()
-    try:
+    with ray_session():
         s = cfg.seg
         n = plan_actors(s.num_actors, s.use_gpu, s.cpus_per_actor, len(jobs))
         experiment, state_ref = json.loads(cfg.model_dump_json()), ray.put(state)
@@ -168,9 +166,6 @@ def run_pool(cfg: ExperimentConfig, actor_cls, jobs: list[dict], state, num_clas
             max_failures=s.max_failures, log=log, what="job", progress=progress,
         )  # fmt: skip
         return records, n
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def evaluate_seg(cfg: ExperimentConfig, checkpoint: str | None = None,
@@ -182,7 +177,7 @@ def evaluate_seg(cfg: ExperimentConfig, checkpoint: str | None = None,
     from tqdm import tqdm
 
     from mcis_dist.data.loader import open_manifest
-    from mcis_dist.train.runner import absolute_url
+    from mcis_dist.runtime.paths import absolute_url
 
     timer = Timer()
     cfg, endpoint, model, classes, where = prepare(cfg, checkpoint)

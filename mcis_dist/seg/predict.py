@@ -23,9 +23,9 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from mcis_dist.config import ExperimentConfig
+from mcis_dist.formats.shards import MANIFEST_NAME
+from mcis_dist.runtime.sharded import StageError, Timer
 from mcis_dist.seg.evaluate import SegActor, eval_settings, prepare, run_pool
-from mcis_dist.sharded import StageError, Timer
-from mcis_dist.shards.manifest import MANIFEST_NAME
 from mcis_dist.storage import open_storage
 
 __all__ = ["IMAGE_SUFFIXES", "PredictActor", "encode_prediction", "predict"]
@@ -146,7 +146,7 @@ def predict(cfg: ExperimentConfig, inputs: str, out_url: str, checkpoint: str | 
     ``<seg.out_url>/run``); returns the summary also written to ``<out_url>/predictions.json``."""
     from tqdm import tqdm
 
-    from mcis_dist.train.runner import absolute_url
+    from mcis_dist.runtime.paths import absolute_url
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -6,7 +6,7 @@ trains on crops of the images joined with their pseudo masks (``JointLoader`` ov
 
     L = −1/|Ω| Σ_{p ∈ Ω} log softmax(f(x))_{p, y_p},   Ω = {p : y_p ≠ 255}
 
-through the training machinery every stage shares (``mcis_dist.train.runner``: lr groups, poly
+through the training machinery every stage shares (``mcis_dist.runtime.trainer``: lr groups, poly
 schedule, AMP, DDP, checkpoints to ``<seg.out_url>/run``, exact resume, ``max_failures``).
 ``seg.global_batch`` (LID: 48 over 4 GPUs) is split evenly across the workers.
 
@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from mcis_dist.config import ExperimentConfig
-from mcis_dist.masks.format import IGNORE
-from mcis_dist.train.runner import Built, TrainingError, endpoint_url, fit
+from mcis_dist.formats.labels import IGNORE
+from mcis_dist.runtime.paths import endpoint_url
+from mcis_dist.runtime.trainer import Built, Stage, TrainingError, fit
 
 __all__ = ["check_seg", "load_segmenter", "run_url", "seg_data_config", "seg_stage",
            "seg_step_loss", "train_seg"]  # fmt: skip
@@ -58,8 +59,8 @@ def seg_data_config(cfg: ExperimentConfig, world: int):
 
 def _masks(cfg: ExperimentConfig) -> tuple[dict, str]:
     """(manifest, where) of the pseudo-mask folder."""
-    from mcis_dist.masks.format import read_label_manifest
-    from mcis_dist.sharded import StageError
+    from mcis_dist.formats.labels import read_label_manifest
+    from mcis_dist.runtime.sharded import StageError
 
     try:
         manifest, storage = read_label_manifest(cfg.seg.masks_url, endpoint_url(cfg))
@@ -124,23 +125,26 @@ def run_url(cfg: ExperimentConfig) -> str:
     return f"{cfg.seg.out_url.rstrip('/')}/run"
 
 
+STAGE = Stage("seg", lambda cfg: cfg.seg.train, run_url, seg_stage, check_seg, terms=("ce",))
+
+
 def train_seg(cfg: ExperimentConfig, log=print):
     """Train (or resume) the segmentation network; returns Ray's ``Result``."""
     from mcis_dist.config import write_run_config
+    from mcis_dist.runtime.paths import absolute_paths
     from mcis_dist.storage import open_storage
-    from mcis_dist.train.classifier import absolute_paths
 
     cfg = absolute_paths(cfg)  # Ray workers run in another working directory
     check_seg(cfg)  # before the run folder is made
     run = open_storage(run_url(cfg), endpoint_url=endpoint_url(cfg))
     run.check_writable()
     write_run_config(cfg, run)
-    return fit(cfg, "seg", "seg.train", log)
+    return fit(cfg, STAGE, "seg.train", log)
 
 
 # ------------------------------------------------------------------------------- the trained net
 def _abs(url: str | None) -> str | None:
-    from mcis_dist.train.runner import absolute_url
+    from mcis_dist.runtime.paths import absolute_url
 
     return url if url is None else absolute_url(url)
 
@@ -152,9 +156,9 @@ def load_segmenter(cfg: ExperimentConfig, checkpoint: str | None = None):
     checkpoint has them all); the classes come from the pseudo masks the checkpoint was trained
     on (its own config), else from ``seg.masks_url``."""
     from mcis_dist.models.deeplab import build_segmenter
-    from mcis_dist.sharded import StageError
+    from mcis_dist.runtime import checkpoint as ckpt
+    from mcis_dist.runtime.sharded import StageError
     from mcis_dist.storage import open_storage
-    from mcis_dist.train import checkpoint as ckpt
 
     endpoint = endpoint_url(cfg)
     url = _abs(checkpoint)
@@ -206,8 +210,8 @@ def _checkpoint_config(saved: dict) -> ExperimentConfig | None:
 
 
 def _classes(cfg: ExperimentConfig, trained: ExperimentConfig | None, where: str) -> list[str]:
-    from mcis_dist.masks.format import read_label_manifest
-    from mcis_dist.sharded import StageError
+    from mcis_dist.formats.labels import read_label_manifest
+    from mcis_dist.runtime.sharded import StageError
 
     tried = []
     for c in (trained, cfg):

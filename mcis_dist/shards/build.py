@@ -36,6 +36,16 @@ from pathlib import Path
 from PIL import Image
 
 from mcis_dist import __version__
+from mcis_dist.config import ExperimentConfig
+from mcis_dist.formats.manifest import write_manifest
+from mcis_dist.formats.shards import (
+    FORMAT,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    assemble_manifest,
+    part_name,
+    shard_name,
+)
 from mcis_dist.shards.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -44,14 +54,6 @@ from mcis_dist.shards.images import (
     check_saliency,
     encode_png,
     mask_labels,
-)
-from mcis_dist.shards.manifest import (
-    FORMAT,
-    MANIFEST_NAME,
-    PARTS_DIR,
-    assemble_manifest,
-    part_name,
-    shard_name,
 )
 from mcis_dist.shards.sources import PlannedSample, SourcePlan
 from mcis_dist.shards.synthetic import SyntheticSpec, synthetic_sample
@@ -451,7 +453,7 @@ def build_split(plan: SourcePlan, storage: Storage, opts: BuildOptions, log=prin
     }
     ordered = [records[i] for i in range(len(shards))]
     manifest = assemble_manifest(plan, ordered, [asdict(r) for r in plan.rejected], build)
-    storage.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    write_manifest(storage, manifest)
     return manifest
 
 
@@ -522,3 +524,15 @@ def build_dataset(
         )
         manifests[plan.split] = build_split(plan, out.child(plan.split), opts, log=log)
     return manifests
+
+
+def build_options(cfg: ExperimentConfig, overwrite: bool = False) -> BuildOptions:
+    """Build options from an experiment's ``shards`` section (``mcis pipeline``, the demo)."""
+    sh = cfg.shards
+    return BuildOptions(
+        shard_size_mb=sh.shard_size_mb,
+        workers=sh.workers,
+        seed=sh.seed,
+        verify=sh.verify,
+        overwrite=overwrite,
+    )

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mcis_dist.config import ExperimentConfig
+
 SYNTHETIC_CLASSES: tuple[str, ...] = (
     "disc", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent",
 )  # fmt: skip
@@ -302,3 +304,16 @@ def synthetic_sample(spec: SyntheticSpec, split: str, index: int) -> SyntheticSa
     mask[_edges(inst, spec.ignore_border)] = 255  # VOC-style ignore outlines, also between objects
     labels = sorted(int(v) - 1 for v in np.unique(mask) if v not in (0, 255))
     return SyntheticSample(f"synth_{split}_{index:06d}", image, mask, labels)
+
+
+def synthetic_spec(cfg: ExperimentConfig) -> SyntheticSpec:
+    """The built-in dataset's spec from an experiment's ``synthetic`` section."""
+    s = cfg.synthetic
+    return SyntheticSpec(
+        num_train=s.num_train,
+        num_val=s.num_val,
+        min_size=s.min_size,
+        max_size=s.max_size,
+        num_classes=s.num_classes,
+        seed=s.seed,
+    )

@@ -1,7 +1,7 @@
 """``mcis train-cls``: the co-attention classifier on Ray Train.
 
 The classifier plugs into the training machinery every trained stage shares
-(``mcis_dist.train.runner``: optimiser, schedule, AMP, DDP, checkpoints, exact resume, metrics,
+(``mcis_dist.runtime.trainer``: optimiser, schedule, AMP, DDP, checkpoints, exact resume, metrics,
 fault tolerance) with ``classifier_stage``: its model (plus SEAM's PCM), its pair loader, and its
 loss (Eq. 10, with the authors' self-pair terms and SEAM's as options).
 
@@ -13,65 +13,19 @@ driver died resumes the run from its storage.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
 from mcis_dist.config import ExperimentConfig
 from mcis_dist.data.loader import PairLoader
 from mcis_dist.losses import LossWeights, mcis_loss
-from mcis_dist.models.backbones import build_backbone
+from mcis_dist.models.build import build_model
 from mcis_dist.models.mcis import MCISClassifier
-from mcis_dist.train.runner import (  # noqa: F401  (re-exported: the stages' shared helpers)
-    Built,
-    TrainingError,
-    amp_context,
-    endpoint_url,
-    ensure_ray,
-    fit,
-    run_epoch,
-)
+from mcis_dist.runtime.paths import absolute_paths, endpoint_url, stage_url
+from mcis_dist.runtime.trainer import Built, Stage, TrainingError, fit, run_epoch
 
 RUN_SUBDIR = "cls"
-#: backbones whose builder takes ``pretrained`` (ImageNet weights shipped with their package)
-WHEEL_WEIGHTS = ("efficientnet_lite0",)
-
-
 # ------------------------------------------------------------------------------- building blocks
-def backbone_kwargs(cfg: ExperimentConfig) -> dict[str, bool | float | str | None]:
-    """Builder arguments from ``model.freeze_bn`` / ``model.backbone_dropout`` (ResNet-38
-    family only, checked by the schema) and ``model.pretrained`` (backbones that ship their
-    ImageNet weights); unset options keep the backbone's defaults."""
-    kwargs: dict[str, bool | float | str | None] = {}
-    if cfg.model.freeze_bn is not None:
-        kwargs["frozen_bn"] = cfg.model.freeze_bn
-    if cfg.model.backbone_dropout is not None:
-        kwargs["dropout_b6"], kwargs["dropout_b7"] = cfg.model.backbone_dropout
-    if cfg.model.backbone in WHEEL_WEIGHTS:  # its builder loads the weights (and freezes BN):
-        kwargs["pretrained"] = cfg.model.pretrained  # its package's ImageNet file,
-        kwargs["weights"] = cfg.model.weights  # or this file instead when set
-    return kwargs
-
-
-def build_model(cfg: ExperimentConfig, num_classes: int) -> MCISClassifier:
-    backbone = build_backbone(cfg.model.backbone, **backbone_kwargs(cfg))
-    if cfg.model.weights:
-        from mcis_dist.models import weights
-
-        if cfg.model.backbone == "vgg16":
-            weights.load_torchvision_vgg16(backbone, cfg.model.weights)
-        elif cfg.model.backbone in WHEEL_WEIGHTS:
-            pass  # already loaded by its builder (backbone_kwargs)
-        else:
-            weights.load_state_dict_file(backbone, cfg.model.weights)
-    return MCISClassifier(
-        backbone, num_classes=num_classes, domains=cfg.model.domains,
-        shared_phi=cfg.model.shared_phi, chunk_size=cfg.model.chunk_size,
-        affinity=cfg.model.affinity, temperature=cfg.model.temperature,
-        learn_temperature=cfg.model.learn_temperature, w_p_init=cfg.model.w_p_init,
-    )  # fmt: skip
-
-
 def build_pcm(cfg: ExperimentConfig, backbone) -> torch.nn.Module | None:
     """SEAM's PCM on the backbone's conv4/conv5 taps (ResNet-38 family), when train.seam."""
     if not cfg.train.seam:
@@ -276,34 +230,11 @@ def check_classifier(cfg: ExperimentConfig) -> None:
 # ------------------------------------------------------------------------------------ the driver
 def run_url(cfg: ExperimentConfig) -> str:
     """Where this stage's outputs live: ``<run_root>/<name>/cls``."""
-    root = cfg.run_root.rstrip("/")
-    if not root.startswith("s3://"):
-        root = str(Path(root).expanduser().absolute())
-    return f"{root}/{cfg.name}/{RUN_SUBDIR}"
+    return stage_url(cfg, RUN_SUBDIR)
 
 
-def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A copy whose local paths (shards, weights, run root, stage folders) are absolute; URLs
-    stay as they are."""
-
-    def fix(value: str | None) -> str | None:
-        if value is None or "://" in value:
-            return value
-        return str(Path(value).expanduser().absolute())
-
-    cfg = cfg.model_copy(deep=True)
-    cfg.data.train_url = fix(cfg.data.train_url)
-    cfg.data.extra_urls = [fix(u) for u in cfg.data.extra_urls]
-    cfg.shards.url = fix(cfg.shards.url)
-    cfg.model.weights = fix(cfg.model.weights)
-    cfg.run_root = fix(cfg.run_root)
-    for section, names in ((cfg.cams, ("split_url", "out_url", "checkpoint")),
-                           (cfg.affinity, ("cams_url", "out_url", "val_cams_url")),
-                           (cfg.masks, ("cams_url", "out_url", "checkpoint")),
-                           (cfg.seg, ("masks_url", "val_url", "out_url", "weights"))):  # fmt: skip
-        for n in names:
-            setattr(section, n, fix(getattr(section, n)))
-    return cfg
+STAGE = Stage("cls", lambda cfg: cfg.train, run_url, classifier_stage, check_classifier,
+              terms=("single", "coattention", "contrastive"), label="train-cls")  # fmt: skip
 
 
 def train_classifier(cfg: ExperimentConfig, log=print):
@@ -313,5 +244,5 @@ def train_classifier(cfg: ExperimentConfig, log=print):
     from mcis_dist.data.loader import open_manifest
 
     for url in [cfg.data.train_url, *cfg.data.extra_urls]:  # fails fast on missing shards
-        open_manifest(url, cfg.data.endpoint_url)
-    return fit(cfg, "cls", "train", log)
+        open_manifest(url, endpoint_url(cfg))
+    return fit(cfg, STAGE, "train", log)

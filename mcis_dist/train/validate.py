@@ -27,7 +27,8 @@ import torch
 
 from mcis_dist.config import ExperimentConfig
 from mcis_dist.evaluation import ConfusionMatrix
-from mcis_dist.train.runner import TrainingError, endpoint_url, gather
+from mcis_dist.runtime.paths import endpoint_url
+from mcis_dist.runtime.trainer import TrainingError, gather
 
 __all__ = ["ValImage", "read_val_images", "classifier_validator", "affinity_validator",
            "summed_metrics"]  # fmt: skip
@@ -47,8 +48,9 @@ def read_val_images(url: str, endpoint: str | None, rank: int, world: int,
     the split's class names."""
     from mcis_dist.cams.evaluate import _mask
     from mcis_dist.data.loader import open_manifest
-    from mcis_dist.data.stream import iter_shard, parse_record
+    from mcis_dist.data.stream import parse_record
     from mcis_dist.data.transforms import decode_rgb
+    from mcis_dist.formats.shards import iter_shard
 
     manifest, storage = open_manifest(url, endpoint, check_shards=False)
     if len(manifest["classes"]) != num_classes:
@@ -88,8 +90,8 @@ def summed_metrics(matrices: dict[str, ConfusionMatrix], images: int, seconds: f
 def classifier_validator(cfg: ExperimentConfig, model, rank: int, world: int, device,
                          num_classes: int) -> Callable[[int], dict]:  # fmt: skip
     """``validate(epoch)``: the CAM mIoU of single-round maps at scale 1 on ``seg.val_url``."""
-    from mcis_dist.cams.evaluate import cam_labels, upsample_cams
     from mcis_dist.cams.infer import CamEngine, CamSettings
+    from mcis_dist.cams.maps import cam_labels, upsample_cams
 
     settings = CamSettings(mode="single", scales=(1.0,), flip=cfg.cams.flip,
                            out_stride=cfg.cams.out_stride, mean=tuple(cfg.data.mean),
@@ -152,9 +154,9 @@ def read_val_cams(cfg: ExperimentConfig, rank: int, world: int) -> tuple[list, l
     """This rank's share of (``Sample``, mask) of the CAM folder ``affinity.val_cams_url``
     joined with its images, and the class names."""
     from mcis_dist.cams.evaluate import _mask
-    from mcis_dist.cams.stage import iter_cam_shard, read_cam_manifest
     from mcis_dist.data.loader import open_manifest
-    from mcis_dist.data.stream import iter_shard
+    from mcis_dist.formats.cams import iter_cam_shard, read_cam_manifest
+    from mcis_dist.formats.shards import iter_shard
     from mcis_dist.masks.modes import SkipSample, make_sample
 
     endpoint = endpoint_url(cfg)

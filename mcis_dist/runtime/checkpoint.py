@@ -110,3 +110,40 @@ def load_from(url: str, endpoint_url: str | None = None) -> tuple[dict, str]:
             f"{where} is not a plain-data checkpoint and will not be loaded (it would need "
             f"arbitrary unpickling): {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from None
+
+
+def resolve(url: str | None, run_url: str, endpoint_url: str | None, *, what: str, hint: str,
+            stage: str | None = None) -> tuple[dict, str]:
+    """(saved checkpoint, where) of the checkpoint a stage should use: ``url`` (a folder with
+    ``checkpoint.pt`` or a ``.pt`` file, local or s3://) or, when None, the newest
+    ``checkpoint_*`` of the training run at ``run_url``. ``what`` names the kind ("classifier")
+    and ``hint`` how to get one, both in the error; ``stage``, when given, must match the
+    checkpoint's own ``stage`` entry (checkpoints without one are accepted)."""
+    from mcis_dist.errors import StageError
+    from mcis_dist.runtime.paths import absolute_url
+    from mcis_dist.storage import open_storage
+
+    if url is None:
+        run = open_storage(absolute_url(run_url), endpoint_url=endpoint_url)
+        newest = newest_checkpoint(run)
+        if newest is None:
+            raise StageError(f"no {what} checkpoint under {run.describe()}: {hint}")
+        url = run.describe(newest)
+    saved, where = load_from(absolute_url(url), endpoint_url=endpoint_url)
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise StageError(f"{where} is not a {what} checkpoint (it has no 'model' entry)")
+    if stage is not None and saved.get("stage", stage) != stage:
+        raise StageError(f"{where} is a {saved['stage']!r} checkpoint, not a {what} one")
+    return saved, where
+
+
+def classifier_checkpoint(cfg, url: str | None) -> tuple[dict, str]:
+    """(model state dict, where) of the classifier checkpoint a stage maps with: ``url``, else
+    ``cams.checkpoint``, else the newest of the experiment's classifier run."""
+    from mcis_dist.runtime.paths import classifier_run_url, endpoint_url
+
+    hint = ("run `mcis train-cls` with this config first, or name one with --checkpoint / "
+            "cams.checkpoint")  # fmt: skip
+    saved, where = resolve(url or cfg.cams.checkpoint, classifier_run_url(cfg), endpoint_url(cfg),
+                           what="classifier", hint=hint)  # fmt: skip
+    return saved["model"], where

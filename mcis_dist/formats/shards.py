@@ -8,11 +8,14 @@ records, and ``manifest.json``, which exists only once every shard is complete.
 from __future__ import annotations
 
 import hashlib
-import json
 import tarfile
 from collections import Counter
 
-from mcis_dist.storage import Storage, StorageError
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from mcis_dist.formats import manifest
+from mcis_dist.formats.manifest import MANIFEST_NAME, PARTS_DIR
+from mcis_dist.storage import Storage, StorageError, open_url
 
 __all__ = [
     "FORMAT",
@@ -29,8 +32,6 @@ __all__ = [
 ]
 
 FORMAT = "mcis-shards/1"
-MANIFEST_NAME = "manifest.json"
-PARTS_DIR = "_parts"
 
 
 class ManifestError(ValueError):
@@ -103,25 +104,24 @@ def read_manifest(storage: Storage) -> dict:
     """The manifest of a finished split folder, or a clear error saying what the folder holds."""
     where = storage.describe(MANIFEST_NAME)
     try:
-        if not storage.exists(MANIFEST_NAME):
-            parts = storage.list(PARTS_DIR)
-            if parts:
-                raise ManifestError(
-                    f"{where} does not exist: the build is unfinished ({len(parts)} shards "
-                    "done); run the same `mcis shards build` command again to finish it"
-                )
-            raise ManifestError(f"{where} does not exist: no shards were built here")
-        raw = storage.read_bytes(MANIFEST_NAME)
+        parts = [] if storage.exists(MANIFEST_NAME) else storage.list(PARTS_DIR)
     except StorageError as e:
         raise ManifestError(str(e)) from None
-    try:
-        manifest = json.loads(raw)
-    except ValueError as e:
-        raise ManifestError(f"{where} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ManifestError(f"{where} has format {got!r}, expected {FORMAT!r}")
-    return manifest
+    if parts:
+        raise ManifestError(
+            f"{where} does not exist: the build is unfinished ({len(parts)} shards "
+            "done); run the same `mcis shards build` command again to finish it"
+        )
+    return manifest.read_manifest(storage, FORMAT, what="a shard manifest",
+                                  missing="no shards were built here", error=ManifestError)  # fmt: skip
+
+
+def iter_shard(url: str, endpoint_url: str | None = None):
+    """Raw samples (dicts of member bytes, ``__key__``) of one shard, in tar order; an S3 read
+    that breaks mid-shard resumes where it broke (a StorageError naming the URL if it cannot)."""
+    with open_url(url, endpoint_url=endpoint_url) as stream:
+        members = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        yield from group_by_keys(members)
 
 
 def find_splits(storage: Storage) -> list[str]:

@@ -10,7 +10,7 @@ A label folder holds, for the source (image) shard at position ``i`` of the spli
   - ``<key>.json``: ``{"key", "labels": [class indices], "size": [H, W]}``;
 
 * ``labels-NNNNNN.idx``: its DALI-style index (``mcis_dist.shards.build.ShardWriter``);
-* ``_parts/labels-NNNNNN.json``: the shard's part record (``mcis_dist.sharded``);
+* ``_parts/labels-NNNNNN.json``: the shard's part record (``mcis_dist.runtime.sharded``);
 * ``manifest.json``, written last::
 
     {"format": "mcis-labels/1", "kind": "confident" | "pseudo", "mode", "fingerprint",
@@ -32,8 +32,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from mcis_dist.sharded import StageError
-from mcis_dist.shards.manifest import MANIFEST_NAME
+from mcis_dist.errors import StageError
+from mcis_dist.formats.manifest import read_manifest
 from mcis_dist.storage import open_storage
 
 FORMAT = "mcis-labels/1"
@@ -79,7 +79,7 @@ def label_shard_name(index: int) -> str:
 
 def iter_label_shard(storage, name: str):
     """(meta dict, label (H, W) uint8) of every sample of one label shard, in order."""
-    from mcis_dist.data.stream import iter_shard
+    from mcis_dist.formats.shards import iter_shard
 
     for raw in iter_shard(storage.describe(name), getattr(storage, "endpoint_url", None)):
         yield json.loads(raw["json"]), decode_label(raw[LABEL_MEMBER])
@@ -88,15 +88,11 @@ def iter_label_shard(storage, name: str):
 def read_label_manifest(url: str, endpoint_url: str | None = None) -> tuple[dict, object]:
     """(manifest, storage) of a finished label folder; a clear error otherwise."""
     storage = open_storage(url, endpoint_url=endpoint_url)
-    if not storage.exists(MANIFEST_NAME):
-        raise StageError(f"{storage.describe()} has no {MANIFEST_NAME}: make the labels first "
-                         f"(`mcis masks`, or AffinityNet's confident labels), or they are "
-                         f"still being made")  # fmt: skip
-    manifest = json.loads(storage.read_bytes(MANIFEST_NAME))
-    if manifest.get("format") != FORMAT:
-        raise StageError(f"{storage.describe(MANIFEST_NAME)} is not a label manifest "
-                         f"(format {manifest.get('format')!r}, expected {FORMAT!r})")  # fmt: skip
-    return manifest, storage
+    missing = ("make the labels first (`mcis masks`, or AffinityNet's confident labels), or "
+               "they are still being made")  # fmt: skip
+    found = read_manifest(storage, FORMAT, what="a label manifest", missing=missing,
+                          error=StageError)  # fmt: skip
+    return found, storage
 
 
 def assemble_manifest(records: list[dict], *, kind: str, mode: str, fingerprint: str,

@@ -15,7 +15,7 @@ import logging
 
 __all__ = ["HOOK", "quiet_worker_logs"]
 
-HOOK = "mcis_dist.raylog.quiet_worker_logs"
+HOOK = "mcis_dist.runtime.raylog.quiet_worker_logs"
 
 _LEVELS = {
     "botocore.credentials": logging.WARNING,

@@ -9,25 +9,25 @@ to local or S3 run storage, exact resume, and Ray's ``max_failures`` restarts.
 
 Read top to bottom: ``run_epoch`` is plain PyTorch; ``train_loop_per_worker`` is what each Ray
 Train worker runs; ``fit`` is the driver, which only assembles ``ScalingConfig``/``RunConfig``.
-Stages register in ``STAGES`` (filled by ``mcis_dist.train.stages``).
+Each stage module defines its :class:`Stage` and passes it to :func:`fit`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from mcis_dist.config import ExperimentConfig, config_from_dict, dump_config
-from mcis_dist.train import checkpoint as ckpt
-from mcis_dist.train.optim import build_optimizer, make_scheduler
+from mcis_dist.runtime import checkpoint as ckpt
+from mcis_dist.runtime.optim import build_optimizer, make_scheduler
+from mcis_dist.runtime.paths import absolute_url, endpoint_url
+from mcis_dist.runtime.session import ray_session
 
 __all__ = ["Built", "Stage", "TrainingError", "fit", "run_epoch", "train_loop_per_worker"]
 
@@ -62,25 +62,13 @@ class Built:
 
 @dataclass
 class Stage:
-    name: str  # registry key
+    name: str  # saved in its checkpoints ("cls", "affinity", "seg")
     runner: Callable[[ExperimentConfig], object]  # the RunnerConfig section
     run_url: Callable[[ExperimentConfig], str]  # where checkpoints and metrics go
     build: Callable[[ExperimentConfig, int, int, torch.device], Built]
     check: Callable[[ExperimentConfig], None] | None = None  # stage-specific setup checks
     terms: tuple[str, ...] = ()  # loss terms shown on the progress line
     label: str = ""  # the command, on the progress line (default: the name)
-
-
-STAGES: dict[str, Stage] = {}
-
-
-def _stage(name: str) -> Stage:
-    if not STAGES:
-        import mcis_dist.train.stages  # noqa: F401  (fills STAGES)
-    try:
-        return STAGES[name]
-    except KeyError:
-        raise TrainingError(f"unknown stage {name!r}; valid: {sorted(STAGES)}") from None
 
 
 # ---------------------------------------------------------------------------------- plain torch
@@ -160,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     started = time.perf_counter()  # the worker's own time, against the driver's (benchmarks)
-    stage = _stage(config["stage"])
+    stage = config["stage"]  # a Stage: its functions are pickled by reference
     cfg = config_from_dict(config["experiment"], ExperimentConfig, source=f"<{stage.name} config>")
     runner = stage.runner(cfg)
     ctx = ray.train.get_context()
@@ -255,15 +243,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ the driver
-def endpoint_url(cfg: ExperimentConfig) -> str | None:
-    """The S3 endpoint for the run's storage (the shards' or the loader's, else the env's)."""
-    return cfg.shards.endpoint_url or cfg.data.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-
-
-def absolute_url(url: str) -> str:
-    return url if "://" in url else str(Path(url).expanduser().absolute())
-
-
 def run_storage(url: str, cfg: ExperimentConfig):
     """(storage_path, run name, pyarrow filesystem or None) of a run folder URL for RunConfig."""
     url = absolute_url(url).rstrip("/")
@@ -287,25 +266,6 @@ def run_storage(url: str, cfg: ExperimentConfig):
     return root[len("s3://") :], name, fs.S3FileSystem(**kwargs)
 
 
-def ensure_ray() -> bool:
-    """Use the cluster in RAY_ADDRESS (or the one ``ray job submit`` runs in); otherwise start an
-    embedded local Ray bound to 127.0.0.1 that sends no usage statistics. True if it started
-    (and so owns) an embedded Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return False
-    from mcis_dist.raylog import HOOK
-
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             runtime_env={"worker_process_setup_hook": HOOK})  # fmt: skip
-    return True
-
-
 def check_resources(runner, what: str) -> None:
     import ray
 
@@ -325,26 +285,19 @@ def check_resources(runner, what: str) -> None:
         raise TrainingError(f"{what}.amp=fp16 needs GPUs (use bf16 or none on the CPU)")
 
 
-def fit(cfg: ExperimentConfig, stage_name: str, what: str, log=print, callbacks=()):
+def fit(cfg: ExperimentConfig, stage: Stage, what: str, log=print, callbacks=()):
     """Run (or resume) a stage's training on Ray Train; returns Ray's ``Result``.
     ``what`` names the config section in messages (``train``, ``affinity.train``);
     ``callbacks`` are more Ray Train ``UserCallback``s (``mcis tune``: reports to Tune)."""
-    stage = _stage(stage_name)
-    started = ensure_ray()
-    try:
+    with ray_session():
         return _fit(cfg, stage, what, log, callbacks)
-    finally:
-        if started:  # an embedded Ray this call started ends with it
-            import ray
-
-            ray.shutdown()
 
 
 def _fit(cfg: ExperimentConfig, stage: Stage, what: str, log, callbacks=()):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mcis_dist.train.metrics import MetricsCallback
+    from mcis_dist.runtime.metrics import MetricsCallback
 
     runner = stage.runner(cfg)
     check_resources(runner, what)
@@ -354,7 +307,7 @@ def _fit(cfg: ExperimentConfig, stage: Stage, what: str, log, callbacks=()):
     storage_path, name, filesystem = run_storage(url, cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "stage": stage.name},
+        train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "stage": stage},
         scaling_config=ScalingConfig(num_workers=runner.num_workers, use_gpu=runner.use_gpu,
                                      resources_per_worker={"CPU": runner.cpus_per_worker}),
         run_config=RunConfig(

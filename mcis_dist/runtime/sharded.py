@@ -27,7 +27,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from mcis_dist.shards.manifest import MANIFEST_NAME, PARTS_DIR
+from mcis_dist.errors import StageError
+from mcis_dist.formats.manifest import MANIFEST_NAME, PARTS_DIR
 
 __all__ = [
     "StageError",
@@ -42,10 +43,6 @@ __all__ = [
     "run_sharded",
     "stage_complete",
 ]
-
-
-class StageError(RuntimeError):
-    """A stage cannot finish: a worker bug, too many lost actors, inputs that do not match."""
 
 
 def fingerprint(*parts) -> str:
