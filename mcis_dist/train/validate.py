@@ -46,10 +46,9 @@ def read_val_images(url: str, endpoint: str | None, rank: int, world: int,
                     num_classes: int) -> tuple[list[ValImage], list[str]]:  # fmt: skip
     """This rank's share (every ``world``-th sample) of the images with masks of a split, and
     the split's class names."""
-    from mcis_dist.cams.evaluate import _mask
     from mcis_dist.data.loader import open_manifest
     from mcis_dist.data.stream import parse_record
-    from mcis_dist.data.transforms import decode_rgb
+    from mcis_dist.data.transforms import decode_mask, decode_rgb
     from mcis_dist.formats.shards import iter_shard
 
     manifest, storage = open_manifest(url, endpoint, check_shards=False)
@@ -64,7 +63,7 @@ def read_val_images(url: str, endpoint: str | None, rank: int, world: int,
             if not mine or "mask.png" not in raw:
                 continue
             key, labels, _domain, data = parse_record(raw, num_classes)
-            out.append(ValImage(key, list(labels), decode_rgb(data), _mask(raw["mask.png"])))
+            out.append(ValImage(key, list(labels), decode_rgb(data), decode_mask(raw["mask.png"])))
     return out, manifest["classes"]
 
 
@@ -153,8 +152,8 @@ def affinity_validator(cfg: ExperimentConfig, net, rank: int, world: int,
 def read_val_cams(cfg: ExperimentConfig, rank: int, world: int) -> tuple[list, list[str]]:
     """This rank's share of (``Sample``, mask) of the CAM folder ``affinity.val_cams_url``
     joined with its images, and the class names."""
-    from mcis_dist.cams.evaluate import _mask
     from mcis_dist.data.loader import open_manifest
+    from mcis_dist.data.transforms import decode_mask
     from mcis_dist.formats.cams import iter_cam_shard, read_cam_manifest
     from mcis_dist.formats.shards import iter_shard
     from mcis_dist.masks.modes import SkipSample, make_sample
@@ -175,7 +174,7 @@ def read_val_cams(cfg: ExperimentConfig, rank: int, world: int) -> tuple[list, l
                 continue
             meta, m = maps[key]
             try:
-                out.append((make_sample(raw, meta, m), _mask(raw["mask.png"])))
+                out.append((make_sample(raw, meta, m), decode_mask(raw["mask.png"])))
             except SkipSample:
                 continue
     return out, manifest["classes"]
