@@ -51,8 +51,26 @@ def main():
     torch.set_num_threads(1)
     n_train, n_img = (120, 24) if args.quick else (600, 96)
     with tempfile.TemporaryDirectory() as tmp:
-        assert mcis(["shards", "build", "--source", "synthetic", "--num-train", str(n_train),
-                     "--num-val", "1", "--workers", "1", "--no-progress", "--out", tmp]) == 0  # fmt: skip
+        assert (
+            mcis(
+                [
+                    "shards",
+                    "build",
+                    "--source",
+                    "synthetic",
+                    "--num-train",
+                    str(n_train),
+                    "--num-val",
+                    "1",
+                    "--workers",
+                    "1",
+                    "--no-progress",
+                    "--out",
+                    tmp,
+                ]
+            )
+            == 0
+        )
         manifest, storage = open_manifest(f"{tmp}/train")
         batch = images(manifest, storage, n_img)
         torch.manual_seed(0)
@@ -67,15 +85,25 @@ def main():
         rows = []
         for name, over, cache_mb, pool in cases:
             sampler = RelatedSampler(manifest, storage, seed=0, pool=pool)
-            engine = CamEngine(model, CamSettings(**{**base, **over}), sampler,
-                               cache_bytes=cache_mb * 2**20)  # fmt: skip
+            engine = CamEngine(
+                model, CamSettings(**{**base, **over}), sampler, cache_bytes=cache_mb * 2**20
+            )
             seconds, stats = run(engine, batch)
             hit = stats["hits"] / max(1, stats["hits"] + stats["misses"])
-            rows.append({"case": name, "images": len(batch), "seconds": seconds,
-                         "images_per_s": len(batch) / seconds,
-                         "cache_hit_rate": hit if cache_mb else "-"})  # fmt: skip
-    print_table(rows, ["case", "images", "seconds", "images_per_s", "cache_hit_rate"],
-                f"maps of {len(batch)} images, one process, 1 thread; data set {n_train} images")  # fmt: skip
+            rows.append(
+                {
+                    "case": name,
+                    "images": len(batch),
+                    "seconds": seconds,
+                    "images_per_s": len(batch) / seconds,
+                    "cache_hit_rate": hit if cache_mb else "-",
+                }
+            )
+    print_table(
+        rows,
+        ["case", "images", "seconds", "images_per_s", "cache_hit_rate"],
+        f"maps of {len(batch)} images, one process, 1 thread; data set {n_train} images",
+    )
     by = {r["case"]: r["images_per_s"] for r in rows}
     ratios = {f"{k}_vs_single": by[k] / by["single"] for k in by if k != "single"}
     ratios["cache_vs_nocache"] = by["coatt_k3_cache"] / by["coatt_k3_nocache"]

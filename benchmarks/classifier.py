@@ -50,9 +50,16 @@ def run_case(name, backbone_name, size, batch, repeat, device, amp_dtype=None) -
     rows = []
     for basic in (True, False):
         t = timeit(step_fn(model, (xm, xn, ym, yn), basic, amp_dtype), repeat=repeat, warmup=1)
-        rows.append({"case": f"{name}_{'basic' if basic else 'mcis'}", "backbone": backbone_name,
-                     "size": size, "pairs": batch, "seconds": t.best,
-                     "images_per_s": 2 * batch / t.best})  # fmt: skip
+        rows.append(
+            {
+                "case": f"{name}_{'basic' if basic else 'mcis'}",
+                "backbone": backbone_name,
+                "size": size,
+                "pairs": batch,
+                "seconds": t.best,
+                "images_per_s": 2 * batch / t.best,
+            }
+        )
     return rows
 
 
@@ -65,8 +72,11 @@ def main():
         n = 2 if args.quick else 10
         rows += run_case("gpu_r38_fp32", "resnet38", 448, 4, n, "cuda")
         rows += run_case("gpu_r38_bf16", "resnet38", 448, 4, n, "cuda", torch.bfloat16)
-    print_table(rows, ["case", "backbone", "size", "pairs", "seconds", "images_per_s"],
-                "forward+backward, best of runs; images/s counts both images of a pair")  # fmt: skip
+    print_table(
+        rows,
+        ["case", "backbone", "size", "pairs", "seconds", "images_per_s"],
+        "forward+backward, best of runs; images/s counts both images of a pair",
+    )
     by = {r["case"]: r for r in rows}
     ratios = {
         "cpu_tiny_mcis_vs_basic": by["cpu_tiny_mcis"]["images_per_s"]

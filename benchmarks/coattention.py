@@ -93,15 +93,20 @@ def worker(method: str, side: int, channels: int, batch: int, repeat: int) -> di
     outs = [o.detach()[:1] for o in first.result]
     if pinned:
         _mmap_threshold(32 * 2**20)
-    runs = first.runs + (timeit(lambda: step(fm, fn, w_p, grads), repeat=repeat - 1).runs
-                         if repeat > 1 else [])  # fmt: skip
+    runs = first.runs + (
+        timeit(lambda: step(fm, fn, w_p, grads), repeat=repeat - 1).runs if repeat > 1 else []
+    )
     err = 0.0
     if method != "dense":
         with torch.no_grad():
             ref = coattention_dense(fm[:1], fn[:1], w_p)
         err = max((a - b).abs().max().item() for a, b in zip(outs, ref, strict=True))
-    return {"peak_mb": peak / 2**20, "seconds": min(runs), "max_abs_err": err,
-            "rss_exact": pinned or cuda}  # fmt: skip
+    return {
+        "peak_mb": peak / 2**20,
+        "seconds": min(runs),
+        "max_abs_err": err,
+        "rss_exact": pinned or cuda,
+    }
 
 
 def check_small() -> float:
@@ -114,8 +119,10 @@ def check_small() -> float:
     fm = torch.rand(2, 32, 7, 9, generator=gen, dtype=torch.float64, requires_grad=True)
     fn = torch.rand(2, 32, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     w_p = (torch.randn(32, 32, generator=gen, dtype=torch.float64) / 4).requires_grad_()
-    grads = [torch.randn(2, 32, 6, 5, generator=gen, dtype=torch.float64),
-             torch.randn(2, 32, 7, 9, generator=gen, dtype=torch.float64)]  # fmt: skip
+    grads = [
+        torch.randn(2, 32, 6, 5, generator=gen, dtype=torch.float64),
+        torch.randn(2, 32, 7, 9, generator=gen, dtype=torch.float64),
+    ]
 
     def run(fn_):
         outs = fn_()
@@ -132,8 +139,16 @@ def check_small() -> float:
 
 
 def run_case(method: str, side: int, channels: int, batch: int, repeat: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, str(side), str(channels), str(batch),
-           str(repeat)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        str(side),
+        str(channels),
+        str(batch),
+        str(repeat),
+    ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -163,8 +178,11 @@ def main() -> None:
         if small and big:
             key = f"c{channels}_b{batch}_chunked_mem_56_over_32"
             ratios[key] = big["peak_mb"] / small["peak_mb"]  # positions x3.06, squared x9.4
-    print_table(rows, ["case", "method", "peak_mb", "seconds", "max_abs_err"],
-                title="forward + backward, peak memory beyond inputs (MiB), best seconds")  # fmt: skip
+    print_table(
+        rows,
+        ["case", "method", "peak_mb", "seconds", "max_abs_err"],
+        title="forward + backward, peak memory beyond inputs (MiB), best seconds",
+    )
     print_table([{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     for side, channels, batch, _ in cases:
         key = f"{side}x{side}_c{channels}_b{batch}"
@@ -172,8 +190,10 @@ def main() -> None:
         want_mem = GOAL_MEM if (side, channels, batch) == (56, 512, 8) else 1.0
         if channels == 4096 or want_mem > 1:
             met = mem >= want_mem and t <= GOAL_TIME
-            print(f"goal {key}: memory saving >= {want_mem}x at <= {GOAL_TIME}x time: "
-                  f"{'met' if met else 'NOT met'} ({mem:.2f}x, {t:.2f}x)")  # fmt: skip
+            print(
+                f"goal {key}: memory saving >= {want_mem}x at <= {GOAL_TIME}x time: "
+                f"{'met' if met else 'NOT met'} ({mem:.2f}x, {t:.2f}x)"
+            )
     write_results(args.out, "coattention", metrics, ratios)
 
 

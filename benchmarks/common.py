@@ -25,8 +25,12 @@ def parse_args(name: str, description: str = "") -> argparse.Namespace:
     """``--quick`` (under a minute on 2 CPU cores) and ``--out`` (default results/NAME.json)."""
     p = argparse.ArgumentParser(prog=f"{name}.py", description=description)
     p.add_argument("--quick", action="store_true", help="small sizes: finishes in under a minute")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json",
-                   help="where to write the JSON results (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR / f"{name}.json",
+        help="where to write the JSON results (default: %(default)s)",
+    )
     return p.parse_args()
 
 

@@ -65,24 +65,42 @@ def main() -> None:
             raise SystemExit("parallel CRF marginals differ from the inline ones")
     pairs = zip(items, inline.result, strict=True)
     kept = np.mean([(p.argmax(0) == q.argmax(0)).mean() for (_, p), q in pairs])
-    metrics = {"side": side, "labels": LABELS, "images": count, "cores": cores,
-               "params": vars(params), "argmax_kept_share": float(kept),
-               "pool_startup_s": startup.best, "load_avg_1min_at_start": load}  # fmt: skip
+    metrics = {
+        "side": side,
+        "labels": LABELS,
+        "images": count,
+        "cores": cores,
+        "params": vars(params),
+        "argmax_kept_share": float(kept),
+        "pool_startup_s": startup.best,
+        "load_avg_1min_at_start": load,
+    }
     rows = []
     for name, procs, t in (("1_process", 1, inline), ("all_cores", cores, pooled)):
-        r = {"case": name, "processes": procs, "images_per_s": count / t.best,
-             "s_per_image": t.best / count, "seconds": t.best,
-             "runs": [round(x, 3) for x in t.runs]}  # fmt: skip
+        r = {
+            "case": name,
+            "processes": procs,
+            "images_per_s": count / t.best,
+            "s_per_image": t.best / count,
+            "seconds": t.best,
+            "runs": [round(x, 3) for x in t.runs],
+        }
         metrics[name] = r
         rows.append(r)
     warm = count / (pooled.best - startup.best)  # the pool's rate once its workers are up
     metrics["all_cores"]["images_per_s_after_startup"] = warm
     speedup = rows[1]["images_per_s"] / rows[0]["images_per_s"]
-    ratios = {"all_cores_vs_1_process": speedup, "scaling_efficiency": speedup / cores,
-              "all_cores_after_startup_vs_1_process": warm / rows[0]["images_per_s"]}  # fmt: skip
-    print_table(rows, ["case", "processes", "images_per_s", "s_per_image", "seconds"],
-                title=f"dense CRF, {count} images {side}x{side}, {LABELS} labels, 10 iterations "
-                      f"(best of {repeat}, pool start-up included)")  # fmt: skip
+    ratios = {
+        "all_cores_vs_1_process": speedup,
+        "scaling_efficiency": speedup / cores,
+        "all_cores_after_startup_vs_1_process": warm / rows[0]["images_per_s"],
+    }
+    print_table(
+        rows,
+        ["case", "processes", "images_per_s", "s_per_image", "seconds"],
+        title=f"dense CRF, {count} images {side}x{side}, {LABELS} labels, 10 iterations "
+        f"(best of {repeat}, pool start-up included)",
+    )
     print_table([{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     print(
         f"pool start-up (spawn {cores} workers, {cores} 16x16 images): {startup.best:.2f} s; "

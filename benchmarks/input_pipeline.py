@@ -108,13 +108,16 @@ def build_sets(tmp: Path, quick: bool) -> list[ShardSet]:
             source, args = "folder", {"folder_root": str(tmp / "photos"), "domain": "target"}
             what = f"photo-like JPEGs ({jpeg_bytes / count / 1e3:.0f} KB each)"
         opts = BuildOptions(shard_size_mb=shard_mb, workers=1, progress=False)  # 1: no spawn
-        m = build_dataset(source, open_storage(str(tmp / name)), opts, ["train"], args,
-                          log=lambda *a: None)["train"]  # fmt: skip
+        m = build_dataset(
+            source, open_storage(str(tmp / name)), opts, ["train"], args, log=lambda *a: None
+        )["train"]
         assert m["num_samples"] == count, f"{name}: the build kept {m['num_samples']} of {count}"
         assert m["num_shards"] >= 2, f"{name}: {m['num_shards']} shard(s); 2 workers need 2+"
-        print(f"{name}: {count} {what} in {m['num_shards']} shards, "
-              f"{m['total_bytes'] / 1e6:.1f} MB; generated and built in "
-              f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+        print(
+            f"{name}: {count} {what} in {m['num_shards']} shards, "
+            f"{m['total_bytes'] / 1e6:.1f} MB; generated and built in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         sets.append(ShardSet(name, str(tmp / name / "train"), crop, resize_long, m))
     return sets
 
@@ -212,9 +215,16 @@ def run_loader(ss: ShardSet, backend: str, workers: int, device: str, truth: dic
     from mcis_dist.config import DataConfig
     from mcis_dist.data.loader import PairLoader
 
-    cfg = DataConfig(train_url=ss.url, backend=backend, batch_size=BATCH, num_workers=workers,
-                     mp_context="fork", crop_size=ss.crop, resize_long=list(ss.resize_long),
-                     dali_threads=2)  # fmt: skip
+    cfg = DataConfig(
+        train_url=ss.url,
+        backend=backend,
+        batch_size=BATCH,
+        num_workers=workers,
+        mp_context="fork",
+        crop_size=ss.crop,
+        resize_long=list(ss.resize_long),
+        dali_threads=2,
+    )
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     loader = PairLoader(cfg, rank=0, world_size=1, device=device)
@@ -231,11 +241,16 @@ def run_loader(ss: ShardSet, backend: str, workers: int, device: str, truth: dic
     assert s["pairs"] >= len(loader) * BATCH, f"{s['pairs']} pairs for {len(loader)} batches"
     seconds = stamps[-1] - stamps[0]
     images = BATCH * (len(stamps) - 1)
-    return {"batches": len(stamps), "first_batch_s": stamps[0] - t0, "seconds": seconds,
-            "m_images_per_s": images / seconds,
-            "mb_per_s": images * ss.bytes_per_sample / 1e6 / seconds,
-            "cpu_ms_per_image": 1e3 * cpu / (BATCH * len(stamps)),
-            "decoded": s["samples"], "pairs": s["pairs"]}  # fmt: skip
+    return {
+        "batches": len(stamps),
+        "first_batch_s": stamps[0] - t0,
+        "seconds": seconds,
+        "m_images_per_s": images / seconds,
+        "mb_per_s": images * ss.bytes_per_sample / 1e6 / seconds,
+        "cpu_ms_per_image": 1e3 * cpu / (BATCH * len(stamps)),
+        "decoded": s["samples"],
+        "pairs": s["pairs"],
+    }
 
 
 def loader_cases(gpu: bool, dali: bool) -> dict[str, tuple[str, int, str]]:
@@ -259,8 +274,11 @@ def measure(ss: ShardSet, cases: dict, epochs: int) -> dict[str, dict]:
     out = {}
     for name, rs in runs.items():
         best = max(rs, key=lambda r: r["m_images_per_s"])
-        out[name] = {**best, "runs_m_images_per_s": [r["m_images_per_s"] for r in rs],
-                     "runs_first_batch_s": [r["first_batch_s"] for r in rs]}  # fmt: skip
+        out[name] = {
+            **best,
+            "runs_m_images_per_s": [r["m_images_per_s"] for r in rs],
+            "runs_first_batch_s": [r["first_batch_s"] for r in rs],
+        }
     return out
 
 
@@ -294,17 +312,26 @@ def main() -> None:
     # with other work (see the README: 1.5x slower idle, up to 60x on a busy machine).
     default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    print(f"gpu: {gpu_desc}; dali: {'installed' if dali else 'not installed'}; torch threads "
-          f"1 (default {default_threads}); load average {load[0]:.1f}")  # fmt: skip
+    print(
+        f"gpu: {gpu_desc}; dali: {'installed' if dali else 'not installed'}; torch threads "
+        f"1 (default {default_threads}); load average {load[0]:.1f}"
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if load[0] > (cores or 1):
-        print(f"note: load average above the {cores} usable cores; other work may disturb "
-              "the numbers")  # fmt: skip
+        print(
+            f"note: load average above the {cores} usable cores; other work may disturb the numbers"
+        )
     cases = loader_cases(gpu, dali)
     repeat, epochs = (3, 1) if args.quick else (5, 2)
-    metrics: dict = {"batch_size": BATCH, "gpu": gpu_desc, "dali": dali, "epochs": epochs,
-                     "torch_threads": 1, "torch_threads_default": default_threads,
-                     "load_avg_start": load}  # fmt: skip
+    metrics: dict = {
+        "batch_size": BATCH,
+        "gpu": gpu_desc,
+        "dali": dali,
+        "epochs": epochs,
+        "torch_threads": 1,
+        "torch_threads_default": default_threads,
+        "load_avg_start": load,
+    }
     ratios: dict = {}
     with tempfile.TemporaryDirectory(prefix="mcis-bench-") as tmpdir:
         sets = build_sets(Path(tmpdir), args.quick)
@@ -312,20 +339,35 @@ def main() -> None:
             res = baselines(ss, repeat) | measure(ss, cases, epochs)
             for r in res.values():
                 r["vs_raw_read"] = r["m_images_per_s"] / res["raw_read"]["m_images_per_s"]
-            metrics[ss.name] = {"images": ss.num_samples, "shards": ss.manifest["num_shards"],
-                                "shard_mb": ss.manifest["total_bytes"] / 1e6, "crop": ss.crop,
-                                "resize_long": list(ss.resize_long), "cases": res}  # fmt: skip
+            metrics[ss.name] = {
+                "images": ss.num_samples,
+                "shards": ss.manifest["num_shards"],
+                "shard_mb": ss.manifest["total_bytes"] / 1e6,
+                "crop": ss.crop,
+                "resize_long": list(ss.resize_long),
+                "cases": res,
+            }
             ratios |= case_ratios(ss, res, cases)
     metrics["load_avg_end"] = os.getloadavg()
 
-    columns = ["case", "batches", "first_batch_s", "seconds", "m_images_per_s", "mb_per_s",
-               "vs_raw_read", "cpu_ms_per_image"]  # fmt: skip
+    columns = [
+        "case",
+        "batches",
+        "first_batch_s",
+        "seconds",
+        "m_images_per_s",
+        "mb_per_s",
+        "vs_raw_read",
+        "cpu_ms_per_image",
+    ]
     for ss in sets:
         res = metrics[ss.name]["cases"]
-        title = (f"\n{ss.name}: {ss.num_samples} images, crop {ss.crop}, long side "
-                 f"{list(ss.resize_long)}, {BATCH} pairs a batch. m_images_per_s counts the m "
-                 "image of each pair (B a batch), first batch excluded;\nMB = shard bytes; "
-                 f"baselines best of {repeat} runs, loaders best of {epochs} epoch(s)")  # fmt: skip
+        title = (
+            f"\n{ss.name}: {ss.num_samples} images, crop {ss.crop}, long side "
+            f"{list(ss.resize_long)}, {BATCH} pairs a batch. m_images_per_s counts the m "
+            "image of each pair (B a batch), first batch excluded;\nMB = shard bytes; "
+            f"baselines best of {repeat} runs, loaders best of {epochs} epoch(s)"
+        )
         rows = [{"case": k, **v, "vs_raw_read": f"{v['vs_raw_read']:.3g}"} for k, v in res.items()]
         print_table(rows, columns, title=title)
     print()

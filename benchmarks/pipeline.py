@@ -31,9 +31,18 @@ from pathlib import Path
 from common import parse_args, print_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["synthetic.num_train=48", "synthetic.num_val=12", "shards.workers=1", "train.epochs=1",
-         "cams.scales=[1.0]", "cams.related=1", "affinity.train.epochs=1", "masks.steps=16",
-         "seg.train.epochs=1", "seg.data.batch_size=4"]  # fmt: skip
+QUICK = [
+    "synthetic.num_train=48",
+    "synthetic.num_val=12",
+    "shards.workers=1",
+    "train.epochs=1",
+    "cams.scales=[1.0]",
+    "cams.related=1",
+    "affinity.train.epochs=1",
+    "masks.steps=16",
+    "seg.train.epochs=1",
+    "seg.data.batch_size=4",
+]
 
 
 def last_metric(run: Path, key: str) -> float:
@@ -55,8 +64,11 @@ def eval_seconds(folder: Path) -> float:
 
 def stage_work(run: Path, cfg: dict) -> dict[str, float]:
     cams_actors, mask_actors = cfg["cams"]["num_actors"], cfg["masks"]["num_actors"]
-    cams = [run / d for d in ("cams", "cams_single", "cams_coattentive", "cams_basic")
-            if (run / d / "manifest.json").exists()]  # fmt: skip
+    cams = [
+        run / d
+        for d in ("cams", "cams_single", "cams_coattentive", "cams_basic")
+        if (run / d / "manifest.json").exists()
+    ]
     seg_eval = json.loads((run / "seg" / "eval" / "eval.json").read_text())
     return {
         "train-cls": last_metric(run / "cls", "worker_s"),
@@ -101,14 +113,21 @@ def main() -> None:
             metrics[f"{stage}_work_s"] = round(busy, 2)
             ratios[f"{stage}_ray_share"] = round(share, 3)
         rows.append(row)
-    rows.append({"stage": "ray start (once)", "wall s": f"{report['ray_start_seconds']:.1f}",
-                 cols[3]: "100%"})  # fmt: skip
+    rows.append(
+        {
+            "stage": "ray start (once)",
+            "wall s": f"{report['ray_start_seconds']:.1f}",
+            cols[3]: "100%",
+        }
+    )
     rows.append({"stage": "total", "wall s": f"{total:.1f}"})
     title = "the demo at test size (--quick)" if args.quick else "configs/demo.yaml"
     print_table(rows, cols, title=f"pipeline, {title}")
-    print(f"  mIoU: CAM single {100 * report['cam_miou_single']:.1f}, co-attentive "
-          f"{100 * report['cam_miou_coattentive']:.1f}, pseudo {100 * report['pseudo_miou']:.1f}, "
-          f"seg {100 * report['seg_miou']:.1f}")  # fmt: skip
+    print(
+        f"  mIoU: CAM single {100 * report['cam_miou_single']:.1f}, co-attentive "
+        f"{100 * report['cam_miou_coattentive']:.1f}, pseudo {100 * report['pseudo_miou']:.1f}, "
+        f"seg {100 * report['seg_miou']:.1f}"
+    )
     write_results(args.out, "pipeline", metrics, ratios)
 
 

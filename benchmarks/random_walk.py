@@ -122,8 +122,13 @@ def worker(method: str, side: int, repeat: int) -> dict:
         err = (out - sparse).abs().max().item()
     if not torch.isfinite(out).all():
         raise SystemExit(f"{method} at {side}²: non-finite output")
-    return {"peak_mb": peak / 2**20, "seconds": min(runs), "max_abs_err_vs_sparse": err,
-            "peak_source": "VmHWM" if reset else "ru_maxrss", "mmap_pinned": pinned}  # fmt: skip
+    return {
+        "peak_mb": peak / 2**20,
+        "seconds": min(runs),
+        "max_abs_err_vs_sparse": err,
+        "peak_source": "VmHWM" if reset else "ru_maxrss",
+        "mmap_pinned": pinned,
+    }
 
 
 def check_small() -> float:
@@ -146,8 +151,12 @@ def check_small() -> float:
 
 def run_case(method: str, side: int, repeat: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, str(side), str(repeat)]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -161,9 +170,17 @@ def main() -> None:
     exact = check_small()
     print(f"exactness vs the loop reference (float64, 12x11, t=100): max abs err {exact:.2e}")
     offs = neighbour_offsets(RADIUS)
-    metrics: dict = {"small_check_max_abs_err": exact, "radius": RADIUS, "beta": BETA,
-                     "steps": STEPS, "maps": MAPS, "offsets": len(offs), "torch_threads": 1,
-                     "mem_cap_bytes": MEM_CAP, "time_cap_s": TIME_CAP}  # fmt: skip
+    metrics: dict = {
+        "small_check_max_abs_err": exact,
+        "radius": RADIUS,
+        "beta": BETA,
+        "steps": STEPS,
+        "maps": MAPS,
+        "offsets": len(offs),
+        "torch_threads": 1,
+        "mem_cap_bytes": MEM_CAP,
+        "time_cap_s": TIME_CAP,
+    }
     rows, ratios = [], {}
     dense_ref: tuple[int, float] | None = None  # (positions, seconds) of the largest dense run
     for image in images:
@@ -178,8 +195,11 @@ def main() -> None:
         est = dense_ref[1] * (n / dense_ref[0]) ** 3 if dense_ref else 0.0
         if dense_mem > MEM_CAP or est > TIME_CAP:
             why = "memory cap" if dense_mem > MEM_CAP else "time cap"
-            dense = {"peak_mb": dense_mem / 2**20, "seconds": est,
-                     "source": f"computed ({why}: not run)"}  # fmt: skip
+            dense = {
+                "peak_mb": dense_mem / 2**20,
+                "seconds": est,
+                "source": f"computed ({why}: not run)",
+            }
         else:
             dense = run_case("dense", side, 1 if args.quick or n >= 64 * 64 else 2)
             dense["source"] = "measured"
@@ -189,9 +209,17 @@ def main() -> None:
                 raise SystemExit(f"dense and sparse differ at {case}: {dense}")
         metrics[f"{case}_dense"] = dense
         for m, r in (("sparse", sparse), ("dense", dense)):
-            rows.append({"image": case, "positions": n, "method": m, "peak_mb": r["peak_mb"],
-                         "computed_mb": dense_mem / 2**20 if m == "dense" else "-",
-                         "seconds": r["seconds"], "source": r["source"]})  # fmt: skip
+            rows.append(
+                {
+                    "image": case,
+                    "positions": n,
+                    "method": m,
+                    "peak_mb": r["peak_mb"],
+                    "computed_mb": dense_mem / 2**20 if m == "dense" else "-",
+                    "seconds": r["seconds"],
+                    "source": r["source"],
+                }
+            )
         ratios[f"{case}_mem_dense_over_sparse"] = dense["peak_mb"] / sparse["peak_mb"]
         ratios[f"{case}_time_dense_over_sparse"] = dense["seconds"] / sparse["seconds"]
     first, last = (metrics[f"{i}x{i}_sparse"] for i in (images[0], images[-1]))
@@ -202,16 +230,21 @@ def main() -> None:
     ratios["sparse_time_growth_over_positions_growth"] = (
         last["seconds"] / first["seconds"] / growth_pos
     )
-    print_table(rows, ["image", "positions", "method", "peak_mb", "computed_mb", "seconds", "source"],
-                title=f"random walk, radius {RADIUS}, beta {BETA}, t {STEPS}, C {MAPS}, 1 thread: "
-                      "peak memory beyond inputs (MiB; computed_mb: 2 N² floats), best seconds")  # fmt: skip
+    print_table(
+        rows,
+        ["image", "positions", "method", "peak_mb", "computed_mb", "seconds", "source"],
+        title=f"random walk, radius {RADIUS}, beta {BETA}, t {STEPS}, C {MAPS}, 1 thread: "
+        "peak memory beyond inputs (MiB; computed_mb: 2 N² floats), best seconds",
+    )
     print_table([{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     key = f"{images[-1]}x{images[-1]}_mem_dense_over_sparse"
     lin = ratios["sparse_mem_growth_over_positions_growth"]
     met = ratios[key] >= GOAL_MEM and lin <= 1.5
-    print(f"goal: sparse memory linear in positions (growth ratio {lin:.2f}, want <= 1.5) and "
-          f">= {GOAL_MEM}x below dense at {images[-1]}² ({ratios[key]:.1f}x): "
-          f"{'met' if met else 'NOT met'}")  # fmt: skip
+    print(
+        f"goal: sparse memory linear in positions (growth ratio {lin:.2f}, want <= 1.5) and "
+        f">= {GOAL_MEM}x below dense at {images[-1]}² ({ratios[key]:.1f}x): "
+        f"{'met' if met else 'NOT met'}"
+    )
     write_results(args.out, "random_walk", metrics, ratios)
 
 

@@ -48,8 +48,14 @@ def eval_case(name, model, images, scales, flip, crf) -> dict:
     def run():
         for rgb in images:
             x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
-            predict_labels(model, x, scales=scales, flip=flip,
-                           crf=crf_inference if crf else None, rgb=rgb if crf else None)  # fmt: skip
+            predict_labels(
+                model,
+                x,
+                scales=scales,
+                flip=flip,
+                crf=crf_inference if crf else None,
+                rgb=rgb if crf else None,
+            )
 
     t = timeit(run, repeat=2, warmup=0)
     return {"case": name, "images_per_s": len(images) / t.best, "seconds": t.best}
@@ -59,22 +65,31 @@ def main():
     args = parse_args("seg", __doc__)
     torch.set_num_threads(1)
     steps = 2 if args.quick else 6
-    rows = [train_case("train_r18_128_fp32", "resnet18", 128, 8, steps, "cpu"),
-            train_case("train_r18_128_bf16", "resnet18", 128, 8, steps, "cpu", torch.bfloat16)]  # fmt: skip
+    rows = [
+        train_case("train_r18_128_fp32", "resnet18", 128, 8, steps, "cpu"),
+        train_case("train_r18_128_bf16", "resnet18", 128, 8, steps, "cpu", torch.bfloat16),
+    ]
     rng = np.random.default_rng(0)
     n = 4 if args.quick else 12
-    images = [rng.integers(0, 255, (int(rng.integers(128, 177)), int(rng.integers(128, 177)), 3),
-                           dtype=np.uint8) for _ in range(n)]  # fmt: skip
+    images = [
+        rng.integers(
+            0, 255, (int(rng.integers(128, 177)), int(rng.integers(128, 177)), 3), dtype=np.uint8
+        )
+        for _ in range(n)
+    ]
     model = deeplabv3("resnet18", num_classes=21).eval()
-    rows += [eval_case("eval_single_scale", model, images, (1.0,), False, False),
-             eval_case("eval_ms_x_flip", model, images, (0.5, 0.75, 1.0, 1.25, 1.5), True, False),
-             eval_case("eval_single_crf", model, images, (1.0,), False, True)]  # fmt: skip
+    rows += [
+        eval_case("eval_single_scale", model, images, (1.0,), False, False),
+        eval_case("eval_ms_x_flip", model, images, (0.5, 0.75, 1.0, 1.25, 1.5), True, False),
+        eval_case("eval_single_crf", model, images, (1.0,), False, True),
+    ]
     metrics = {"gpu": "not available"}
     if torch.cuda.is_available():
         metrics["gpu"] = torch.cuda.get_device_name()
-        rows += [train_case("gpu_train_r101_512_fp32", "resnet101", 512, 8, 10, "cuda"),
-                 train_case("gpu_train_r101_512_amp", "resnet101", 512, 8, 10, "cuda",
-                            torch.float16)]  # fmt: skip
+        rows += [
+            train_case("gpu_train_r101_512_fp32", "resnet101", 512, 8, 10, "cuda"),
+            train_case("gpu_train_r101_512_amp", "resnet101", 512, 8, 10, "cuda", torch.float16),
+        ]
     print_table(rows, ["case", "images_per_s", "seconds"], "DeepLab-V3 throughput, best of runs")
     by = {r["case"]: r["images_per_s"] for r in rows}
     ratios = {

@@ -84,17 +84,27 @@ class Fresh:
 
 
 def row(case: str, seconds: float, count: int, nbytes: int, **extra) -> dict:
-    return {"case": case, "seconds": seconds, "images_per_s": count / seconds,
-            "mb_per_s": nbytes / 1e6 / seconds, **extra}  # fmt: skip
+    return {
+        "case": case,
+        "seconds": seconds,
+        "images_per_s": count / seconds,
+        "mb_per_s": nbytes / 1e6 / seconds,
+        **extra,
+    }
 
 
 def build(out_url: str, opts, root: Path, count: int, endpoint_url: str | None = None) -> dict:
     from mcis_dist.shards.build import build_dataset
     from mcis_dist.storage import open_storage
 
-    manifests = build_dataset("folder", open_storage(out_url, endpoint_url=endpoint_url), opts,
-                              splits=["train"], log=lambda *a: None,
-                              source_args={"folder_root": str(root), "domain": "web"})  # fmt: skip
+    manifests = build_dataset(
+        "folder",
+        open_storage(out_url, endpoint_url=endpoint_url),
+        opts,
+        splits=["train"],
+        log=lambda *a: None,
+        source_args={"folder_root": str(root), "domain": "web"},
+    )
     m = manifests["train"]
     assert m["num_samples"] == count, f"build accepted {m['num_samples']} of {count} images"
     return m
@@ -105,8 +115,9 @@ def s3_cases(tmp: Path, root: Path, files: list[Path], nbytes: int, opts, repeat
     import boto3
     from moto.server import ThreadedMotoServer
 
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+    )
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request access log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -126,8 +137,11 @@ def s3_cases(tmp: Path, root: Path, files: list[Path], nbytes: int, opts, repeat
             for p in files:
                 f.write(p.read_bytes())
         assert blob.stat().st_size == nbytes
-        up = timeit(lambda key: s3.upload_file(str(blob), "bench", key), repeat=repeat,
-                    setup=Fresh("upload", remove=drop))  # fmt: skip
+        up = timeit(
+            lambda key: s3.upload_file(str(blob), "bench", key),
+            repeat=repeat,
+            setup=Fresh("upload", remove=drop),
+        )
         fresh = Fresh("s3://bench/build", remove=lambda url: drop(url[len("s3://bench/") :] + "/"))
         b = timeit(lambda url: build(url, opts, root, len(files), endpoint), repeat, setup=fresh)
         return up, b
@@ -148,8 +162,10 @@ def main() -> None:
         t0 = time.perf_counter()
         files = generate(root, count)
         nbytes = sum(p.stat().st_size for p in files)
-        print(f"{count} JPEGs, {nbytes / 1e6:.1f} MB ({nbytes / count / 1e3:.0f} KB each), "
-              f"generated in {time.perf_counter() - t0:.1f} s; shard size {shard_mb} MB")  # fmt: skip
+        print(
+            f"{count} JPEGs, {nbytes / 1e6:.1f} MB ({nbytes / count / 1e3:.0f} KB each), "
+            f"generated in {time.perf_counter() - t0:.1f} s; shard size {shard_mb} MB"
+        )
 
         def copy(dst: str) -> int:
             total = 0
@@ -169,8 +185,9 @@ def main() -> None:
             "build_full_1w": (1, "full"),
         }
         for name, (workers, verify) in cases.items():
-            opts = BuildOptions(shard_size_mb=shard_mb, workers=workers, verify=verify,
-                                progress=False)  # fmt: skip
+            opts = BuildOptions(
+                shard_size_mb=shard_mb, workers=workers, verify=verify, progress=False
+            )
             fn = lambda url, o=opts: build(url, o, root, count)  # noqa: E731
             timings[name] = timeit(fn, repeat=repeat, setup=Fresh(str(tmp / name)))
         opts = BuildOptions(shard_size_mb=shard_mb, workers=1, verify="header", progress=False)
@@ -195,14 +212,19 @@ def main() -> None:
         "s3_build_vs_local_build": speed["s3_build_header_1w"] / speed["build_header_1w"],
         "s3_build_vs_s3_upload_file": speed["s3_build_header_1w"] / speed["s3_upload_file"],
     }
-    print_table(rows, ["case", "seconds", "images_per_s", "mb_per_s", "first_s", "shards", "output_mb"],
-                title=f"\nbest of {repeat} runs (copy: {2 * repeat}); first_s: the first run "
-                "(imports included); MB = source JPEG bytes")  # fmt: skip
+    print_table(
+        rows,
+        ["case", "seconds", "images_per_s", "mb_per_s", "first_s", "shards", "output_mb"],
+        title=f"\nbest of {repeat} runs (copy: {2 * repeat}); first_s: the first run "
+        "(imports included); MB = source JPEG bytes",
+    )
     print()
     print_table([{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     met = ratios["build_header_1w_vs_copy"] >= GOAL_HEADER_VS_COPY
-    print(f"\ngoal: header-verified 1-worker build >= {GOAL_HEADER_VS_COPY} x plain copy: "
-          f"{'met' if met else 'NOT met'} ({ratios['build_header_1w_vs_copy']:.2f})")  # fmt: skip
+    print(
+        f"\ngoal: header-verified 1-worker build >= {GOAL_HEADER_VS_COPY} x plain copy: "
+        f"{'met' if met else 'NOT met'} ({ratios['build_header_1w_vs_copy']:.2f})"
+    )
     write_results(args.out, NAME, metrics, ratios)
 
 

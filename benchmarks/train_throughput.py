@@ -47,31 +47,69 @@ from common import parse_args, print_table, timeit, write_results
 NAME = "train_throughput"
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.yaml"
-ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-       "PYTHONUNBUFFERED": "1"}  # fmt: skip
+ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "PYTHONUNBUFFERED": "1",
+}
 BATCH = 8  # pairs per batch per worker (CPU)
 CROP = 128
 # the full loss from the first step (the demo's default starts the contrastive term at epoch 2;
 # real runs spend most epochs with it), so no epoch runs a partial model
-CPU = ["data.num_workers=0", f"data.batch_size={BATCH}", f"data.crop_size={CROP}",
-       "data.resize_long=[128,192]", "train.torch_threads=1", "train.contrastive_from_epoch=0"]  # fmt: skip
+CPU = [
+    "data.num_workers=0",
+    f"data.batch_size={BATCH}",
+    f"data.crop_size={CROP}",
+    "data.resize_long=[128,192]",
+    "train.torch_threads=1",
+    "train.contrastive_from_epoch=0",
+]
 GPU_BATCH = 4
-GPU = ["train.use_gpu=true", "model.backbone=resnet38", "data.crop_size=448",
-       "data.resize_long=[448,512]", f"data.batch_size={GPU_BATCH}",
-       "train.contrastive_from_epoch=0"]  # fmt: skip
+GPU = [
+    "train.use_gpu=true",
+    "model.backbone=resnet38",
+    "data.crop_size=448",
+    "data.resize_long=[448,512]",
+    f"data.batch_size={GPU_BATCH}",
+    "train.contrastive_from_epoch=0",
+]
 # train images, epochs, report every K steps (K divides the steps of an epoch for 1 and 2
 # workers, so the epoch-end report, which writes a checkpoint, trains no images)
 SIZES = {True: (256, 1, 4), False: (640, 2, 5)}
 # dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of the device name
-BF16_PEAK = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-             ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12))  # fmt: skip
+BF16_PEAK = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+)
 
 
 def build_shards(out: Path, num_train: int) -> int:
     """Synthetic train shards (not timed); returns the number of classes."""
-    cmd = [sys.executable, "-m", "mcis_dist.cli", "shards", "build", "--source", "synthetic",
-           "--split", "train", "--num-train", str(num_train), "--shard-size", "0.5",
-           "--workers", "0", "--no-progress", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mcis_dist.cli",
+        "shards",
+        "build",
+        "--source",
+        "synthetic",
+        "--split",
+        "train",
+        "--num-train",
+        str(num_train),
+        "--shard-size",
+        "0.5",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     manifest = json.loads((out / "train" / "manifest.json").read_text())
@@ -80,16 +118,30 @@ def build_shards(out: Path, num_train: int) -> int:
 
 
 def overrides(shards: Path, run_root: Path, workers: int, epochs: int, every: int) -> list[str]:
-    return [f"shards.url={shards}", f"run_root={run_root}", f"train.num_workers={workers}",
-            f"train.epochs={epochs}", f"train.report_every_steps={every}",
-            "train.max_failures=0", "train.checkpoint_every_steps=0"]  # fmt: skip
+    return [
+        f"shards.url={shards}",
+        f"run_root={run_root}",
+        f"train.num_workers={workers}",
+        f"train.epochs={epochs}",
+        f"train.report_every_steps={every}",
+        "train.max_failures=0",
+        "train.checkpoint_every_steps=0",
+    ]
 
 
 def ray_run(case, shards, tmp, *, workers, epochs, every, num_train, batch, extra) -> dict:
     """One ``train-cls`` subprocess; checks it and returns its throughput row."""
     run_root = Path(tempfile.mkdtemp(prefix=f"{case}-", dir=tmp))
-    cmd = [sys.executable, "-m", "mcis_dist.cli", "train-cls", "--config", str(CONFIG),
-           *overrides(shards, run_root, workers, epochs, every), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mcis_dist.cli",
+        "train-cls",
+        "--config",
+        str(CONFIG),
+        *overrides(shards, run_root, workers, epochs, every),
+        *extra,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ENV  # a local Ray
     start, t0 = time.time(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -115,11 +167,20 @@ def ray_run(case, shards, tmp, *, workers, epochs, every, num_train, batch, extr
     seconds = [r["images"] / r["images_per_s"] for r in timed]
     ips = sum(r["images"] for r in timed) / sum(seconds)
     wait = sum(r["data_wait_share"] * s for r, s in zip(timed, seconds, strict=True))
-    return {"case": case, "workers": workers, "steps": steps, "images": images,
-            "windows": len(timed), "images_per_s": ips, "per_worker_images_per_s": ips / workers,
-            "data_wait_share": wait / sum(seconds), "timed_s": sum(seconds),
-            "first_report_s": records[0]["time"] - start, "wall_s": wall,
-            "end_to_end_images_per_s": images / wall}  # fmt: skip
+    return {
+        "case": case,
+        "workers": workers,
+        "steps": steps,
+        "images": images,
+        "windows": len(timed),
+        "images_per_s": ips,
+        "per_worker_images_per_s": ips / workers,
+        "data_wait_share": wait / sum(seconds),
+        "timed_s": sum(seconds),
+        "first_report_s": records[0]["time"] - start,
+        "wall_s": wall,
+        "end_to_end_images_per_s": images / wall,
+    }
 
 
 class RandomBatches:
@@ -134,12 +195,15 @@ class RandomBatches:
             yn = (torch.rand(batch, num_classes, generator=g) < 0.2).float()
             shared = torch.randint(num_classes, (batch,), generator=g)
             ym[torch.arange(batch), shared] = yn[torch.arange(batch), shared] = 1.0  # a pair
-            self.batches.append({
-                "image_m": torch.randn(batch, 3, size, size, generator=g).to(device),
-                "image_n": torch.randn(batch, 3, size, size, generator=g).to(device),
-                "labels_m": ym.to(device), "labels_n": yn.to(device),
-                "pair_type": torch.zeros(batch, dtype=torch.long, device=device),
-            })  # fmt: skip
+            self.batches.append(
+                {
+                    "image_m": torch.randn(batch, 3, size, size, generator=g).to(device),
+                    "image_n": torch.randn(batch, 3, size, size, generator=g).to(device),
+                    "labels_m": ym.to(device),
+                    "labels_n": yn.to(device),
+                    "pair_type": torch.zeros(batch, dtype=torch.long, device=device),
+                }
+            )
 
     def __iter__(self):
         return iter(self.batches)
@@ -161,17 +225,32 @@ def baseline(shards: Path, tmp: Path, num_classes: int, steps: int, repeat: int)
     losses: list[float] = []
 
     def epoch():
-        train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, 0, state,
-                        lambda m: losses.append(m["total"]))  # fmt: skip
+        train_one_epoch(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            scaler,
+            cfg,
+            0,
+            state,
+            lambda m: losses.append(m["total"]),
+        )
 
     t = timeit(epoch, repeat=repeat, warmup=1)
     assert state["step"] == steps * (repeat + 1) == len(losses) and state["skipped"] == 0
     assert all(math.isfinite(v) for v in losses), losses
     images = 2 * BATCH * steps
-    return {"case": "plain_torch_1thread", "workers": 1, "steps": steps * repeat,
-            "images": images * repeat, "images_per_s": images / t.median,
-            "per_worker_images_per_s": images / t.median, "best_images_per_s": images / t.best,
-            "timed_s": sum(t.runs)}  # fmt: skip
+    return {
+        "case": "plain_torch_1thread",
+        "workers": 1,
+        "steps": steps * repeat,
+        "images": images * repeat,
+        "images_per_s": images / t.median,
+        "per_worker_images_per_s": images / t.median,
+        "best_images_per_s": images / t.best,
+        "timed_s": sum(t.runs),
+    }
 
 
 def _baseline_process(barrier, queue, *args) -> None:
@@ -185,8 +264,10 @@ def baseline_concurrent(processes: int, *args) -> dict:
     independent trainings (shared caches, memory bandwidth, clocks), no Ray, no DDP."""
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_baseline_process, args=(barrier, queue, *args))
-             for _ in range(processes)]  # fmt: skip
+    procs = [
+        ctx.Process(target=_baseline_process, args=(barrier, queue, *args))
+        for _ in range(processes)
+    ]
     for p in procs:
         p.start()
     rows = [queue.get(timeout=600) for _ in procs]
@@ -194,10 +275,15 @@ def baseline_concurrent(processes: int, *args) -> dict:
         p.join()
         assert p.exitcode == 0, p.exitcode
     ips = sum(r["images_per_s"] for r in rows)
-    return {"case": f"plain_torch_{processes}proc", "workers": processes,
-            "steps": sum(r["steps"] for r in rows), "images": sum(r["images"] for r in rows),
-            "images_per_s": ips, "per_worker_images_per_s": ips / processes,
-            "timed_s": max(r["timed_s"] for r in rows)}  # fmt: skip
+    return {
+        "case": f"plain_torch_{processes}proc",
+        "workers": processes,
+        "steps": sum(r["steps"] for r in rows),
+        "images": sum(r["images"] for r in rows),
+        "images_per_s": ips,
+        "per_worker_images_per_s": ips / processes,
+        "timed_s": max(r["timed_s"] for r in rows),
+    }
 
 
 def train_flops_per_image(backbone: str, size: int, pairs: int, num_classes: int, device) -> float:
@@ -223,19 +309,35 @@ def gpu_cases(shards, tmp, num_train, num_classes, quick) -> tuple[list[dict], d
     flops = train_flops_per_image("resnet38", 448, GPU_BATCH, num_classes, "cuda")
     every = 8 if quick else 10
     rows = []
-    for case, amp in (("gpu_r38_448_fp32", ["train.amp=none"]),
-                      ("gpu_r38_448_bf16_cl", ["train.amp=bf16", "train.channels_last=true"])):  # fmt: skip
-        row = ray_run(case, shards, tmp, workers=1, epochs=1, every=every, num_train=num_train,
-                      batch=GPU_BATCH, extra=[*GPU, *amp])  # fmt: skip
+    for case, amp in (
+        ("gpu_r38_448_fp32", ["train.amp=none"]),
+        ("gpu_r38_448_bf16_cl", ["train.amp=bf16", "train.channels_last=true"]),
+    ):
+        row = ray_run(
+            case,
+            shards,
+            tmp,
+            workers=1,
+            epochs=1,
+            every=every,
+            num_train=num_train,
+            batch=GPU_BATCH,
+            extra=[*GPU, *amp],
+        )
         row["tflop_per_s"] = flops * row["images_per_s"] / 1e12
         if peak:
             row["share_of_bf16_peak"] = flops * row["images_per_s"] / peak
         rows.append(row)
     by = {r["case"]: r for r in rows}
-    ratios = {"gpu_bf16_cl_vs_fp32": by["gpu_r38_448_bf16_cl"]["images_per_s"]
-              / by["gpu_r38_448_fp32"]["images_per_s"]}  # fmt: skip
-    info = {"gpu": name, "gpu_bf16_peak_tflop_per_s": peak and peak / 1e12,
-            "gpu_train_gflop_per_image": flops / 1e9}  # fmt: skip
+    ratios = {
+        "gpu_bf16_cl_vs_fp32": by["gpu_r38_448_bf16_cl"]["images_per_s"]
+        / by["gpu_r38_448_fp32"]["images_per_s"]
+    }
+    info = {
+        "gpu": name,
+        "gpu_bf16_peak_tflop_per_s": peak and peak / 1e12,
+        "gpu_train_gflop_per_image": flops / 1e9,
+    }
     return rows, ratios, info
 
 
@@ -244,31 +346,75 @@ def main():
     torch.set_num_threads(1)
     num_train, epochs, every = SIZES[args.quick]
     t_start = time.perf_counter()
-    metrics: dict = {"gpu": "not available", "train_images": num_train, "epochs": epochs,
-                     "report_every_steps": every, "pairs_per_batch": BATCH, "crop": CROP}  # fmt: skip
+    metrics: dict = {
+        "gpu": "not available",
+        "train_images": num_train,
+        "epochs": epochs,
+        "report_every_steps": every,
+        "pairs_per_batch": BATCH,
+        "crop": CROP,
+    }
     with tempfile.TemporaryDirectory(prefix=f"{NAME}-") as tmp_name:
         tmp = Path(tmp_name)
         shards = tmp / "shards"
         num_classes = build_shards(shards, num_train)
         sizes = (8, 3) if args.quick else (16, 5)  # baseline steps per epoch, timed epochs
-        rows = [baseline(shards, tmp, num_classes, *sizes),
-                baseline_concurrent(2, shards, tmp, num_classes, *sizes)]  # fmt: skip
+        rows = [
+            baseline(shards, tmp, num_classes, *sizes),
+            baseline_concurrent(2, shards, tmp, num_classes, *sizes),
+        ]
         for workers in (1, 2):
-            rows.append(ray_run(f"ray_{workers}w", shards, tmp, workers=workers, epochs=epochs,
-                                every=every, num_train=num_train, batch=BATCH, extra=CPU))  # fmt: skip
+            rows.append(
+                ray_run(
+                    f"ray_{workers}w",
+                    shards,
+                    tmp,
+                    workers=workers,
+                    epochs=epochs,
+                    every=every,
+                    num_train=num_train,
+                    batch=BATCH,
+                    extra=CPU,
+                )
+            )
         gpu_rows, gpu_ratios = [], {}
         if torch.cuda.is_available():
             gpu_rows, gpu_ratios, info = gpu_cases(shards, tmp, num_train, num_classes, args.quick)
             metrics.update(info)
 
-    columns = ["case", "workers", "steps", "windows", "images_per_s", "per_worker_images_per_s",
-               "data_wait_share", "timed_s", "first_report_s", "wall_s"]  # fmt: skip
-    print_table(rows, columns, "CPU, ResNet-38 tiny at 128x128, 8 pairs a batch per worker, "
-                "1 torch thread per worker; images/s counts both images of a pair")  # fmt: skip
+    columns = [
+        "case",
+        "workers",
+        "steps",
+        "windows",
+        "images_per_s",
+        "per_worker_images_per_s",
+        "data_wait_share",
+        "timed_s",
+        "first_report_s",
+        "wall_s",
+    ]
+    print_table(
+        rows,
+        columns,
+        "CPU, ResNet-38 tiny at 128x128, 8 pairs a batch per worker, "
+        "1 torch thread per worker; images/s counts both images of a pair",
+    )
     if gpu_rows:
-        print_table(gpu_rows, ["case", "steps", "images_per_s", "data_wait_share", "tflop_per_s",
-                               "share_of_bf16_peak", "first_report_s", "wall_s"],
-                    f"{metrics['gpu']}: ResNet-38 at 448x448, 4 pairs a batch, 1 worker")  # fmt: skip
+        print_table(
+            gpu_rows,
+            [
+                "case",
+                "steps",
+                "images_per_s",
+                "data_wait_share",
+                "tflop_per_s",
+                "share_of_bf16_peak",
+                "first_report_s",
+                "wall_s",
+            ],
+            f"{metrics['gpu']}: ResNet-38 at 448x448, 4 pairs a batch, 1 worker",
+        )
     by = {r["case"]: r for r in rows}
     base, one, two = by["plain_torch_1thread"], by["ray_1w"], by["ray_2w"]
     plain_scaling = by["plain_torch_2proc"]["per_worker_images_per_s"] / base["images_per_s"]

@@ -57,9 +57,18 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (training, k), rs in groups.items():
         fixed, best = _mean_sd([r["miou"] for r in rs]), _mean_sd([r["best_miou"] for r in rs])
-        out.append({"training": training, "k": k, "seeds": len(rs), "miou": fixed[0],
-                    "miou_sd": fixed[1], "best_miou": best[0], "best_miou_sd": best[1],
-                    "best_thresholds": [r["best_threshold"] for r in rs]})  # fmt: skip
+        out.append(
+            {
+                "training": training,
+                "k": k,
+                "seeds": len(rs),
+                "miou": fixed[0],
+                "miou_sd": fixed[1],
+                "best_miou": best[0],
+                "best_miou_sd": best[1],
+                "best_thresholds": [r["best_threshold"] for r in rs],
+            }
+        )
     return out
 
 
@@ -95,8 +104,14 @@ def plot(summary: list[dict], path: Path, threshold: float) -> None:
         if not rs:
             continue
         ks = [r["k"] for r in rs]
-        ax.errorbar(ks, [100 * r["miou"] for r in rs], yerr=[100 * r["miou_sd"] for r in rs],
-                    marker="o", capsize=3, label=training)  # fmt: skip
+        ax.errorbar(
+            ks,
+            [100 * r["miou"] for r in rs],
+            yerr=[100 * r["miou_sd"] for r in rs],
+            marker="o",
+            capsize=3,
+            label=training,
+        )
     ax.set_xlabel("related images per class, K (0 = single-round)")
     ax.set_ylabel(f"CAM mIoU % at threshold {threshold:.2f}")
     ax.grid(alpha=0.3)
@@ -114,9 +129,12 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ks", default="0,1,2,3,4,5", help="related images per class (0: single)")
     p.add_argument("--trainings", default=",".join(TRAININGS))
-    p.add_argument("--maps-tag", default="",
-                   help="suffix of the map folders, to score other inference settings of the "
-                   "same trained classifiers (e.g. --maps-tag feature cams.readout=feature)")  # fmt: skip
+    p.add_argument(
+        "--maps-tag",
+        default="",
+        help="suffix of the map folders, to score other inference settings of the "
+        "same trained classifiers (e.g. --maps-tag feature cams.readout=feature)",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
@@ -124,17 +142,39 @@ def main(argv=None) -> int:
     cfg0 = load_config(args.config, [f"run_root={out}", *args.overrides])
     split = f"{cfg0.shards.url.rstrip('/')}/{args.split}"
     if not Path(split, "manifest.json").exists() and "://" not in split:
-        assert mcis(["shards", "build", "--source", "synthetic", "--out", cfg0.shards.url,
-                     "--num-train", str(cfg0.synthetic.num_train),
-                     "--num-val", str(cfg0.synthetic.num_val), "--no-progress"]) == 0  # fmt: skip
+        assert (
+            mcis(
+                [
+                    "shards",
+                    "build",
+                    "--source",
+                    "synthetic",
+                    "--out",
+                    cfg0.shards.url,
+                    "--num-train",
+                    str(cfg0.synthetic.num_train),
+                    "--num-val",
+                    str(cfg0.synthetic.num_val),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     seeds = [int(s) for s in args.seeds.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
     rows, diagnostics, t0 = [], {}, time.time()
     for seed in seeds:
         for training in args.trainings.split(","):
             name = f"{training}_s{seed}"
-            base = [f"run_root={out}", *args.overrides, f"name={name}", f"train.seed={seed}",
-                    f"data.seed={seed}", *TRAININGS[training], f"cams.split_url={split}"]  # fmt: skip
+            base = [
+                f"run_root={out}",
+                *args.overrides,
+                f"name={name}",
+                f"train.seed={seed}",
+                f"data.seed={seed}",
+                *TRAININGS[training],
+                f"cams.split_url={split}",
+            ]
             print(f"[seed {seed}] training {training} ({time.time() - t0:.0f} s) ...", flush=True)
             assert mcis(["train-cls", "--config", args.config, *base]) == 0
             # Table 5 on the full model; the others at K = 0 and 3 (basic: K = 0), plus the control
@@ -155,21 +195,37 @@ def main(argv=None) -> int:
                     cfg = load_config(args.config, [*base, *maps, f"cams.out_url={folder}"])
                     compute_cams(cfg, log=lambda *_: None)
                     r = evaluate_cams(cfg, log=lambda *_: None)
-                row = {"training": training, "seed": seed, "k": k,
-                       "miou": r["at_threshold"]["miou"], "threshold": r["threshold"],
-                       "best_miou": r["best"]["miou"], "best_threshold": r["best_threshold"]}  # fmt: skip
+                row = {
+                    "training": training,
+                    "seed": seed,
+                    "k": k,
+                    "miou": r["at_threshold"]["miou"],
+                    "threshold": r["threshold"],
+                    "best_miou": r["best"]["miou"],
+                    "best_threshold": r["best_threshold"],
+                }
                 if r.get("attention") and name not in diagnostics:
                     diagnostics[name] = r["attention"]
-                print(f"  {name:>14}  K={k}  mIoU {100 * row['miou']:5.1f} at "
-                      f"{row['threshold']:.2f}   best {100 * row['best_miou']:5.1f} at "
-                      f"{row['best_threshold']:.2f}", flush=True)  # fmt: skip
+                print(
+                    f"  {name:>14}  K={k}  mIoU {100 * row['miou']:5.1f} at "
+                    f"{row['threshold']:.2f}   best {100 * row['best_miou']:5.1f} at "
+                    f"{row['best_threshold']:.2f}",
+                    flush=True,
+                )
                 rows.append(row)
     order = list(TRAININGS)
     summary = sorted(summarise(rows), key=lambda r: (order.index(r["training"]), r["k"] % 99))
     threshold = cfg0.cams.bg_threshold
-    doc = {"split": split, "config": args.config, "overrides": args.overrides, "seeds": seeds,
-           "rows": rows, "summary": summary, "attention": diagnostics,
-           "seconds": round(time.time() - t0, 1)}  # fmt: skip
+    doc = {
+        "split": split,
+        "config": args.config,
+        "overrides": args.overrides,
+        "seeds": seeds,
+        "rows": rows,
+        "summary": summary,
+        "attention": diagnostics,
+        "seconds": round(time.time() - t0, 1),
+    }
     stem = f"ablation{'_' + args.maps_tag if args.maps_tag else ''}"
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     md = table(summary, threshold)

@@ -52,14 +52,37 @@ def main(argv: list[str] | None = None) -> int:
 
         make_photo_voc(voc)
     if not (shards / "train" / "manifest.json").exists():
-        mcis("shards", "build", "--source", "voc", "--voc-root", str(voc), "--split", "train",
-             "--out", str(shards), "--max-samples-per-shard", "6", "--workers", "1",
-             "--verify", "full", "--no-progress")  # fmt: skip
+        mcis(
+            "shards",
+            "build",
+            "--source",
+            "voc",
+            "--voc-root",
+            str(voc),
+            "--split",
+            "train",
+            "--out",
+            str(shards),
+            "--max-samples-per-shard",
+            "6",
+            "--workers",
+            "1",
+            "--verify",
+            "full",
+            "--no-progress",
+        )
 
     rows = {}
     for start, switch in STARTS.items():
-        common = ["--config", str(CONFIG), f"shards.url={shards}", f"run_root={out / 'runs'}",
-                  f"name={start}", switch, *args.overrides]  # fmt: skip
+        common = [
+            "--config",
+            str(CONFIG),
+            f"shards.url={shards}",
+            f"run_root={out / 'runs'}",
+            f"name={start}",
+            switch,
+            *args.overrides,
+        ]
         seconds = {}
         for stage in (["train-cls"], ["cams"], ["eval", "cams"]):
             began = time.monotonic()
@@ -67,17 +90,26 @@ def main(argv: list[str] | None = None) -> int:
             seconds[" ".join(stage)] = round(time.monotonic() - began, 1)
         result = json.loads((out / "runs" / start / "cams" / "eval" / "eval.json").read_text())
         fixed = result["at_threshold"]
-        rows[start] = {"miou": fixed["miou"], "per_class": fixed["per_class"],
-                       "threshold": result["threshold"], "best_threshold": result["best_threshold"],
-                       "best_miou": result["best"]["miou"], "seconds": seconds}  # fmt: skip
+        rows[start] = {
+            "miou": fixed["miou"],
+            "per_class": fixed["per_class"],
+            "threshold": result["threshold"],
+            "best_threshold": result["best_threshold"],
+            "best_miou": result["best"]["miou"],
+            "seconds": seconds,
+        }
 
-    lines = ["| start | mIoU % (t fixed) | " + " | ".join(SHOWN) + " | best t (oracle) | seconds |",
-             "|---|---|" + "---|" * len(SHOWN) + "---|---|"]  # fmt: skip
+    lines = [
+        "| start | mIoU % (t fixed) | " + " | ".join(SHOWN) + " | best t (oracle) | seconds |",
+        "|---|---|" + "---|" * len(SHOWN) + "---|---|",
+    ]
     for start, row in rows.items():
         classes = " | ".join(f"{100 * (row['per_class'].get(c) or 0.0):.1f}" for c in SHOWN)
-        lines.append(f"| {start} | {100 * row['miou']:.1f} | {classes} | "
-                     f"{row['best_threshold']:.2f} ({100 * row['best_miou']:.1f}) | "
-                     f"{sum(row['seconds'].values()):.0f} |")  # fmt: skip
+        lines.append(
+            f"| {start} | {100 * row['miou']:.1f} | {classes} | "
+            f"{row['best_threshold']:.2f} ({100 * row['best_miou']:.1f}) | "
+            f"{sum(row['seconds'].values()):.0f} |"
+        )
     (out / "compare.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

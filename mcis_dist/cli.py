@@ -6,6 +6,9 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
+
+from tqdm.auto import tqdm
 
 from mcis_dist import __version__
 
@@ -120,9 +123,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "shard is redone by another.",
     )
     m.add_argument("--config", required=True, help="experiment YAML")
-    m.add_argument("--checkpoint", default=None,
-                   help="classifier checkpoint folder or .pt, local or s3:// (default: the "
-                   "newest of <run_root>/<name>/cls)")  # fmt: skip
+    m.add_argument(
+        "--checkpoint",
+        default=None,
+        help="classifier checkpoint folder or .pt, local or s3:// (default: the "
+        "newest of <run_root>/<name>/cls)",
+    )
     m.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
     a = sub.add_parser(
@@ -144,9 +150,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "another.",
     )
     k.add_argument("--config", required=True, help="experiment YAML")
-    k.add_argument("--checkpoint", default=None,
-                   help="AffinityNet checkpoint folder or .pt, local or s3:// (random_walk; "
-                   "default: masks.checkpoint, else the newest of <affinity.out_url>/run)")  # fmt: skip
+    k.add_argument(
+        "--checkpoint",
+        default=None,
+        help="AffinityNet checkpoint folder or .pt, local or s3:// (random_walk; "
+        "default: masks.checkpoint, else the newest of <affinity.out_url>/run)",
+    )
     k.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
     g = sub.add_parser(
@@ -172,9 +181,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--input", required=True, help="folder of images or image split, local or s3://"
     )
     pr.add_argument("--out", required=True, help="folder for the PNGs, local or s3://")
-    pr.add_argument("--checkpoint", default=None,
-                    help="segmentation checkpoint folder or .pt, local or s3:// (default: the "
-                    "newest of <seg.out_url>/run)")  # fmt: skip
+    pr.add_argument(
+        "--checkpoint",
+        default=None,
+        help="segmentation checkpoint folder or .pt, local or s3:// (default: the "
+        "newest of <seg.out_url>/run)",
+    )
     pr.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
     ex = sub.add_parser(
@@ -211,13 +223,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "folder. Running it again resumes the sweep (a finished one only rewrites its table).",
     )
     tn.add_argument("--config", required=True, help="sweep YAML (configs/tune/*.yaml)")
-    tn.add_argument("--restart", action="store_true",
-                    help="discard the sweep's trials and start it over")  # fmt: skip
-    tn.add_argument("--retry-failed", action="store_true",
-                    help="when resuming, run the failed trials again")  # fmt: skip
-    tn.add_argument("overrides", nargs="*",
-                    help="sweep keys (num_samples=4, scheduler.grace_period=2, space.KEY=...) or "
-                    "base-experiment keys (train.epochs=4, overrides.name=x), a.b=c")  # fmt: skip
+    tn.add_argument(
+        "--restart", action="store_true", help="discard the sweep's trials and start it over"
+    )
+    tn.add_argument(
+        "--retry-failed", action="store_true", help="when resuming, run the failed trials again"
+    )
+    tn.add_argument(
+        "overrides",
+        nargs="*",
+        help="sweep keys (num_samples=4, scheduler.grace_period=2, space.KEY=...) or "
+        "base-experiment keys (train.epochs=4, overrides.name=x), a.b=c",
+    )
 
     e = sub.add_parser("eval", help="evaluate a stage's outputs against masks")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
@@ -230,8 +247,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ec.add_argument("--config", required=True, help="experiment YAML")
     ec.add_argument("--cams", default=None, help="CAM folder (default: cams.out_url)")
-    ec.add_argument("--thresholds", default=None,
-                    help="sweep, e.g. 0:0.6:0.05 or 0.1,0.2 (default: cams.eval_thresholds)")  # fmt: skip
+    ec.add_argument(
+        "--thresholds",
+        default=None,
+        help="sweep, e.g. 0:0.6:0.05 or 0.1,0.2 (default: cams.eval_thresholds)",
+    )
     ec.add_argument("--out", default=None, help="where eval.json goes (default: <cams>/eval)")
     ec.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
@@ -255,9 +275,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "confusion matrix summed over every shard. Writes eval.json and overlays.png.",
     )
     es.add_argument("--config", required=True, help="experiment YAML")
-    es.add_argument("--checkpoint", default=None,
-                    help="segmentation checkpoint folder or .pt, local or s3:// (default: the "
-                    "newest of <seg.out_url>/run)")  # fmt: skip
+    es.add_argument(
+        "--checkpoint",
+        default=None,
+        help="segmentation checkpoint folder or .pt, local or s3:// (default: the "
+        "newest of <seg.out_url>/run)",
+    )
     es.add_argument("--split", default=None, help="image split with masks (default: seg.val_url)")
     es.add_argument(
         "--out", default=None, help="where eval.json goes (default: <seg.out_url>/eval)"
@@ -288,9 +311,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _synthetic_spec(args):
-    from dataclasses import replace
 
-    from mcis_dist.shards.synthetic import SyntheticSpec
+    from mcis_dist.shards.synthetic import SyntheticSpec  # lazy: per command
 
     spec = SyntheticSpec()
     changes = {
@@ -307,10 +329,10 @@ def _synthetic_spec(args):
 
 
 def cmd_shards_build(args) -> int:
-    from mcis_dist.formats.shards import summarize
-    from mcis_dist.shards.build import BuildOptions, build_dataset
-    from mcis_dist.shards.images import DEFAULT_MAX_PIXELS
-    from mcis_dist.storage import open_storage
+    from mcis_dist.formats.shards import summarize  # lazy: per command
+    from mcis_dist.shards.build import BuildOptions, build_dataset  # lazy: per command
+    from mcis_dist.shards.images import DEFAULT_MAX_PIXELS  # lazy: per command
+    from mcis_dist.storage import open_storage  # lazy: per command
 
     opts = BuildOptions(
         shard_size_mb=args.shard_size,
@@ -345,8 +367,8 @@ def cmd_shards_build(args) -> int:
 
 def _split_storages(url: str, endpoint_url: str | None):
     """(name, storage) for a split folder, or for every split under a dataset folder."""
-    from mcis_dist.formats.shards import MANIFEST_NAME, PARTS_DIR, find_splits
-    from mcis_dist.storage import open_storage
+    from mcis_dist.formats.shards import MANIFEST_NAME, PARTS_DIR, find_splits  # lazy: per command
+    from mcis_dist.storage import open_storage  # lazy: per command
 
     root = open_storage(url, endpoint_url=endpoint_url)
     root.check_readable()
@@ -359,7 +381,11 @@ def _split_storages(url: str, endpoint_url: str | None):
 
 
 def cmd_shards_info(args) -> int:
-    from mcis_dist.formats.shards import ManifestError, read_manifest, summarize
+    from mcis_dist.formats.shards import (  # lazy: per command
+        ManifestError,
+        read_manifest,
+        summarize,
+    )
 
     status = EXIT_OK
     for where, storage in _split_storages(args.url, args.endpoint_url):
@@ -374,15 +400,18 @@ def cmd_shards_info(args) -> int:
 
 
 def cmd_shards_verify(args) -> int:
-    from tqdm.auto import tqdm
 
-    from mcis_dist.formats.shards import read_manifest, verify_split
+    from mcis_dist.formats.shards import read_manifest, verify_split  # lazy: per command
 
     status = EXIT_OK
     for where, storage in _split_storages(args.url, args.endpoint_url):
         manifest = read_manifest(storage)
-        with tqdm(total=manifest["num_samples"], desc=f"verify {manifest['split']}",
-                  unit="img", mininterval=0.5) as bar:  # fmt: skip
+        with tqdm(
+            total=manifest["num_samples"],
+            desc=f"verify {manifest['split']}",
+            unit="img",
+            mininterval=0.5,
+        ) as bar:
             problems = verify_split(storage, manifest, progress=bar.update)
         if problems:
             status = EXIT_FAILED
@@ -398,7 +427,7 @@ def cmd_shards_verify(args) -> int:
 
 
 def cmd_weights_convert(args) -> int:
-    from mcis_dist.models.weights import convert_resnet38
+    from mcis_dist.models.weights import convert_resnet38  # lazy: per command
 
     summary = convert_resnet38(args.src, args.dst)
     print(
@@ -411,10 +440,10 @@ def cmd_weights_convert(args) -> int:
 
 
 def cmd_train_cls(args) -> int:
-    from mcis_dist.config import load_config, write_run_config
-    from mcis_dist.runtime.paths import endpoint_url
-    from mcis_dist.storage import open_storage
-    from mcis_dist.train.classifier import run_url, train_classifier
+    from mcis_dist.config import load_config, write_run_config  # lazy: per command
+    from mcis_dist.runtime.paths import endpoint_url  # lazy: per command
+    from mcis_dist.storage import open_storage  # lazy: per command
+    from mcis_dist.train.classifier import run_url, train_classifier  # lazy: per command
 
     cfg = load_config(args.config, args.overrides)
     run = open_storage(run_url(cfg), endpoint_url=endpoint_url(cfg))
@@ -430,73 +459,82 @@ def cmd_train_cls(args) -> int:
 
 
 def cmd_cams(args) -> int:
-    from mcis_dist.cams.stage import compute_cams
-    from mcis_dist.config import load_config
+    from mcis_dist.cams.stage import compute_cams  # lazy: per command
+    from mcis_dist.config import load_config  # lazy: per command
 
     compute_cams(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
     return EXIT_OK
 
 
 def cmd_affinity(args) -> int:
-    from mcis_dist.affinity.train import train_affinity
-    from mcis_dist.config import load_config
+    from mcis_dist.affinity.train import train_affinity  # lazy: per command
+    from mcis_dist.config import load_config  # lazy: per command
 
     result = train_affinity(load_config(args.config, args.overrides))
     m = result.metrics or {}
-    print(f"affinity: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
-          f"checkpoint {result.checkpoint.path if result.checkpoint else None}")  # fmt: skip
+    print(
+        f"affinity: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
+        f"checkpoint {result.checkpoint.path if result.checkpoint else None}"
+    )
     return EXIT_OK
 
 
 def cmd_masks(args) -> int:
-    from mcis_dist.config import load_config
-    from mcis_dist.masks.stage import make_masks
+    from mcis_dist.config import load_config  # lazy: per command
+    from mcis_dist.masks.stage import make_masks  # lazy: per command
 
     make_masks(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
     return EXIT_OK
 
 
 def cmd_eval_masks(args) -> int:
-    from mcis_dist.config import load_config
-    from mcis_dist.masks.evaluate import evaluate_masks
+    from mcis_dist.config import load_config  # lazy: per command
+    from mcis_dist.masks.evaluate import evaluate_masks  # lazy: per command
 
     evaluate_masks(load_config(args.config, args.overrides), masks_url=args.masks, out_url=args.out)
     return EXIT_OK
 
 
 def cmd_seg(args) -> int:
-    from mcis_dist.config import load_config
-    from mcis_dist.seg.train import train_seg
+    from mcis_dist.config import load_config  # lazy: per command
+    from mcis_dist.seg.train import train_seg  # lazy: per command
 
     result = train_seg(load_config(args.config, args.overrides))
     m = result.metrics or {}
-    print(f"seg: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
-          f"checkpoint {result.checkpoint.path if result.checkpoint else None}")  # fmt: skip
+    print(
+        f"seg: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
+        f"checkpoint {result.checkpoint.path if result.checkpoint else None}"
+    )
     return EXIT_OK
 
 
 def cmd_eval_seg(args) -> int:
-    from mcis_dist.config import load_config
-    from mcis_dist.seg.evaluate import evaluate_seg
+    from mcis_dist.config import load_config  # lazy: per command
+    from mcis_dist.seg.evaluate import evaluate_seg  # lazy: per command
 
-    evaluate_seg(load_config(args.config, args.overrides), checkpoint=args.checkpoint,
-                 split_url=args.split, out_url=args.out)  # fmt: skip
+    evaluate_seg(
+        load_config(args.config, args.overrides),
+        checkpoint=args.checkpoint,
+        split_url=args.split,
+        out_url=args.out,
+    )
     return EXIT_OK
 
 
 def cmd_predict(args) -> int:
-    from mcis_dist.config import load_config
-    from mcis_dist.seg.predict import predict
+    from mcis_dist.config import load_config  # lazy: per command
+    from mcis_dist.seg.predict import predict  # lazy: per command
 
-    predict(load_config(args.config, args.overrides), args.input, args.out,
-            checkpoint=args.checkpoint)  # fmt: skip
+    predict(
+        load_config(args.config, args.overrides), args.input, args.out, checkpoint=args.checkpoint
+    )
     return EXIT_OK
 
 
 def cmd_eval_cams(args) -> int:
-    from mcis_dist.cams.evaluate import evaluate_cams
-    from mcis_dist.config import load_config
-    from mcis_dist.evaluation import parse_thresholds
+    from mcis_dist.cams.evaluate import evaluate_cams  # lazy: per command
+    from mcis_dist.config import load_config  # lazy: per command
+    from mcis_dist.evaluation import parse_thresholds  # lazy: per command
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -508,21 +546,25 @@ def cmd_eval_cams(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mcis_dist.config import load_config
-    from mcis_dist.seg.export import export_trained
+    from mcis_dist.config import load_config  # lazy: per command
+    from mcis_dist.seg.export import export_trained  # lazy: per command
 
     try:
-        export_trained(load_config(args.config, args.overrides), args.out,
-                       checkpoint=args.checkpoint, size=args.size)  # fmt: skip
+        export_trained(
+            load_config(args.config, args.overrides),
+            args.out,
+            checkpoint=args.checkpoint,
+            size=args.size,
+        )
     except ValueError as e:  # an export whose output differs from the model's
         raise UserError(str(e)) from None
     return EXIT_OK
 
 
 def cmd_pipeline(args) -> int:
-    from mcis_dist.config import load_config
-    from mcis_dist.pipeline import run_pipeline
-    from mcis_dist.report import summary_table
+    from mcis_dist.config import load_config  # lazy: per command
+    from mcis_dist.pipeline import run_pipeline  # lazy: per command
+    from mcis_dist.report import summary_table  # lazy: per command
 
     report = run_pipeline(load_config(args.config, args.overrides))
     for what, value in summary_table(report):
@@ -531,34 +573,36 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from mcis_dist.tune import load_sweep, run_sweep
+    from mcis_dist.tune import load_sweep, run_sweep  # lazy: per command
 
     sweep, base = load_sweep(args.config, args.overrides)
     result = run_sweep(sweep, base, restart=args.restart, retry_failed=args.retry_failed)
     if result.best is None:
-        print(f"mcis: no trial of the sweep has a result; see {result.url}/results.md",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"mcis: no trial of the sweep has a result; see {result.url}/results.md",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     return EXIT_OK
 
 
 def cmd_demo(args) -> int:
-    from mcis_dist.demo import run_demo
+    from mcis_dist.demo import run_demo  # lazy: per command
 
     return run_demo(args.config, args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mcis_dist.config import ConfigError
-    from mcis_dist.data.loader import LoaderError
-    from mcis_dist.formats.shards import ManifestError
-    from mcis_dist.models.weights import WeightsError
-    from mcis_dist.runtime.checkpoint import CheckpointError
-    from mcis_dist.runtime.sharded import StageError
-    from mcis_dist.runtime.trainer import TrainingError
-    from mcis_dist.shards.build import BuildError
-    from mcis_dist.shards.sources import SourceError
-    from mcis_dist.storage import StorageError
+    from mcis_dist.config import ConfigError  # lazy: per command
+    from mcis_dist.data.loader import LoaderError  # lazy: per command
+    from mcis_dist.formats.shards import ManifestError  # lazy: per command
+    from mcis_dist.models.weights import WeightsError  # lazy: per command
+    from mcis_dist.runtime.checkpoint import CheckpointError  # lazy: per command
+    from mcis_dist.runtime.sharded import StageError  # lazy: per command
+    from mcis_dist.runtime.trainer import TrainingError  # lazy: per command
+    from mcis_dist.shards.build import BuildError  # lazy: per command
+    from mcis_dist.shards.sources import SourceError  # lazy: per command
+    from mcis_dist.storage import StorageError  # lazy: per command
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home by default
     args = _build_parser().parse_args(argv)
@@ -581,13 +625,30 @@ def main(argv: list[str] | None = None) -> int:
         ("demo", None): cmd_demo,
         ("tune", None): cmd_tune,
     }
-    action = next((getattr(args, a) for a in ("shards_command", "weights_command", "eval_command")
-                   if getattr(args, a, None)), None)  # fmt: skip
+    action = next(
+        (
+            getattr(args, a)
+            for a in ("shards_command", "weights_command", "eval_command")
+            if getattr(args, a, None)
+        ),
+        None,
+    )
     handler = handlers[(args.command, action)]
     try:
         return handler(args)
-    except (UserError, ConfigError, BuildError, ManifestError, SourceError, StorageError,
-            LoaderError, WeightsError, TrainingError, StageError, CheckpointError) as e:  # fmt: skip
+    except (
+        UserError,
+        ConfigError,
+        BuildError,
+        ManifestError,
+        SourceError,
+        StorageError,
+        LoaderError,
+        WeightsError,
+        TrainingError,
+        StageError,
+        CheckpointError,
+    ) as e:
         print(f"mcis: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

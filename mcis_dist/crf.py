@@ -51,7 +51,7 @@ class CRFParams:
 def _unary(probs: np.ndarray) -> np.ndarray:
     """(C, H, W) probabilities -> (C, H*W) float32 −log(clip(prob)), C-contiguous."""
     try:
-        from pydensecrf.utils import unary_from_softmax
+        from pydensecrf.utils import unary_from_softmax  # lazy: native, CRF only
     except ImportError:  # pragma: no cover - older pydensecrf builds
         c = probs.shape[0]
         return np.ascontiguousarray(-np.log(np.clip(probs, CLIP, 1.0)).reshape(c, -1), np.float32)
@@ -108,7 +108,7 @@ def crf_inference(
     Returns:
         (C, H, W) float32 marginals Q (sum to 1 over C at every pixel).
     """
-    import pydensecrf.densecrf as dcrf
+    import pydensecrf.densecrf as dcrf  # lazy: native, CRF only
 
     check_inputs(image_rgb, probs)
     c, h, w = probs.shape

@@ -7,12 +7,19 @@ embedded local Ray and prints the table of the run report.
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
 from mcis_dist.config import ExperimentConfig, load_config, write_run_config
 from mcis_dist.data.loader import PairLoader
 from mcis_dist.formats.shards import summarize
+from mcis_dist.pipeline import run_pipeline
+from mcis_dist.report import summary_table
 from mcis_dist.shards.build import build_dataset, build_options
 from mcis_dist.shards.synthetic import synthetic_spec
 from mcis_dist.storage import open_storage
@@ -22,11 +29,6 @@ DEFAULT_CONFIG = Path("configs/demo.yaml")
 
 def pair_grid(batch: dict, classes: list[str], mean, std, rows: int = 4) -> bytes:
     """PNG bytes: ``rows`` pairs side by side, each image captioned with its classes."""
-    import io
-
-    import numpy as np
-    import torch
-    from PIL import Image, ImageDraw
 
     def to_uint8(x):  # (3, S, S) normalised → (S, S, 3) uint8
         x = x.cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
@@ -86,9 +88,6 @@ def run_demo(config_path: str | None = None, overrides: list[str] | tuple = ()) 
         f"  training pairs share at least one class; a batch of them: {run.describe('pairs.png')}"
     )
 
-    from mcis_dist.pipeline import run_pipeline
-    from mcis_dist.report import summary_table
-
     report = run_pipeline(cfg, log=lambda *_: None, say=print)
     print(f"\nmcis demo: done in {time.perf_counter() - t0:.0f} s.")
     width = max(len(w) for w, _ in summary_table(report))
@@ -97,6 +96,8 @@ def run_demo(config_path: str | None = None, overrides: list[str] | tuple = ()) 
         print(f"  {what:<{width}}  {value:>5}")
     print(f"  seconds per stage: {report['stage_seconds']}")
     print(f"  the report with figures: {run.describe('report.md')}")
-    print("  Every stage has its own command (mcis train-cls, cams, affinity, masks, seg, eval, "
-          "predict, export): see the README.")  # fmt: skip
+    print(
+        "  Every stage has its own command (mcis train-cls, cams, affinity, masks, seg, eval, "
+        "predict, export): see the README."
+    )
     return 0

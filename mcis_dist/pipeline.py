@@ -17,9 +17,27 @@ import json
 import time
 from collections.abc import Callable
 
+from mcis_dist.affinity.train import train_affinity
+from mcis_dist.cams.evaluate import evaluate_cams
+from mcis_dist.cams.stage import compute_cams
 from mcis_dist.config import ExperimentConfig, write_run_config
+from mcis_dist.data.loader import open_manifest
+from mcis_dist.formats.shards import MANIFEST_NAME
+from mcis_dist.masks.evaluate import evaluate_masks
+from mcis_dist.masks.stage import make_masks
+from mcis_dist.report import write_report
+from mcis_dist.runtime.checkpoint import newest_checkpoint
+from mcis_dist.runtime.paths import absolute_paths, affinity_run_url, endpoint_url
+from mcis_dist.runtime.session import ray_session
 from mcis_dist.runtime.sharded import StageError
+from mcis_dist.seg.evaluate import evaluate_seg
+from mcis_dist.seg.train import run_url as seg_run_url
+from mcis_dist.seg.train import train_seg
+from mcis_dist.shards.build import build_dataset, build_options
+from mcis_dist.shards.synthetic import synthetic_spec
 from mcis_dist.storage import open_storage
+from mcis_dist.train.classifier import run_url as cls_run_url
+from mcis_dist.train.classifier import train_classifier
 
 __all__ = ["run_pipeline", "training_complete", "check_consistency", "build_shards", "STAGE_ORDER"]
 
@@ -43,28 +61,34 @@ def training_complete(run_url: str, epochs: int, endpoint_url: str | None = None
 
 def check_consistency(cfg: ExperimentConfig) -> None:
     """Stages that disagree fail before any work, naming the disagreement."""
-    from mcis_dist.data.loader import open_manifest
 
     problems = []
     train_url, val_url = cfg.data.train_url, cfg.seg.val_url
     if cfg.cams.split_url != train_url:
-        problems.append(f"cams.split_url ({cfg.cams.split_url}) is not the classifier's training "
-                        f"split data.train_url ({train_url}): pseudo masks are for training images")  # fmt: skip
-    for name, url in (("affinity.cams_url", cfg.affinity.cams_url),
-                      ("masks.cams_url", cfg.masks.cams_url)):  # fmt: skip
+        problems.append(
+            f"cams.split_url ({cfg.cams.split_url}) is not the classifier's training "
+            f"split data.train_url ({train_url}): pseudo masks are for training images"
+        )
+    for name, url in (
+        ("affinity.cams_url", cfg.affinity.cams_url),
+        ("masks.cams_url", cfg.masks.cams_url),
+    ):
         if url != cfg.cams.out_url:
             problems.append(f"{name} ({url}) is not cams.out_url ({cfg.cams.out_url})")
     if cfg.seg.masks_url != cfg.masks.out_url:
-        problems.append(f"seg.masks_url ({cfg.seg.masks_url}) is not masks.out_url "
-                        f"({cfg.masks.out_url})")  # fmt: skip
+        problems.append(
+            f"seg.masks_url ({cfg.seg.masks_url}) is not masks.out_url ({cfg.masks.out_url})"
+        )
     try:
         train, _ = open_manifest(train_url, cfg.data.endpoint_url, check_shards=False)
         val, _ = open_manifest(val_url, cfg.data.endpoint_url, check_shards=False)
     except Exception:  # noqa: BLE001 - missing splits are reported by the stages themselves
         train = val = None
     if train and val and train["classes"] != val["classes"]:
-        problems.append(f"the training split's classes {train['classes']} differ from the "
-                        f"evaluation split's {val['classes']} (seg.val_url={val_url})")  # fmt: skip
+        problems.append(
+            f"the training split's classes {train['classes']} differ from the "
+            f"evaluation split's {val['classes']} (seg.val_url={val_url})"
+        )
     if problems:
         raise StageError("the pipeline's stages disagree: " + "; ".join(problems))
 
@@ -93,8 +117,6 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
     """Run every stage that is not complete; return (and write) the run report.
 
     ``log`` gets the stages' own lines, ``say`` (default ``log``) the pipeline's narration."""
-    from mcis_dist.runtime.paths import absolute_paths, endpoint_url
-    from mcis_dist.runtime.session import ray_session
 
     say = say or log
     cfg = absolute_paths(cfg)
@@ -122,7 +144,6 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
         _stages(cfg, step, state, results, log, say, endpoint)
     report = _report(cfg, results, seconds)
     report["ray_start_seconds"] = ray_start  # connecting to (or starting) Ray, once
-    from mcis_dist.report import write_report
 
     write_report(run, cfg, report, endpoint)
     say(f"\nreport: {run.describe('report.md')}")
@@ -132,7 +153,6 @@ def run_pipeline(cfg: ExperimentConfig, log=print, say=None) -> dict:
 def build_shards(cfg: ExperimentConfig, say=print) -> None:
     """Build what is missing of the shards: the built-in dataset's splits, or the splits that
     ``shards.splits`` describes for another source. Complete splits are left alone."""
-    from mcis_dist.formats.shards import MANIFEST_NAME
 
     shards = open_storage(cfg.shards.url, endpoint_url=cfg.shards.endpoint_url)
     wanted = ["train", "val"] if cfg.shards.source == "synthetic" else list(cfg.shards.splits)
@@ -141,22 +161,29 @@ def build_shards(cfg: ExperimentConfig, say=print) -> None:
     if not missing:
         say(f"  {cfg.shards.url}: complete")
         return
-    from mcis_dist.shards.build import build_dataset, build_options
-    from mcis_dist.shards.synthetic import synthetic_spec
 
     if needed:
-        build_dataset("synthetic", shards, build_options(cfg), missing,
-                      source_args={"spec": synthetic_spec(cfg)})  # fmt: skip
+        build_dataset(
+            "synthetic",
+            shards,
+            build_options(cfg),
+            missing,
+            source_args={"spec": synthetic_spec(cfg)},
+        )
         return
     for split in missing:
         say(f"  building {cfg.shards.url}/{split} from the {cfg.shards.source} source")
-        build_dataset(cfg.shards.source, shards, build_options(cfg), [split],
-                      source_args=dict(cfg.shards.splits[split]))  # fmt: skip
+        build_dataset(
+            cfg.shards.source,
+            shards,
+            build_options(cfg),
+            [split],
+            source_args=dict(cfg.shards.splits[split]),
+        )
 
 
 def _check_inputs(cfg: ExperimentConfig) -> None:
     """The splits the stages read exist: otherwise say how to make them."""
-    from mcis_dist.formats.shards import MANIFEST_NAME
 
     for what, url in (("data.train_url", cfg.data.train_url), ("seg.val_url", cfg.seg.val_url)):
         if not open_storage(url, endpoint_url=cfg.data.endpoint_url).exists(MANIFEST_NAME):
@@ -168,17 +195,6 @@ def _check_inputs(cfg: ExperimentConfig) -> None:
 
 
 def _stages(cfg, step, state, results, log, say, endpoint) -> None:
-    from mcis_dist.affinity.train import train_affinity
-    from mcis_dist.cams.evaluate import evaluate_cams
-    from mcis_dist.cams.stage import compute_cams
-    from mcis_dist.masks.evaluate import evaluate_masks
-    from mcis_dist.masks.stage import make_masks
-    from mcis_dist.runtime.paths import affinity_run_url
-    from mcis_dist.seg.evaluate import evaluate_seg
-    from mcis_dist.seg.train import run_url as seg_run_url
-    from mcis_dist.seg.train import train_seg
-    from mcis_dist.train.classifier import run_url as cls_run_url
-    from mcis_dist.train.classifier import train_classifier
 
     inputs: dict[str, str] = {}  # fingerprints of the sharded outputs the trained stages read
 
@@ -209,58 +225,88 @@ def _stages(cfg, step, state, results, log, say, endpoint) -> None:
     t = cfg.train
     if cfg.pipeline.basic_baseline:
         basic = _basic(cfg)
-        train("train-cls", f"the basic classifier (Eq. 1 only), {t.epochs} epochs, baseline",
-              cls_run_url(basic), t.epochs, lambda: train_classifier(basic, log=log))  # fmt: skip
-    train("train-cls", f"the co-attention classifier ({cfg.model.backbone}), {t.num_workers} "
-          f"Ray Train workers, {t.epochs} epochs", cls_run_url(cfg), t.epochs,
-          lambda: train_classifier(cfg, log=log))  # fmt: skip
+        train(
+            "train-cls",
+            f"the basic classifier (Eq. 1 only), {t.epochs} epochs, baseline",
+            cls_run_url(basic),
+            t.epochs,
+            lambda: train_classifier(basic, log=log),
+        )
+    train(
+        "train-cls",
+        f"the co-attention classifier ({cfg.model.backbone}), {t.num_workers} "
+        f"Ray Train workers, {t.epochs} epochs",
+        cls_run_url(cfg),
+        t.epochs,
+        lambda: train_classifier(cfg, log=log),
+    )
 
     def cams_of(c, label):
         manifest = compute_cams(c, log=log)
         if c is cfg:
             inputs["CAMs"] = manifest["fingerprint"]
-        r = state.cached(f"eval_cams_{label}", manifest["fingerprint"],
-                         lambda: _slim(evaluate_cams(c, log=log)))  # fmt: skip
-        say(f"  {label}: CAM mIoU {100 * r['at_threshold']['miou']:.1f} at cams.bg_threshold="
+        r = state.cached(
+            f"eval_cams_{label}", manifest["fingerprint"], lambda: _slim(evaluate_cams(c, log=log))
+        )
+        say(
+            f"  {label}: CAM mIoU {100 * r['at_threshold']['miou']:.1f} at cams.bg_threshold="
             f"{r['threshold']:.2f} (best of the sweep {100 * r['best']['miou']:.1f} at "
-            f"{r['best_threshold']:.2f}, reporting only)")  # fmt: skip
+            f"{r['best_threshold']:.2f}, reporting only)"
+        )
         return r
 
     c = cfg.cams
-    results["cams"] = step("cams", f"{c.mode} localization maps of the training images, "
-                           f"scales {c.scales} x flip, Ray actors", lambda: cams_of(cfg, c.mode))  # fmt: skip
+    results["cams"] = step(
+        "cams",
+        f"{c.mode} localization maps of the training images, scales {c.scales} x flip, Ray actors",
+        lambda: cams_of(cfg, c.mode),
+    )
     other = "single" if c.mode != "single" else "coattentive"
     other_cfg = cfg.model_copy(deep=True)
     other_cfg.cams.mode, other_cfg.cams.out_url = other, f"{c.out_url.rstrip('/')}_{other}"
-    results[f"cams_{other}"] = step("cams", f"{other} maps too, for the report",
-                                    lambda: cams_of(other_cfg, other))  # fmt: skip
+    results[f"cams_{other}"] = step(
+        "cams", f"{other} maps too, for the report", lambda: cams_of(other_cfg, other)
+    )
     if cfg.pipeline.basic_baseline:
         basic = _basic(cfg)
         basic.cams.mode, basic.cams.out_url = "single", f"{c.out_url.rstrip('/')}_basic"
-        results["cams_basic"] = step("cams", "the basic classifier's maps (baseline)",
-                                     lambda: cams_of(basic, "basic"))  # fmt: skip
+        results["cams_basic"] = step(
+            "cams", "the basic classifier's maps (baseline)", lambda: cams_of(basic, "basic")
+        )
 
     a = cfg.affinity
-    train("affinity", f"confident labels, then AffinityNet: {a.train.num_workers} workers, "
-          f"{a.train.epochs} epochs", affinity_run_url(cfg), a.train.epochs,
-          lambda: train_affinity(cfg, log=log), trained_on="CAMs")  # fmt: skip
+    train(
+        "affinity",
+        f"confident labels, then AffinityNet: {a.train.num_workers} workers, "
+        f"{a.train.epochs} epochs",
+        affinity_run_url(cfg),
+        a.train.epochs,
+        lambda: train_affinity(cfg, log=log),
+        trained_on="CAMs",
+    )
 
     def masks():
         manifest = make_masks(cfg, log=log)
         inputs["pseudo masks"] = manifest["fingerprint"]
-        r = state.cached("eval_masks", manifest["fingerprint"],
-                         lambda: _slim(evaluate_masks(cfg, log=log)))  # fmt: skip
+        r = state.cached(
+            "eval_masks", manifest["fingerprint"], lambda: _slim(evaluate_masks(cfg, log=log))
+        )
         say(f"  pseudo-mask mIoU {100 * r['miou']:.1f} ({cfg.masks.mode})")
         return r
 
     results["masks"] = step("masks", f"{cfg.masks.mode} pseudo masks, Ray actors", masks)
     s = cfg.seg
-    train("seg", f"{s.arch} ({s.backbone}) on the pseudo masks: {s.train.num_workers} workers, "
-          f"{s.train.epochs} epochs", seg_run_url(cfg), s.train.epochs,
-          lambda: train_seg(cfg, log=log), trained_on="pseudo masks")  # fmt: skip
+    train(
+        "seg",
+        f"{s.arch} ({s.backbone}) on the pseudo masks: {s.train.num_workers} workers, "
+        f"{s.train.epochs} epochs",
+        seg_run_url(cfg),
+        s.train.epochs,
+        lambda: train_seg(cfg, log=log),
+        trained_on="pseudo masks",
+    )
 
     def seg_eval():
-        from mcis_dist.runtime.checkpoint import newest_checkpoint
 
         newest = newest_checkpoint(open_storage(seg_run_url(cfg), endpoint_url=endpoint))
         key = json.dumps([newest, s.eval_scales, s.eval_flip, s.crf])

@@ -10,8 +10,13 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
+
 from mcis_dist.config import ExperimentConfig
+from mcis_dist.runtime.paths import affinity_run_url
+from mcis_dist.seg.train import run_url as seg_run_url
 from mcis_dist.storage import StorageError, open_storage
+from mcis_dist.train.classifier import run_url as cls_run_url
 
 __all__ = ["write_report", "summary_table"]
 
@@ -32,10 +37,10 @@ def _png(fig) -> bytes:
 
 
 def loss_figure(runs: dict[str, list[dict]]) -> bytes:
-    import matplotlib
+    import matplotlib  # lazy: Agg before pyplot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: Agg before pyplot
 
     fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(4.2 * max(1, len(runs)), 3.2))
     axes = list(axes) if len(runs) > 1 else [axes]
@@ -44,8 +49,12 @@ def loss_figure(runs: dict[str, list[dict]]) -> bytes:
         ax.plot([r["step"] for r in steps], [r["total"] for r in steps], label="total")
         for term in ("single", "coattention", "contrastive", "bg_pos", "fg_pos", "neg"):
             if steps and term in steps[0]:
-                ax.plot([r["step"] for r in steps], [r.get(term, 0) for r in steps], label=term,
-                        linewidth=0.8)  # fmt: skip
+                ax.plot(
+                    [r["step"] for r in steps],
+                    [r.get(term, 0) for r in steps],
+                    label=term,
+                    linewidth=0.8,
+                )
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -55,11 +64,10 @@ def loss_figure(runs: dict[str, list[dict]]) -> bytes:
 
 
 def iou_figure(per_class: dict[str, dict[str, float | None]]) -> bytes:
-    import matplotlib
+    import matplotlib  # lazy: Agg before pyplot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # lazy: Agg before pyplot
 
     names = list(next(iter(per_class.values())))
     x = np.arange(len(names))
@@ -105,8 +113,13 @@ def attention_lines(attention: dict | None) -> list[str]:
     """Markdown rows of the classifier's attention diagnostics (``mcis eval cams``)."""
     if not attention or not attention.get("pairs"):
         return []
-    lines = [f"## Attention diagnostics ({attention.get('affinity')} affinity, "
-             f"{attention['pairs']} pairs of the mapped split)", "", "| what | value |", "|---|---|"]  # fmt: skip
+    lines = [
+        f"## Attention diagnostics ({attention.get('affinity')} affinity, "
+        f"{attention['pairs']} pairs of the mapped split)",
+        "",
+        "| what | value |",
+        "|---|---|",
+    ]
     for key, what in ATTENTION_ROWS:
         if attention.get(key) is not None:
             lines.append(f"| {what} | {attention[key]} |")
@@ -114,24 +127,29 @@ def attention_lines(attention: dict | None) -> list[str]:
 
 
 def write_report(run, cfg: ExperimentConfig, report: dict, endpoint: str | None) -> None:
-    from mcis_dist.runtime.paths import affinity_run_url
-    from mcis_dist.seg.train import run_url as seg_run_url
-    from mcis_dist.train.classifier import run_url as cls_run_url
 
     figures = []
-    runs = {name: _metrics(url, endpoint) for name, url in (
-        ("classifier", cls_run_url(cfg)), ("AffinityNet", affinity_run_url(cfg)),
-        ("DeepLab", seg_run_url(cfg)))}  # fmt: skip
+    runs = {
+        name: _metrics(url, endpoint)
+        for name, url in (
+            ("classifier", cls_run_url(cfg)),
+            ("AffinityNet", affinity_run_url(cfg)),
+            ("DeepLab", seg_run_url(cfg)),
+        )
+    }
     runs = {k: v for k, v in runs.items() if v}
     if runs:
         run.write_bytes("report_losses.png", loss_figure(runs))
         figures.append(("Loss curves", "report_losses.png"))
     run.write_bytes("report_iou.png", iou_figure(report["per_class"]))
-    figures.append(("IoU per class (CAMs at cams.bg_threshold, pseudo masks, segmentation)",
-                    "report_iou.png"))  # fmt: skip
-    for label, url in (("CAM overlays", f"{cfg.cams.out_url}/eval"),
-                       ("Pseudo-mask overlays", f"{cfg.masks.out_url}/eval"),
-                       ("Segmentation on the validation images", f"{cfg.seg.out_url}/eval")):  # fmt: skip
+    figures.append(
+        ("IoU per class (CAMs at cams.bg_threshold, pseudo masks, segmentation)", "report_iou.png")
+    )
+    for label, url in (
+        ("CAM overlays", f"{cfg.cams.out_url}/eval"),
+        ("Pseudo-mask overlays", f"{cfg.masks.out_url}/eval"),
+        ("Segmentation on the validation images", f"{cfg.seg.out_url}/eval"),
+    ):
         src = open_storage(url, endpoint_url=endpoint)
         if src.exists("overlays.png"):
             name = f"report_{label.split()[0].lower()}_overlays.png"
@@ -142,8 +160,12 @@ def write_report(run, cfg: ExperimentConfig, report: dict, endpoint: str | None)
     lines += [f"| {w} | {v} |" for w, v in summary_table(report)]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["stage_seconds"].items()]
-    lines += ["", "CAM mIoU is at the fixed `cams.bg_threshold`; the best threshold of the sweep "
-              f"(reporting only) was {report['cam_best_threshold']}.", ""]  # fmt: skip
+    lines += [
+        "",
+        "CAM mIoU is at the fixed `cams.bg_threshold`; the best threshold of the sweep "
+        f"(reporting only) was {report['cam_best_threshold']}.",
+        "",
+    ]
     lines += attention_lines(report.get("attention"))
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]

@@ -58,6 +58,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from urllib3.exceptions import HTTPError as URLLib3Error
+
 __all__ = ["StorageError", "LocalStorage", "S3Storage", "Storage", "open_storage", "is_s3_url"]
 
 
@@ -265,20 +277,22 @@ class S3RetrySettings:
 @functools.cache
 def _body_errors() -> tuple[type[BaseException], ...]:
     """What a GET body raises when its connection dies mid-read (worth resuming)."""
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError, IncompleteReadError
-    from urllib3.exceptions import HTTPError as URLLib3Error
 
     # HTTPClientError: ResponseStreamingError (reset, truncated), ReadTimeoutError (a stall),
     # ConnectionClosedError; IncompleteReadError: fewer bytes than Content-Length.
-    return (HTTPClientError, IncompleteReadError, BotoConnectionError, URLLib3Error,
-            ConnectionError, TimeoutError)  # fmt: skip
+    return (
+        HTTPClientError,
+        IncompleteReadError,
+        BotoConnectionError,
+        URLLib3Error,
+        ConnectionError,
+        TimeoutError,
+    )
 
 
 def _transient(e: BaseException) -> bool:
     """A 5xx/throttling answer or a connection that broke after it was made (not: a refused
     connection, a missing bucket, a denied key)."""
-    from botocore.exceptions import ClientError, HTTPClientError
 
     if isinstance(e, ClientError):
         meta = e.response.get("ResponseMetadata", {})
@@ -337,7 +351,6 @@ class _ResumableBody(io.RawIOBase):
         return len(data)
 
     def _read(self, size: int) -> bytes:
-        from botocore.exceptions import BotoCoreError
 
         errors = _body_errors()
         in_a_row = 0
@@ -373,8 +386,11 @@ class _ResumableBody(io.RawIOBase):
         self._resumes += 1
         if in_a_row >= attempts or self._resumes > 4 * attempts:
             total = f" of {self._end}" if self._end is not None else ""
-            why = (f"{in_a_row} attempts in a row without progress" if in_a_row >= attempts
-                   else f"{self._resumes} broken reads in all")  # fmt: skip
+            why = (
+                f"{in_a_row} attempts in a row without progress"
+                if in_a_row >= attempts
+                else f"{self._resumes} broken reads in all"
+            )
             raise StorageError(
                 f"cannot read {self._storage.describe(self._name)}: the connection broke "
                 f"mid-object (last at byte {self._pos}{total}: {type(e).__name__}); gave up "
@@ -385,7 +401,6 @@ class _ResumableBody(io.RawIOBase):
 
     def _reopen(self) -> None:
         """Ask for the rest (botocore retries this request itself; its failure is final)."""
-        from botocore.exceptions import ClientError
 
         st = self._storage
         rng = (
@@ -393,8 +408,9 @@ class _ResumableBody(io.RawIOBase):
         )
         kwargs = {"IfMatch": self._etag} if self._etag else {}
         try:
-            obj = st.client.get_object(Bucket=st.loc.bucket, Key=st._key(self._name), Range=rng,
-                                       **kwargs)  # fmt: skip
+            obj = st.client.get_object(
+                Bucket=st.loc.bucket, Key=st._key(self._name), Range=rng, **kwargs
+            )
         except ClientError as e:
             if str(e.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412"):
                 raise StorageError(
@@ -461,8 +477,7 @@ class S3Storage:
         return self._retry
 
     def _make_client(self, attempts: int | None = None):
-        import boto3
-        from botocore.config import Config
+        import boto3  # lazy: S3 only
 
         s = self.retry_settings
         config = Config(
@@ -489,12 +504,6 @@ class S3Storage:
         return f"{self.url}/{name}" if name else self.url
 
     def _error(self, e: Exception, what: str) -> StorageError:
-        from botocore.exceptions import (
-            ClientError,
-            EndpointConnectionError,
-            HTTPClientError,
-            NoCredentialsError,
-        )
 
         endpoint = f" at endpoint {self.endpoint_url}" if self.endpoint_url else ""
         if type(e).__name__ == "S3UploadFailedError" and e.__context__ is not None:
@@ -531,7 +540,6 @@ class S3Storage:
         return StorageError(f"{what}: {type(e).__name__}{endpoint}")
 
     def exists(self, name: str) -> bool:
-        from botocore.exceptions import ClientError
 
         try:
             self.client.head_object(Bucket=self.loc.bucket, Key=self._key(name))
@@ -616,7 +624,7 @@ class S3Storage:
 
     def upload_file(self, local_path: str | os.PathLike, name: str) -> None:
         """Upload (multipart above 64 MB); the object is visible only once complete."""
-        from boto3.s3.transfer import TransferConfig
+        from boto3.s3.transfer import TransferConfig  # lazy: S3 only
 
         cfg = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
         try:

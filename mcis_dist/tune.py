@@ -28,15 +28,22 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.tune
 import yaml
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from mcis_dist.affinity import train as affinity_train
+from mcis_dist.cams.stage import compute_cams
 from mcis_dist.config import (
     YAML_EXPONENT,
     ConfigError,
@@ -47,9 +54,20 @@ from mcis_dist.config import (
     load_config,
     write_run_config,
 )
+from mcis_dist.formats.shards import MANIFEST_NAME
+from mcis_dist.masks.modes import MODES
+from mcis_dist.masks.stage import make_labels
+from mcis_dist.pipeline import training_complete
+from mcis_dist.runtime import checkpoint as ckpt
+from mcis_dist.runtime.paths import absolute_paths, absolute_url, endpoint_url, labels_url
+from mcis_dist.runtime.session import ray_session
 from mcis_dist.runtime.sharded import StageError
+from mcis_dist.runtime.trainer import check_resources, fit, run_storage, worker_error
+from mcis_dist.shards.build import build_dataset, build_options
+from mcis_dist.shards.synthetic import synthetic_spec
 from mcis_dist.storage import open_storage
 from mcis_dist.train import classifier
+from mcis_dist.train.classifier import run_url, train_classifier
 
 __all__ = ["SWEEP_STAGES", "Sweep", "load_sweep", "search_space", "run_sweep", "run_trial"]
 
@@ -68,19 +86,53 @@ class SweepStage:
 
 
 SWEEP_STAGES = {
-    "cls": SweepStage("cls", "train", ("train.", "data.", "model.", "cams.bg_threshold",
-                                       "cams.flip", "cams.out_stride"),
-                      ("val_miou", "val_pixel_accuracy")),
-    "affinity": SweepStage("affinity", "affinity.train", ("affinity.", "masks.beta", "masks.steps",
-                           "masks.radius", "masks.background", "masks.bg_threshold",
-                           "masks.bg_power", "masks.ignore_margin"),
-                           ("val_miou", "val_miou_ignore_as_bg", "val_pixel_accuracy")),
-}  # fmt: skip
+    "cls": SweepStage(
+        "cls",
+        "train",
+        ("train.", "data.", "model.", "cams.bg_threshold", "cams.flip", "cams.out_stride"),
+        ("val_miou", "val_pixel_accuracy"),
+    ),
+    "affinity": SweepStage(
+        "affinity",
+        "affinity.train",
+        (
+            "affinity.",
+            "masks.beta",
+            "masks.steps",
+            "masks.radius",
+            "masks.background",
+            "masks.bg_threshold",
+            "masks.bg_power",
+            "masks.ignore_margin",
+        ),
+        ("val_miou", "val_miou_ignore_as_bg", "val_pixel_accuracy"),
+    ),
+}
 # Settings a trial cannot vary: resources (the concurrency), ASHA's max_t, the validation.
-FIXED = ("num_workers", "use_gpu", "cpus_per_worker", "epochs", "val_every_epochs",
-         "num_actors", "cpus_per_actor", "max_failures")  # fmt: skip
-SWEEP_KEYS = ("base", "overrides", "stage", "name", "out", "metric", "mode", "num_samples",
-              "max_concurrent_trials", "seed", "scheduler", "space")  # fmt: skip
+FIXED = (
+    "num_workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "epochs",
+    "val_every_epochs",
+    "num_actors",
+    "cpus_per_actor",
+    "max_failures",
+)
+SWEEP_KEYS = (
+    "base",
+    "overrides",
+    "stage",
+    "name",
+    "out",
+    "metric",
+    "mode",
+    "num_samples",
+    "max_concurrent_trials",
+    "seed",
+    "scheduler",
+    "space",
+)
 SCHEDULER_KEYS = ("grace_period", "reduction_factor")
 
 
@@ -139,16 +191,20 @@ def _number(v: Any, where: str) -> float:
 
 def _parse_dist(spec: Any, where: str, numeric: bool) -> dict:
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
-        raise ConfigError(f"{where}: expected one of {{loguniform: [lo, hi]}}, {{uniform: [lo, "
-                          f"hi]}}, {{randint: [lo, hi]}}, {{choice: [a, b, ...]}}, {{grid: [a, "
-                          f"b, ...]}}; got {spec!r}")  # fmt: skip
+        raise ConfigError(
+            f"{where}: expected one of {{loguniform: [lo, hi]}}, {{uniform: [lo, "
+            f"hi]}}, {{randint: [lo, hi]}}, {{choice: [a, b, ...]}}, {{grid: [a, "
+            f"b, ...]}}; got {spec!r}"
+        )
     kind, args = next(iter(spec.items()))
     if not isinstance(args, list) or not args:
         raise ConfigError(f"{where}: {kind} takes a non-empty list, got {args!r}")
     if kind in ("choice", "grid"):
         if numeric:
-            args = [float(a) if isinstance(a, str) and YAML_EXPONENT.fullmatch(a.strip()) else a
-                    for a in args]  # fmt: skip
+            args = [
+                float(a) if isinstance(a, str) and YAML_EXPONENT.fullmatch(a.strip()) else a
+                for a in args
+            ]
         return {kind: args}
     if len(args) != 2:
         raise ConfigError(f"{where}: {kind} takes [lo, hi], got {args!r}")
@@ -223,14 +279,16 @@ def load_sweep(path: str | Path, overrides=()) -> tuple[Sweep, ExperimentConfig]
             raise ConfigError(f"{where}: '{key}' is required")
     stage = SWEEP_STAGES.get(raw["stage"])
     if stage is None:
-        raise ConfigError(f"{where}: stage {raw['stage']!r} cannot be swept; valid: "
-                          f"{', '.join(SWEEP_STAGES)}")  # fmt: skip
+        raise ConfigError(
+            f"{where}: stage {raw['stage']!r} cannot be swept; valid: {', '.join(SWEEP_STAGES)}"
+        )
     base_path = Path(raw["base"])
     if not base_path.is_absolute():
         base_path = Path(path).parent / base_path
     if not base_path.is_file():
-        raise ConfigError(f"{where}: base: {raw['base']} not found (relative to the sweep file: "
-                          f"{base_path})")  # fmt: skip
+        raise ConfigError(
+            f"{where}: base: {raw['base']} not found (relative to the sweep file: {base_path})"
+        )
     ovr = [f"{k}={json.dumps(v)}" for k, v in raw["overrides"].items()]
     base = load_config(base_path, ovr, schema=ExperimentConfig)
 
@@ -242,13 +300,17 @@ def load_sweep(path: str | Path, overrides=()) -> tuple[Sweep, ExperimentConfig]
         if key not in leaves:
             close = difflib.get_close_matches(key, allowed or list(leaves), n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise ConfigError(f"{where}: space: unknown config key '{key}' ({hint}valid keys of "
-                              f"a {raw['stage']} sweep: {', '.join(allowed)})")  # fmt: skip
+            raise ConfigError(
+                f"{where}: space: unknown config key '{key}' ({hint}valid keys of "
+                f"a {raw['stage']} sweep: {', '.join(allowed)})"
+            )
         if key not in allowed:
-            raise ConfigError(f"{where}: space: '{key}' is not tunable in a {raw['stage']} sweep "
-                              f"(it tunes {', '.join(p + ('*' if p.endswith('.') else '') for p in stage.tunable)}"
-                              f" except {', '.join(FIXED)}, URLs and checkpoints; set fixed values "
-                              f"under 'overrides')")  # fmt: skip
+            raise ConfigError(
+                f"{where}: space: '{key}' is not tunable in a {raw['stage']} sweep "
+                f"(it tunes {', '.join(p + ('*' if p.endswith('.') else '') for p in stage.tunable)}"
+                f" except {', '.join(FIXED)}, URLs and checkpoints; set fixed values "
+                f"under 'overrides')"
+            )
         numeric = leaves[key].split(" ")[0] in ("int", "float")
         space[key] = _parse_dist(spec, f"{where}: space.{key}", numeric)
     _check_values(space, base, where)
@@ -259,9 +321,16 @@ def load_sweep(path: str | Path, overrides=()) -> tuple[Sweep, ExperimentConfig]
         raise ConfigError(
             f"{where}: unknown scheduler key(s) {bad}; valid: {', '.join(SCHEDULER_KEYS)}"
         )
-    sweep = Sweep(file=str(path), base=str(base_path.resolve()), overrides=ovr, stage=raw["stage"],
-                  name=str(raw.get("name") or Path(path).stem), space=space, out=raw.get("out"),
-                  scheduler=sched)  # fmt: skip
+    sweep = Sweep(
+        file=str(path),
+        base=str(base_path.resolve()),
+        overrides=ovr,
+        stage=raw["stage"],
+        name=str(raw.get("name") or Path(path).stem),
+        space=space,
+        out=raw.get("out"),
+        scheduler=sched,
+    )
     for key, kind, check in (
         ("metric", str, lambda v: v in stage.metrics),
         ("mode", str, lambda v: v in ("max", "min")),
@@ -273,14 +342,18 @@ def load_sweep(path: str | Path, overrides=()) -> tuple[Sweep, ExperimentConfig]
             value = raw[key]
             if not isinstance(value, kind) or isinstance(value, bool) or not check(value):
                 valid = {"metric": f"one of {', '.join(stage.metrics)}", "mode": "max or min"}
-                raise ConfigError(f"{where}: {key}={value!r}: expected "
-                                  f"{valid.get(key, 'an integer >= 0 (num_samples >= 1)')}")  # fmt: skip
+                raise ConfigError(
+                    f"{where}: {key}={value!r}: expected "
+                    f"{valid.get(key, 'an integer >= 0 (num_samples >= 1)')}"
+                )
             setattr(sweep, key, value)
     epochs = _section(base, stage.section).epochs
     g, rf = sched["grace_period"], sched["reduction_factor"]
     if not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= epochs:
-        raise ConfigError(f"{where}: scheduler.grace_period={g!r}: expected an integer in "
-                          f"[1, {stage.section}.epochs={epochs}]")  # fmt: skip
+        raise ConfigError(
+            f"{where}: scheduler.grace_period={g!r}: expected an integer in "
+            f"[1, {stage.section}.epochs={epochs}]"
+        )
     if not isinstance(rf, int | float) or isinstance(rf, bool) or rf <= 1:
         raise ConfigError(f"{where}: scheduler.reduction_factor={rf!r}: expected a number > 1")
     return sweep, base
@@ -294,7 +367,6 @@ def _section(cfg: ExperimentConfig, dotted: str):
 
 def search_space(sweep: Sweep) -> dict:
     """Tune's ``param_space``: one domain per dotted key."""
-    from ray import tune
 
     out = {}
     for key, dist in sweep.space.items():
@@ -344,9 +416,6 @@ def trial_config(context: dict, params: dict, trial_id: str) -> ExperimentConfig
 
 def run_trial(params: dict, context: dict) -> None:
     """Tune's function trainable: one Ray Train run of the stage with the trial's values."""
-    import ray.tune
-
-    from mcis_dist.runtime.trainer import fit
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(context, params, trial_id)
@@ -362,9 +431,6 @@ def run_trial(params: dict, context: dict) -> None:
 def _trial_labels(cfg: ExperimentConfig, context: dict) -> None:
     """AffinityNet's confident labels: the base experiment's (linked) when the trial makes them
     the same way, else its own (``make_labels``, in the trial folder)."""
-    from mcis_dist.masks.modes import MODES
-    from mcis_dist.masks.stage import make_labels
-    from mcis_dist.runtime.paths import labels_url
 
     own = labels_url(cfg)
     base = config_from_dict(context["base"], ExperimentConfig)
@@ -387,19 +453,20 @@ class SweepResult:
 
 
 def sweep_url(sweep: Sweep, base: ExperimentConfig) -> str:
-    from mcis_dist.runtime.paths import absolute_url
 
     if sweep.out:
         return absolute_url(sweep.out).rstrip("/")
     return f"{absolute_url(base.run_root).rstrip('/')}/{base.name}/tune/{sweep.name}"
 
 
-def run_sweep(sweep: Sweep, base: ExperimentConfig, restart: bool = False,
-              retry_failed: bool = False, log=print) -> SweepResult:  # fmt: skip
+def run_sweep(
+    sweep: Sweep,
+    base: ExperimentConfig,
+    restart: bool = False,
+    retry_failed: bool = False,
+    log=print,
+) -> SweepResult:
     """Run (or resume) the sweep; write and return its table and best config."""
-    from mcis_dist.runtime.paths import absolute_paths, endpoint_url
-    from mcis_dist.runtime.session import ray_session
-    from mcis_dist.runtime.trainer import check_resources
 
     base = absolute_paths(base)
     stage = SWEEP_STAGES[sweep.stage]
@@ -425,7 +492,6 @@ def run_sweep(sweep: Sweep, base: ExperimentConfig, restart: bool = False,
 def concurrency(runner, requested: int = 0) -> int:
     """Trials at once: how many times one trial's workers fit the cluster (at least 1),
     capped by ``requested`` when given."""
-    import ray
 
     have = ray.cluster_resources()
     fits = [int(have.get("CPU", 0) // (runner.num_workers * runner.cpus_per_worker))]
@@ -436,11 +502,6 @@ def concurrency(runner, requested: int = 0) -> int:
 
 
 def _tune(sweep, base, url, folder, context, runner, retry_failed, log):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from mcis_dist.runtime.trainer import run_storage
 
     # A trial that ASHA stops leaves its Train controller blocked on the report queue nobody
     # reads any more (and its workers holding their CPUs): Tune kills such a trial's actor (and
@@ -448,37 +509,56 @@ def _tune(sweep, base, url, folder, context, runner, retry_failed, log):
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "5")
     storage_path, name, fs = run_storage(f"{url}/tune", base)
     experiment = f"{url}/tune" if fs is None else f"{storage_path}/{name}"
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
-                                    TRIAL_RESOURCES)  # fmt: skip
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES
+    )
     space = search_space(sweep)
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         _check_same(folder, sweep)
         log(f"tune: resuming the sweep in {url} (finished trials are kept)")
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=retry_failed,
-                                   param_space=space, storage_filesystem=fs)  # fmt: skip
+        tuner = tune.Tuner.restore(
+            experiment,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=retry_failed,
+            param_space=space,
+            storage_filesystem=fs,
+        )
         return tuner.fit()
     n = concurrency(runner, sweep.max_concurrent_trials)
     folder.write_bytes("sweep.yaml", yaml.safe_dump(_plain(sweep.spec()), sort_keys=False).encode())
-    log(f"tune: {sweep.name}: {sweep.num_samples} sample(s) of {len(space)} key(s) of the "
+    log(
+        f"tune: {sweep.name}: {sweep.num_samples} sample(s) of {len(space)} key(s) of the "
         f"{sweep.stage} stage, {n} trial(s) at once ({runner.num_workers} worker(s) each), "
-        f"ASHA on {sweep.metric} ({sweep.mode}) over {runner.epochs} epochs; sweep folder {url}")  # fmt: skip
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=runner.epochs,
-                              grace_period=sweep.scheduler["grace_period"],
-                              reduction_factor=sweep.scheduler["reduction_factor"])  # fmt: skip
+        f"ASHA on {sweep.metric} ({sweep.mode}) over {runner.epochs} epochs; sweep folder {url}"
+    )
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        max_t=runner.epochs,
+        grace_period=sweep.scheduler["grace_period"],
+        reduction_factor=sweep.scheduler["reduction_factor"],
+    )
     tuner = tune.Tuner(
-        trainable, param_space=space,
+        trainable,
+        param_space=space,
         tune_config=tune.TuneConfig(
-            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-            scheduler=scheduler, trial_dirname_creator=_trial_dirname,
+            metric=sweep.metric,
+            mode=sweep.mode,
+            num_samples=sweep.num_samples,
+            scheduler=scheduler,
+            trial_dirname_creator=_trial_dirname,
             # the cap lives in the generator (TuneConfig's is ignored with a search_alg)
             search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=n),
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=fs, verbose=1,
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            verbose=1,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),  # record, go on
         ),
-    )  # fmt: skip
+    )
     return tuner.fit()
 
 
@@ -505,8 +585,10 @@ def _check_same(folder, sweep: Sweep) -> None:
 
 def _discard(url: str) -> None:
     if "://" in url:
-        raise StageError(f"--restart clears local sweep folders only: delete {url}/tune and "
-                         f"{url}/trials yourself")  # fmt: skip
+        raise StageError(
+            f"--restart clears local sweep folders only: delete {url}/tune and "
+            f"{url}/trials yourself"
+        )
     for sub in ("tune", "trials"):
         shutil.rmtree(Path(url) / sub, ignore_errors=True)
     for name in ("sweep.yaml", "results.csv", "results.md", "best_config.yaml"):
@@ -515,36 +597,38 @@ def _discard(url: str) -> None:
 
 def _ensure_shards(base: ExperimentConfig, log) -> None:
     """The training and validation splits exist; the built-in dataset is built when missing."""
-    from mcis_dist.formats.shards import MANIFEST_NAME
 
     need = {"data.train_url": base.data.train_url, "seg.val_url": base.seg.val_url}
-    missing = {k: u for k, u in need.items()
-               if not open_storage(u, endpoint_url=base.shards.endpoint_url).exists(MANIFEST_NAME)}  # fmt: skip
+    missing = {
+        k: u
+        for k, u in need.items()
+        if not open_storage(u, endpoint_url=base.shards.endpoint_url).exists(MANIFEST_NAME)
+    }
     if not missing:
         return
     own = base.shards.url.rstrip("/")
-    if base.shards.source != "synthetic" or any(u.rstrip("/") not in (f"{own}/train", f"{own}/val")
-                                                for u in missing.values()):  # fmt: skip
-        raise StageError(f"no shards at {', '.join(f'{k}={u}' for k, u in missing.items())}: build "
-                         f"them first with `mcis shards build`")  # fmt: skip
-    from mcis_dist.shards.build import build_dataset, build_options
-    from mcis_dist.shards.synthetic import synthetic_spec
+    if base.shards.source != "synthetic" or any(
+        u.rstrip("/") not in (f"{own}/train", f"{own}/val") for u in missing.values()
+    ):
+        raise StageError(
+            f"no shards at {', '.join(f'{k}={u}' for k, u in missing.items())}: build "
+            f"them first with `mcis shards build`"
+        )
 
     log(f"tune: building the built-in dataset's shards at {own}")
-    build_dataset("synthetic", open_storage(own, endpoint_url=base.shards.endpoint_url),
-                  build_options(base), source_args={"spec": synthetic_spec(base)}, log=log)  # fmt: skip
+    build_dataset(
+        "synthetic",
+        open_storage(own, endpoint_url=base.shards.endpoint_url),
+        build_options(base),
+        source_args={"spec": synthetic_spec(base)},
+        log=log,
+    )
 
 
 def _prepare_affinity(base: ExperimentConfig, url: str, log) -> dict:
     """What every AffinityNet trial shares, made once (each step skipped when complete): the
     base experiment's classifier, its CAMs and confident labels of the training images, and
     the CAMs of the validation split in the sweep folder."""
-    from mcis_dist.cams.stage import compute_cams
-    from mcis_dist.masks.stage import make_labels
-    from mcis_dist.pipeline import training_complete
-    from mcis_dist.runtime import checkpoint as ckpt
-    from mcis_dist.runtime.paths import endpoint_url, labels_url
-    from mcis_dist.train.classifier import run_url, train_classifier
 
     endpoint = endpoint_url(base)
     checkpoint = base.cams.checkpoint
@@ -568,7 +652,6 @@ def _prepare_affinity(base: ExperimentConfig, url: str, log) -> dict:
 def result_rows(grid, sweep: Sweep, epochs: int) -> list[dict]:
     """One row per trial: status, its values, the objective (last and best epoch), epochs,
     seconds and the error line of a failed trial; best first, failed last."""
-    from mcis_dist.runtime.trainer import worker_error
 
     analysis = getattr(grid, "_experiment_analysis", None)
     trials = {t.trial_id: t for t in getattr(analysis, "trials", None) or []}
@@ -592,11 +675,21 @@ def result_rows(grid, sweep: Sweep, epochs: int) -> list[dict]:
         else:
             state = f"stopped at epoch {m.get('epoch')} (ASHA)"
         pick = max if sweep.mode == "max" else min
-        rows.append({"trial": trial, "status": state,
-                     **{k: (r.config or getattr(trials.get(trial), "config", {})).get(k) for k in sweep.space},
-                     sweep.metric: value, f"best_{sweep.metric}": pick(history) if history else None,
-                     "epochs": m.get("epoch"), "seconds": _round(m.get("time_total_s"), 1),
-                     "error": worker_error(r.error) if r.error is not None else ""})  # fmt: skip
+        rows.append(
+            {
+                "trial": trial,
+                "status": state,
+                **{
+                    k: (r.config or getattr(trials.get(trial), "config", {})).get(k)
+                    for k in sweep.space
+                },
+                sweep.metric: value,
+                f"best_{sweep.metric}": pick(history) if history else None,
+                "epochs": m.get("epoch"),
+                "seconds": _round(m.get("time_total_s"), 1),
+                "error": worker_error(r.error) if r.error is not None else "",
+            }
+        )
     sign = -1 if sweep.mode == "max" else 1
 
     def order(row):
@@ -636,8 +729,9 @@ def format_table(rows: list[dict], sweep: Sweep, markdown: bool = False, width: 
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in cells]
         return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(head)]  # fmt: skip
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(head)
+    ]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(line.rstrip() for line in lines)
@@ -646,7 +740,6 @@ def format_table(rows: list[dict], sweep: Sweep, markdown: bool = False, width: 
 def best_config(sweep: Sweep, base: ExperimentConfig, params: dict) -> ExperimentConfig:
     """The base experiment + the best trial's values, under a new name (so ``mcis pipeline``
     trains it instead of finding the base experiment's finished runs)."""
-    import re
 
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{base.name}-{sweep.name}-best")
     values = [f"{k}={json.dumps(v)}" for k, v in params.items()]
@@ -664,23 +757,38 @@ def _write_results(sweep, base, url, folder, rows, log) -> SweepResult:
     scored = [r for r in rows if r[sweep.metric] is not None]
     best = next((r for r in scored if r["status"] == "finished"), scored[0] if scored else None)
     failed = sum(r["status"] == "failed" for r in rows)
-    lines = [f"# Sweep {sweep.name}: {sweep.stage} stage, {sweep.metric} ({sweep.mode}) on the "
-             f"validation split", "", f"Sweep file `{sweep.file}`, base `{sweep.base}`; "
-             f"{len(rows)} trials, {failed} failed.", "", format_table(rows, sweep, True), ""]  # fmt: skip
+    lines = [
+        f"# Sweep {sweep.name}: {sweep.stage} stage, {sweep.metric} ({sweep.mode}) on the "
+        f"validation split",
+        "",
+        f"Sweep file `{sweep.file}`, base `{sweep.base}`; {len(rows)} trials, {failed} failed.",
+        "",
+        format_table(rows, sweep, True),
+        "",
+    ]
     if best is not None:
         params = {k: best[k] for k in sweep.space}
         cfg = best_config(sweep, base, params)
-        header = (f"# mcis tune: the best trial ({best['trial']}, {sweep.metric} "
-                  f"{100 * best[sweep.metric]:.1f}%) of the sweep {sweep.file}:\n"
-                  + "".join(f"#   {k}: {v}\n" for k, v in params.items())
-                  + "# Run it with: mcis pipeline --config <this file>\n")  # fmt: skip
+        header = (
+            f"# mcis tune: the best trial ({best['trial']}, {sweep.metric} "
+            f"{100 * best[sweep.metric]:.1f}%) of the sweep {sweep.file}:\n"
+            + "".join(f"#   {k}: {v}\n" for k, v in params.items())
+            + "# Run it with: mcis pipeline --config <this file>\n"
+        )
         folder.write_bytes("best_config.yaml", (header + dump_config(cfg)).encode())
-        lines.append(f"Best: trial `{best['trial']}` "
-                     f"({', '.join(f'{k}={_cell(k, v, sweep.metric)}' for k, v in params.items())})"
-                     f": `best_config.yaml` (experiment `{cfg.name}`).")  # fmt: skip
+        lines.append(
+            f"Best: trial `{best['trial']}` "
+            f"({', '.join(f'{k}={_cell(k, v, sweep.metric)}' for k, v in params.items())})"
+            f": `best_config.yaml` (experiment `{cfg.name}`)."
+        )
     folder.write_bytes("results.md", ("\n".join(lines) + "\n").encode())
-    log(f"\ntune: {len(rows)} trials ({failed} failed); {sweep.metric} in % on the validation "
-        f"split:\n{table}")  # fmt: skip
-    log("tune: results.csv, results.md" + (", best_config.yaml" if best else "")
-        + f" in {folder.describe()}")  # fmt: skip
+    log(
+        f"\ntune: {len(rows)} trials ({failed} failed); {sweep.metric} in % on the validation "
+        f"split:\n{table}"
+    )
+    log(
+        "tune: results.csv, results.md"
+        + (", best_config.yaml" if best else "")
+        + f" in {folder.describe()}"
+    )
     return SweepResult(url, rows, best, table)

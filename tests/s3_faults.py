@@ -63,13 +63,27 @@ from urllib.parse import parse_qs, unquote, urlsplit
 __all__ = ["KINDS", "Fault", "Rule", "S3FaultProxy", "s3_operation"]
 
 KINDS = ("500", "503", "reset", "slow", "stall", "stall_headers", "corrupt")
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
-              "trailer", "upgrade", "expect", "proxy-authenticate", "proxy-authorization"}  # fmt: skip
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "proxy-authenticate",
+    "proxy-authorization",
+}
 ERRORS = {
-    "500": (500, "Internal Server Error", "InternalError",
-            "We encountered an internal error. Please try again."),
+    "500": (
+        500,
+        "Internal Server Error",
+        "InternalError",
+        "We encountered an internal error. Please try again.",
+    ),
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
-}  # fmt: skip
+}
 COPY_CHUNK = 64 * 1024
 
 
@@ -227,8 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Length"] = str(len(body))
         else:
             headers.pop("Content-Length", None)
-        upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
-                                              timeout=60)  # fmt: skip
+        upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
         try:
             upstream.request(self.command, self.path, body=body or None, headers=headers)
             resp = upstream.getresponse()
@@ -255,8 +268,12 @@ class _Handler(BaseHTTPRequestHandler):
             cut = None
             if fault in ("reset", "stall"):  # somewhere in the body, never all of it
                 share = proxy._rng_uniform(0.1, 0.9)
-                cut = max(1, int(COPY_CHUNK * share) if total is None else
-                          min(int(total * share), total - 1))  # fmt: skip
+                cut = max(
+                    1,
+                    int(COPY_CHUNK * share)
+                    if total is None
+                    else min(int(total * share), total - 1),
+                )
             sent = 0
             piece = proxy.slow_chunk if fault == "slow" else COPY_CHUNK
             flip = (total or 1) // 2 if fault == "corrupt" else None
@@ -321,8 +338,14 @@ class S3FaultProxy:
     ``stall_s`` is how long a stall lasts; ``slow_chunk`` / ``slow_delay`` shape a slow body.
     """
 
-    def __init__(self, upstream: str, seed: int = 0, stall_s: float = 3.0,
-                 slow_chunk: int = 2048, slow_delay: float = 0.002):  # fmt: skip
+    def __init__(
+        self,
+        upstream: str,
+        seed: int = 0,
+        stall_s: float = 3.0,
+        slow_chunk: int = 2048,
+        slow_delay: float = 0.002,
+    ):
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"{upstream!r}: expected http://host:port")
@@ -347,8 +370,12 @@ class S3FaultProxy:
     def start(self) -> S3FaultProxy:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={
-            "poll_interval": 0.05}, name="s3-fault-proxy", daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="s3-fault-proxy",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -373,9 +400,14 @@ class S3FaultProxy:
         return f"http://{host}:{port}"
 
     # -- faults ----------------------------------------------------------------------------------
-    def arm(self, rules: list[Rule], max_faults: int | None = None,
-            window_s: tuple[float, float] | None = None, max_streak: int | None = None,
-            seed: int | None = None) -> None:  # fmt: skip
+    def arm(
+        self,
+        rules: list[Rule],
+        max_faults: int | None = None,
+        window_s: tuple[float, float] | None = None,
+        max_streak: int | None = None,
+        seed: int | None = None,
+    ) -> None:
         """Inject ``rules`` from now on (replacing earlier ones; the records are cleared):
         at most ``max_faults`` in all, only between ``window_s[0]`` and ``window_s[1]`` seconds
         from now if given, at most ``max_streak`` in a row on one method + path; ``seed``

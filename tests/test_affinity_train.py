@@ -28,9 +28,28 @@ pytestmark = pytest.mark.slow
 def exp(tmp_path_factory):
     root = tmp_path_factory.mktemp("affinity")
     shards = root / "shards"
-    assert main(["shards", "build", "--source", "synthetic", "--num-train", "32", "--num-val", "2",
-                 "--max-samples-per-shard", "8", "--workers", "1", "--no-progress",
-                 "--out", str(shards)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "synthetic",
+                "--num-train",
+                "32",
+                "--num-val",
+                "2",
+                "--max-samples-per-shard",
+                "8",
+                "--workers",
+                "1",
+                "--no-progress",
+                "--out",
+                str(shards),
+            ]
+        )
+        == 0
+    )
     base = [f"shards.url={shards}", f"run_root={root / 'runs'}"]
     cfg = load_config(CONFIG, base)
     torch.manual_seed(0)
@@ -38,20 +57,46 @@ def exp(tmp_path_factory):
     ckpt = root / "runs" / "demo" / "cls" / "checkpoint_2026-01-01_00-00-00.000000"
     ckpt.mkdir(parents=True)
     torch.save({"model": model.state_dict()}, ckpt / "checkpoint.pt")
-    assert main(["cams", "--config", CONFIG, *base, "cams.mode=single", "cams.scales=[1.0]",
-                 "cams.num_actors=2"]) == 0  # fmt: skip
-    args = [*base, "affinity.head_width=0.0625", "affinity.data.crop_size=64",
-            "affinity.data.batch_size=4", "affinity.train.epochs=3", "affinity.train.lr=0.05",
-            "affinity.train.num_workers=2", "affinity.train.report_every_steps=2",
-            "affinity.label_mode=threshold", "affinity.fg_threshold=0.5",
-            "affinity.bg_threshold=0.2", "affinity.num_actors=2"]  # fmt: skip
+    assert (
+        main(
+            [
+                "cams",
+                "--config",
+                CONFIG,
+                *base,
+                "cams.mode=single",
+                "cams.scales=[1.0]",
+                "cams.num_actors=2",
+            ]
+        )
+        == 0
+    )
+    args = [
+        *base,
+        "affinity.head_width=0.0625",
+        "affinity.data.crop_size=64",
+        "affinity.data.batch_size=4",
+        "affinity.train.epochs=3",
+        "affinity.train.lr=0.05",
+        "affinity.train.num_workers=2",
+        "affinity.train.report_every_steps=2",
+        "affinity.label_mode=threshold",
+        "affinity.fg_threshold=0.5",
+        "affinity.bg_threshold=0.2",
+        "affinity.num_actors=2",
+    ]
     return {"root": root, "args": args}
 
 
 def run(cmd) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    proc = subprocess.run([sys.executable, "-m", "mcis_dist.cli", *cmd], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcis_dist.cli", *cmd],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

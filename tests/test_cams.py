@@ -32,9 +32,28 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     out = tmp_path_factory.mktemp("cams") / "shards"
-    assert main(["shards", "build", "--source", "synthetic", "--num-train", "16", "--num-val", "2",
-                 "--max-samples-per-shard", "8", "--workers", "1", "--no-progress",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "synthetic",
+                "--num-train",
+                "16",
+                "--num-val",
+                "2",
+                "--max-samples-per-shard",
+                "8",
+                "--workers",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     manifest, storage = open_manifest(str(out / "train"))
     return manifest, storage
 
@@ -61,8 +80,13 @@ def prep(rgb):
 
 def scaled(x, s):
     h, w = x.shape[-2:]
-    return x if s == 1 else F.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear",
-                                          align_corners=False)  # fmt: skip
+    return (
+        x
+        if s == 1
+        else F.interpolate(
+            x, size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False
+        )
+    )
 
 
 def compose(per_view, x, scales, flip, out_size, n_maps):
@@ -73,8 +97,9 @@ def compose(per_view, x, scales, flip, out_size, n_maps):
         xs = scaled(x, s)
         views = [per_view(xs)] + ([per_view(xs.flip(-1)).flip(-1)] if flip else [])
         for v in views:
-            total += F.interpolate(F.relu(v)[None], size=out_size, mode="bilinear",
-                                   align_corners=False)[0]  # fmt: skip
+            total += F.interpolate(
+                F.relu(v)[None], size=out_size, mode="bilinear", align_corners=False
+            )[0]
     return normalize_cam(total)
 
 
@@ -86,8 +111,14 @@ def test_single_round_maps_equal_direct_calls(split, model):
     key, labels, rgb = sample(split, 3)
     settings = CamSettings(mode="single", scales=(0.5, 1.0, 1.5), flip=True)
     got, fell = CamEngine(model, settings).cams(rgb, labels, key)
-    want = compose(lambda v: single_round_cam(model, v)[0, labels], prep(rgb), settings.scales,
-                   True, out_size_of(rgb), len(labels))  # fmt: skip
+    want = compose(
+        lambda v: single_round_cam(model, v)[0, labels],
+        prep(rgb),
+        settings.scales,
+        True,
+        out_size_of(rgb),
+        len(labels),
+    )
     assert fell == [] and got.shape == (len(labels), *out_size_of(rgb))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert float(got.amax()) == pytest.approx(1.0, abs=1e-3)
@@ -104,15 +135,17 @@ def test_coattentive_maps_equal_direct_calls(split, model, cache_mb):
     manifest, storage = split
     sampler = RelatedSampler(manifest, storage, seed=5)
     key, labels, rgb = sample(split, 6)
-    settings = CamSettings(mode="coattentive", related=2, scales=(1.0, 0.75), flip=True,
-                           related_size=96)  # fmt: skip
+    settings = CamSettings(
+        mode="coattentive", related=2, scales=(1.0, 0.75), flip=True, related_size=96
+    )
     engine = CamEngine(model, settings, sampler, cache_bytes=cache_mb * 2**20)
     got, fell = engine.cams(rgb, labels, key)
     rel = {k: related_images(split, sampler.draw(k, 2, key), 96) for k in labels}
 
     def per_view(v):  # L_k = mean over r of coattentive_cam(image, r, k), one r at a time
-        return torch.stack([torch.stack([coattentive_cam(model, v, r, k) for r in rel[k]]).mean(0)
-                            for k in labels])  # fmt: skip
+        return torch.stack(
+            [torch.stack([coattentive_cam(model, v, r, k) for r in rel[k]]).mean(0) for k in labels]
+        )
 
     want = compose(per_view, prep(rgb), settings.scales, True, out_size_of(rgb), len(labels))
     assert fell == []
@@ -140,8 +173,15 @@ def test_contrastive_and_self_pair_options_equal_direct_calls(split, model):
     manifest, storage = split
     sampler = RelatedSampler(manifest, storage, seed=1)
     key, labels, rgb = sample(split, 2)
-    settings = CamSettings(mode="coattentive", related=2, scales=(1.0,), flip=False,
-                           related_size=80, contrastive=True, self_pairs=True)  # fmt: skip
+    settings = CamSettings(
+        mode="coattentive",
+        related=2,
+        scales=(1.0,),
+        flip=False,
+        related_size=80,
+        contrastive=True,
+        self_pairs=True,
+    )
     got, _ = CamEngine(model, settings, sampler).cams(rgb, labels, key)
     x = prep(rgb)
     own = [x.flip(-1), scaled(x, 0.75), scaled(x, 2.0)]
@@ -167,17 +207,20 @@ def test_a_class_no_other_image_holds_falls_back_to_single_round(split, model):
     k_alone = labels[0]
     lonely = dict(manifest)  # only the query holds k_alone
     g0 = RelatedSampler(manifest, storage).global_index(key)
-    lonely["class_index"] = [([g0] if k == k_alone else members)
-                             for k, members in enumerate(manifest["class_index"])]  # fmt: skip
+    lonely["class_index"] = [
+        ([g0] if k == k_alone else members) for k, members in enumerate(manifest["class_index"])
+    ]
     sampler = RelatedSampler(lonely, storage)
-    settings = CamSettings(mode="coattentive", related=1, scales=(1.0,), flip=False,
-                           related_size=64)  # fmt: skip
+    settings = CamSettings(
+        mode="coattentive", related=1, scales=(1.0,), flip=False, related_size=64
+    )
     engine = CamEngine(model, settings, sampler)
     got, fell = engine.cams(rgb, labels, key)
     assert fell == [k_alone]
     assert engine.counts["fallback_images"] == 1 and engine.counts["fallback_classes"] == 1
     single, _ = CamEngine(model, CamSettings(mode="single", scales=(1.0,), flip=False)).cams(
-        rgb, labels, key)  # fmt: skip
+        rgb, labels, key
+    )
     torch.testing.assert_close(got[0], single[0], atol=1e-5, rtol=1e-4)
 
 

@@ -33,8 +33,14 @@ from mcis_dist.storage import open_storage
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
 pytestmark = pytest.mark.slow
-FAST = ["cams.mode=coattentive", "cams.scales=[1.0]", "cams.related=2", "cams.related_size=64",
-        "cams.num_actors=2", "cams.max_failures=2"]  # fmt: skip
+FAST = [
+    "cams.mode=coattentive",
+    "cams.scales=[1.0]",
+    "cams.related=2",
+    "cams.related_size=64",
+    "cams.num_actors=2",
+    "cams.max_failures=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +49,28 @@ def setup(tmp_path_factory):
     it (<run_root>/demo/cls/checkpoint_*/checkpoint.pt); random weights are enough here."""
     root = tmp_path_factory.mktemp("cams_stage")
     shards = root / "shards"
-    assert main(["shards", "build", "--source", "synthetic", "--num-train", "24", "--num-val", "2",
-                 "--max-samples-per-shard", "4", "--workers", "1", "--no-progress",
-                 "--out", str(shards)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "synthetic",
+                "--num-train",
+                "24",
+                "--num-val",
+                "2",
+                "--max-samples-per-shard",
+                "4",
+                "--workers",
+                "1",
+                "--no-progress",
+                "--out",
+                str(shards),
+            ]
+        )
+        == 0
+    )
     cfg = load_config(CONFIG, [f"shards.url={shards}"])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=8)
@@ -59,8 +84,14 @@ def setup(tmp_path_factory):
 
 
 def args(setup, *extra) -> list[str]:
-    return ["--config", CONFIG, f"shards.url={setup['shards']}", f"run_root={setup['run_root']}",
-            *FAST, *extra]  # fmt: skip
+    return [
+        "--config",
+        CONFIG,
+        f"shards.url={setup['shards']}",
+        f"run_root={setup['run_root']}",
+        *FAST,
+        *extra,
+    ]
 
 
 def env() -> dict:
@@ -143,8 +174,9 @@ def _cam_actor_pids() -> list[int]:
 def test_an_actor_killed_mid_run_has_its_shard_redone(setup, clean_run, tmp_path):
     out = tmp_path / "cams"
     cmd = [sys.executable, "-m", "mcis_dist.cli", "cams", *args(setup, f"cams.out_url={out}")]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     killed, deadline = None, time.time() + 240
     while killed is None and time.time() < deadline and proc.poll() is None:
         pids = _cam_actor_pids()
@@ -164,7 +196,10 @@ def test_an_actor_killed_mid_run_has_its_shard_redone(setup, clean_run, tmp_path
 
 def test_s3_output_then_evaluation_from_s3(setup, clean_run, s3_endpoint, s3_bucket, tmp_path):
     url = f"s3://{s3_bucket}/exp/cams"
-    assert main(["cams", *args(setup, f"cams.out_url={url}", f"shards.endpoint_url={s3_endpoint}")]) == 0  # fmt: skip
+    assert (
+        main(["cams", *args(setup, f"cams.out_url={url}", f"shards.endpoint_url={s3_endpoint}")])
+        == 0
+    )
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -172,13 +207,28 @@ def test_s3_output_then_evaluation_from_s3(setup, clean_run, s3_endpoint, s3_buc
     assert "exp/cams/manifest.json" in keys and "exp/cams/cams-000005.tar" in keys
     body = s3.get_object(Bucket=s3_bucket, Key="exp/cams/cams-000003.tar")["Body"].read()
     assert hashlib.sha256(body).hexdigest() == shard_hashes(clean_run)["cams-000003.tar"]
-    assert main(["eval", "cams", "--config", CONFIG, "--cams", url,
-                 f"shards.endpoint_url={s3_endpoint}"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "cams",
+                "--config",
+                CONFIG,
+                "--cams",
+                url,
+                f"shards.endpoint_url={s3_endpoint}",
+            ]
+        )
+        == 0
+    )
     result = json.loads(
         s3.get_object(Bucket=s3_bucket, Key="exp/cams/eval/eval.json")["Body"].read()
     )
     local = tmp_path / "eval"
-    assert main(["eval", "cams", "--config", CONFIG, "--cams", str(clean_run), "--out", str(local)]) == 0  # fmt: skip
+    assert (
+        main(["eval", "cams", "--config", CONFIG, "--cams", str(clean_run), "--out", str(local)])
+        == 0
+    )
     local_result = json.loads((local / "eval.json").read_text())
     assert result["miou"] == local_result["miou"]
     # the classifier's attention diagnostics, on pairs of the split, the same from both places
@@ -248,30 +298,58 @@ def test_evaluation_against_a_hand_computed_confusion_matrix(setup, tmp_path):
         rgb = np.zeros((2, 4, 3), dtype=np.uint8)
         buf = io.BytesIO()
         Image.fromarray(rgb).save(buf, format="PNG")
-        writer.write({"__key__": key, "png": buf.getvalue(), "mask.png": _png(gts[i]),
-                      "json": json.dumps({"labels": labels[i]}).encode()})  # fmt: skip
+        writer.write(
+            {
+                "__key__": key,
+                "png": buf.getvalue(),
+                "mask.png": _png(gts[i]),
+                "json": json.dumps({"labels": labels[i]}).encode(),
+            }
+        )
         meta = {"key": key, "labels": labels[i], "size": [2, 4], "stride": 1, "fallback": []}
-        cam_writer.write({"__key__": key, "cam.npy": encode_cam(maps[i]),
-                          "json": json.dumps(meta).encode()})  # fmt: skip
+        cam_writer.write(
+            {"__key__": key, "cam.npy": encode_cam(maps[i]), "json": json.dumps(meta).encode()}
+        )
     (split / "shard-000000.idx").write_text(writer.close())
     cam_writer.close()
     classes = ["a", "b"]
-    (split / "manifest.json").write_text(json.dumps({
-        "format": "mcis-shards/1", "classes": classes, "num_samples": 2,
-        "shards": [{"name": "shard-000000.tar", "index": "shard-000000.idx", "first": 0,
-                    "samples": 2, "bytes": writer.bytes, "sha256": writer.sha256,
-                    "keys": ["img0", "img1"]}],
-        "class_index": [[0, 1], [0]]}))  # fmt: skip
-    (cams / "manifest.json").write_text(json.dumps({
-        "format": FORMAT, "classes": classes, "samples": 2,
-        "source": {"url": str(split), "samples": 2}, "settings": {"mode": "single"},
-        "shards": [{"name": "cams-000000.tar", "source": "shard-000000.tar", "samples": 2}]}))  # fmt: skip
+    (split / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "mcis-shards/1",
+                "classes": classes,
+                "num_samples": 2,
+                "shards": [
+                    {
+                        "name": "shard-000000.tar",
+                        "index": "shard-000000.idx",
+                        "first": 0,
+                        "samples": 2,
+                        "bytes": writer.bytes,
+                        "sha256": writer.sha256,
+                        "keys": ["img0", "img1"],
+                    }
+                ],
+                "class_index": [[0, 1], [0]],
+            }
+        )
+    )
+    (cams / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "classes": classes,
+                "samples": 2,
+                "source": {"url": str(split), "samples": 2},
+                "settings": {"mode": "single"},
+                "shards": [{"name": "cams-000000.tar", "source": "shard-000000.tar", "samples": 2}],
+            }
+        )
+    )
     cfg = load_config(CONFIG, ["cams.bg_threshold=0.5", "cams.eval_grid=2"])
     result = evaluate_cams(cfg, cams_url=str(cams), thresholds=[0.0, 0.5], log=lambda *_: None)
     # rows gt, columns prediction; the 255 pixel is left out.
-    want = np.array([[6, 2, 0],
-                     [2, 3, 0],
-                     [1, 0, 1]])  # fmt: skip
+    want = np.array([[6, 2, 0], [2, 3, 0], [1, 0, 1]])
     assert np.array_equal(np.array(result["at_threshold"]["matrix"]), want)
     iou = [6 / (8 + 9 - 6), 3 / (5 + 5 - 3), 1 / (2 + 1 - 1)]
     assert result["at_threshold"]["miou"] == pytest.approx(np.mean(iou))

@@ -18,8 +18,21 @@ from mcis_dist.cli import main
 from fixtures_data import make_list_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTH = ["shards", "build", "--source", "synthetic", "--num-train", "30", "--num-val", "6",
-         "--shard-size", "0.12", "--no-progress", "--workers", "1"]  # fmt: skip
+SYNTH = [
+    "shards",
+    "build",
+    "--source",
+    "synthetic",
+    "--num-train",
+    "30",
+    "--num-val",
+    "6",
+    "--shard-size",
+    "0.12",
+    "--no-progress",
+    "--workers",
+    "1",
+]
 
 
 def test_build_info_verify_round_trip(tmp_path, capsys):
@@ -50,19 +63,57 @@ def test_verify_fails_on_a_lost_shard(tmp_path, capsys):
     "argv, words",
     [
         (["--source", "list", "--out", "{tmp}/o"], "--list is required for --source list"),
-        (["--source", "list", "--list", "{tmp}/nope.txt", "--classes", "{tmp}/lid/classes.txt",
-          "--image-root", "{tmp}/lid/images", "--out", "{tmp}/o"], "list file .*nope.txt does not exist"),
-        (["--source", "list", "--list", "{tmp}/lid/train.txt", "--classes", "{tmp}/lid/classes.txt",
-          "--image-root", "{tmp}/missing", "--out", "{tmp}/o"], "image root .*missing does not exist"),
-        (["--source", "folder", "--folder-root", "{tmp}/lid/classes.txt", "--out", "{tmp}/o"],
-         "folder root .* is not a folder"),
-        (["--source", "synthetic", "--split", "test", "--out", "{tmp}/o"],
-         "split 'test'.*'train', 'val'"),
+        (
+            [
+                "--source",
+                "list",
+                "--list",
+                "{tmp}/nope.txt",
+                "--classes",
+                "{tmp}/lid/classes.txt",
+                "--image-root",
+                "{tmp}/lid/images",
+                "--out",
+                "{tmp}/o",
+            ],
+            "list file .*nope.txt does not exist",
+        ),
+        (
+            [
+                "--source",
+                "list",
+                "--list",
+                "{tmp}/lid/train.txt",
+                "--classes",
+                "{tmp}/lid/classes.txt",
+                "--image-root",
+                "{tmp}/missing",
+                "--out",
+                "{tmp}/o",
+            ],
+            "image root .*missing does not exist",
+        ),
+        (
+            ["--source", "folder", "--folder-root", "{tmp}/lid/classes.txt", "--out", "{tmp}/o"],
+            "folder root .* is not a folder",
+        ),
+        (
+            ["--source", "synthetic", "--split", "test", "--out", "{tmp}/o"],
+            "split 'test'.*'train', 'val'",
+        ),
         (["--source", "synthetic", "--out", "gs://bucket/x"], "unsupported storage URL .*gs"),
         (["--source", "synthetic", "--out", "{tmp}/o", "--shard-size", "0"], "shard_size_mb=0"),
     ],
-    ids=["no-list", "missing-list", "missing-root", "not-a-folder", "bad-split", "bad-url", "bad-size"],
-)  # fmt: skip
+    ids=[
+        "no-list",
+        "missing-list",
+        "missing-root",
+        "not-a-folder",
+        "bad-split",
+        "bad-url",
+        "bad-size",
+    ],
+)
 def test_configuration_errors_are_clear_and_write_nothing(tmp_path, capsys, argv, words):
     make_list_dataset(tmp_path / "lid")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -88,13 +139,29 @@ def test_info_on_an_unfinished_build_says_how_to_finish(tmp_path, capsys):
 def test_a_killed_build_resumes_to_the_same_shards(tmp_path):
     """SIGKILL the CLI mid-build (a lost node), re-run the same command, compare with a clean
     build: identical shards, and a manifest only once complete."""
-    argv = ["shards", "build", "--source", "synthetic", "--num-train", "400", "--num-val", "4",
-            "--split", "train", "--shard-size", "0.1", "--workers", "2", "--no-progress"]  # fmt: skip
+    argv = [
+        "shards",
+        "build",
+        "--source",
+        "synthetic",
+        "--num-train",
+        "400",
+        "--num-val",
+        "4",
+        "--split",
+        "train",
+        "--shard-size",
+        "0.1",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "mcis_dist.cli", *argv, "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     parts = out / "train" / "_parts"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(parts.glob("*.json"))) < 3:

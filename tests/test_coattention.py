@@ -159,9 +159,11 @@ def test_sdpa_backend_matches_dense():
 @pytest.mark.parametrize("path", ["chunked", "dense"])
 def test_bf16_autocast_runs_and_is_close_to_fp32(path):
     fm, fn, w_p = _inputs(2, 32, 6, 6, 5, 7, dtype=torch.float32, scale=0.5)
-    run = (lambda: coattention_dense(fm, fn, w_p)) if path == "dense" else (
-        lambda: coattention(fm, fn, w_p, chunk_size=10)
-    )  # fmt: skip
+    run = (
+        (lambda: coattention_dense(fm, fn, w_p))
+        if path == "dense"
+        else (lambda: coattention(fm, fn, w_p, chunk_size=10))
+    )
     ref = coattention_dense(fm, fn, w_p)
     grads_ref = _loss_and_grads(ref, (fm, fn, w_p))
     with torch.autocast("cpu", dtype=torch.bfloat16):

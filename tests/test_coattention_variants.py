@@ -168,11 +168,13 @@ def test_cosine_with_identity_and_small_temperature_reads_the_matching_position(
     for k in range(b):
         for j in range(4):
             i = int(picks[k, j])
-            torch.testing.assert_close(fn_from_m[k].flatten(1)[:, j], fm[k].flatten(1)[:, i],
-                                       rtol=1e-9, atol=1e-9)  # fmt: skip
+            torch.testing.assert_close(
+                fn_from_m[k].flatten(1)[:, j], fm[k].flatten(1)[:, i], rtol=1e-9, atol=1e-9
+            )
             # and the copied key position reads its query back (each copied once)
-            torch.testing.assert_close(fm_from_n[k].flatten(1)[:, i], fn[k].flatten(1)[:, j],
-                                       rtol=1e-9, atol=1e-9)  # fmt: skip
+            torch.testing.assert_close(
+                fm_from_n[k].flatten(1)[:, i], fn[k].flatten(1)[:, j], rtol=1e-9, atol=1e-9
+            )
 
 
 def test_cosine_zero_features_attend_uniformly():
@@ -222,11 +224,16 @@ def test_cosine_model_coattentive_features_match_the_reference(domains):
     outs = model.coattentive_features(fm, fn, types)
     got = _grads(outs, (fm, fn, model.w_p))
     w_p = model.w_p.detach().clone().requires_grad_()
-    refs = [_ref_coattention(fm[b : b + 1], fn[b : b + 1],
-                             w_p[0 if types is None else int(types[b])], model.temperature)
-            for b in range(3)]  # fmt: skip
-    want = _grads((torch.cat([r[1] for r in refs]), torch.cat([r[0] for r in refs])),
-                  (fm, fn, w_p))  # fmt: skip
+    refs = [
+        _ref_coattention(
+            fm[b : b + 1],
+            fn[b : b + 1],
+            w_p[0 if types is None else int(types[b])],
+            model.temperature,
+        )
+        for b in range(3)
+    ]
+    want = _grads((torch.cat([r[1] for r in refs]), torch.cat([r[0] for r in refs])), (fm, fn, w_p))
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
@@ -274,8 +281,9 @@ def test_initial_w_p_is_reproducible_whatever_the_global_seed(domains):
 def test_learned_temperature_is_a_bias_like_parameter_with_the_right_gradient():
     model = _model(affinity="cosine", temperature=0.3, learn_temperature=True, perturb=0.5)
     assert isinstance(model.log_temperature, nn.Parameter) and model.log_temperature.dim() == 0
-    torch.testing.assert_close(model.log_temperature.detach(),
-                               torch.tensor(math.log(0.3), dtype=F64), rtol=1e-6, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        model.log_temperature.detach(), torch.tensor(math.log(0.3), dtype=F64), rtol=1e-6, atol=0
+    )
     groups = model.param_groups()
     where = [name for name, ps in groups.items() for p in ps if p is model.log_temperature]
     assert where == ["new_bias"]
@@ -291,8 +299,9 @@ def test_learned_temperature_is_a_bias_like_parameter_with_the_right_gradient():
         g = torch.Generator().manual_seed(3)
         return sum((o * torch.randn(o.shape, generator=g, dtype=F64)).sum() for o in outs)
 
-    (got,) = torch.autograd.grad(loss_of(model.coattentive_features(fm, fn)),
-                                 [model.log_temperature])  # fmt: skip
+    (got,) = torch.autograd.grad(
+        loss_of(model.coattentive_features(fm, fn)), [model.log_temperature]
+    )
     log_t = model.log_temperature.detach().clone().requires_grad_()
     n_ref, m_ref = _ref_coattention(fm, fn, model.w_p[0].detach(), log_t.exp())
     (want,) = torch.autograd.grad(loss_of((m_ref, n_ref)), [log_t])
@@ -324,8 +333,7 @@ def test_a_fixed_temperature_is_not_in_the_state_dict():
     # an old checkpoint (no temperature, bilinear head) loads strictly; tau stays from config
     old = _model(seed=3)
     model.load_state_dict(old.state_dict(), strict=True)
-    torch.testing.assert_close(model.temperature, torch.tensor(0.05, dtype=F64), rtol=1e-6,
-                               atol=0)  # fmt: skip
+    torch.testing.assert_close(model.temperature, torch.tensor(0.05, dtype=F64), rtol=1e-6, atol=0)
     torch.testing.assert_close(model.w_p, old.w_p, rtol=0, atol=0)
     # the buffer is not a parameter (not trained, not in any lr group)
     assert all(p is not model.log_temperature for ps in model.param_groups().values() for p in ps)
@@ -338,11 +346,11 @@ def test_affinity_logits_match_the_reference(affinity):
     tau = model.temperature if affinity == "cosine" else None
     got = model.affinity_logits(fm, fn)
     assert got.shape == (2, 6, 6)
-    torch.testing.assert_close(got, _ref_logits(fm, fn, model.w_p[0], tau), rtol=1e-10,
-                               atol=1e-10)  # fmt: skip
+    torch.testing.assert_close(got, _ref_logits(fm, fn, model.w_p[0], tau), rtol=1e-10, atol=1e-10)
     w = model.w_p[2]
-    torch.testing.assert_close(model.affinity_logits(fm, fn, w), _ref_logits(fm, fn, w, tau),
-                               rtol=1e-10, atol=1e-10)  # fmt: skip
+    torch.testing.assert_close(
+        model.affinity_logits(fm, fn, w), _ref_logits(fm, fn, w, tau), rtol=1e-10, atol=1e-10
+    )
     if affinity == "cosine":  # bounded by 1 / tau
         assert got.abs().max() <= 1 / 0.25 + 1e-9
 
@@ -372,8 +380,10 @@ def _ref_contribution(model, feats, related, k):
     return (out / related.shape[0]).view(b, h, wd)
 
 
-@pytest.mark.parametrize("affinity, shared_phi", [("bilinear", False), ("cosine", False),
-                                                  ("bilinear", True), ("cosine", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "affinity, shared_phi",
+    [("bilinear", False), ("cosine", False), ("bilinear", True), ("cosine", True)],
+)
 def test_contribution_map_matches_the_loop_reference(affinity, shared_phi):
     model = _model(affinity=affinity, shared_phi=shared_phi, perturb=1.0).eval()
     if shared_phi:
@@ -388,8 +398,9 @@ def test_contribution_map_matches_the_loop_reference(affinity, shared_phi):
         torch.testing.assert_close(got.to(F64), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("affinity, shared_phi", [("bilinear", False), ("cosine", False),
-                                                  ("cosine", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "affinity, shared_phi", [("bilinear", False), ("cosine", False), ("cosine", True)]
+)
 def test_contribution_map_sums_to_the_related_coattentive_score(affinity, shared_phi):
     """sum_i map_i / L_m = GAP(phi_co(F_r^{m∩r}))[k], the related image's Eq. 5 score, when the
     query is m and the related image is n (holds with phi_co's bias too: columns sum to 1)."""
@@ -459,11 +470,15 @@ def test_authors_maps_match_the_reference(affinity, shared_phi, case):
         with torch.no_grad():
             model.phi.bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0], dtype=F64))
     feats = _rand(1, C, 4, 5, seed=20, scale=2.0)
-    copies = [_rand(1, C, 4, 5, seed=21, scale=2.0),  # mirror image: same size
-              _rand(1, C, 3, 4, seed=22, scale=2.0),  # 0.75x
-              _rand(1, C, 8, 10, seed=23, scale=2.0)]  # 2x  # fmt: skip
-    related = {0: [_rand(1, C, 3, 3, seed=24, scale=2.0), _rand(1, C, 5, 4, seed=25, scale=2.0)],
-               2: [_rand(1, C, 2, 6, seed=26, scale=2.0)]}  # fmt: skip
+    copies = [
+        _rand(1, C, 4, 5, seed=21, scale=2.0),  # mirror image: same size
+        _rand(1, C, 3, 4, seed=22, scale=2.0),  # 0.75x
+        _rand(1, C, 8, 10, seed=23, scale=2.0),
+    ]  # 2x
+    related = {
+        0: [_rand(1, C, 3, 3, seed=24, scale=2.0), _rand(1, C, 5, 4, seed=25, scale=2.0)],
+        2: [_rand(1, C, 2, 6, seed=26, scale=2.0)],
+    }
     labels = [0, 2, 3]  # class 3 has no related image: map 5 is 0
     with torch.no_grad():
         raws = [_ref_raw_maps(model, feats, copies, related, k) for k in labels]
@@ -485,15 +500,19 @@ def test_authors_maps_match_the_reference(affinity, shared_phi, case):
     want = _ref_authors(raws, gate)
     torch.testing.assert_close(got.to(F64), want, rtol=1e-5, atol=1e-6)
     if case == "none":  # only map 1 counts
-        torch.testing.assert_close(got.to(F64), torch.stack([_norm(r[0]) / 5 for r in raws]),
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            got.to(F64), torch.stack([_norm(r[0]) / 5 for r in raws]), rtol=1e-5, atol=1e-6
+        )
         assert float(got.max()) <= 0.2 + 1e-6
     if case == "all":  # every map counts: the gate changes the result
         fewer = authors_maps(model, feats, copies, related, labels, gate=0.999)
         assert (got - fewer).abs().max() > 1e-3
-        torch.testing.assert_close(got.to(F64), torch.stack([sum(_norm(m) for m in r) / 5
-                                                             for r in raws]),
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            got.to(F64),
+            torch.stack([sum(_norm(m) for m in r) / 5 for r in raws]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     if case == "some":
         lo = authors_maps(model, feats, copies, related, labels, gate=0.0)
         hi = authors_maps(model, feats, copies, related, labels, gate=0.999)
@@ -528,10 +547,14 @@ def test_draw_with_replacement_gives_exactly_n_members_and_is_seeded():
     assert 0 in many  # the query itself may be drawn
     assert set(many) == members
     keys = ["k0", "k2", "k3", "k5"]
-    assert any(sampler.draw(0, 5, k, replace=True) != _sampler(seed=1).draw(0, 5, k, replace=True)
-               for k in keys)  # fmt: skip
-    assert any(sampler.draw(0, 5, "k0", replace=True) != sampler.draw(0, 5, k, replace=True)
-               for k in keys[1:])  # fmt: skip
+    assert any(
+        sampler.draw(0, 5, k, replace=True) != _sampler(seed=1).draw(0, 5, k, replace=True)
+        for k in keys
+    )
+    assert any(
+        sampler.draw(0, 5, "k0", replace=True) != sampler.draw(0, 5, k, replace=True)
+        for k in keys[1:]
+    )
     assert len(sampler.draw(2, 3, "k4", replace=True)) == 3
     # a class held by the query alone: the query itself, n times; without replacement: none
     assert sampler.draw(1, 3, "k1", replace=True) == [1, 1, 1]
@@ -601,10 +624,17 @@ def test_with_masks_and_finish_by_hand():
     # gate mean over valid j0..j4: (2 * ~1 + 3 * ~0) / 5
     # hub: i0 and i1 receive 2 of 6 queries each
     assert got == {
-        "pairs": 1, "hub_top1": 0.3333, "hub_top5": 1.0, "bg_to_fg": 0.75, "fg_to_same": 0.75,
-        "gate_mean": 0.4, "gate_iou": 0.25, "w_p_drift": 0.0, "affinity": "cosine",
+        "pairs": 1,
+        "hub_top1": 0.3333,
+        "hub_top5": 1.0,
+        "bg_to_fg": 0.75,
+        "fg_to_same": 0.75,
+        "gate_mean": 0.4,
+        "gate_iou": 0.25,
+        "w_p_drift": 0.0,
+        "affinity": "cosine",
         "temperature": 0.001,
-    }  # fmt: skip
+    }
     # sums over two batches average per qualifying pair
     half = diagnostics.with_masks(model, fm, fn, mask_m, torch.full_like(mask_n, 255))
     total = {key: sums[key] + half[key] for key in sums}
@@ -635,10 +665,12 @@ def test_label_free_keys_and_values():
     a = torch.softmax(_ref_logits(fm.double(), fn.double(), bil.w_p[0].detach().double()), 1)
     received = a.sum(2)  # (B, Lm)
     top = received.sort(dim=1, descending=True).values
-    torch.testing.assert_close(out["hub_top1"].double(), (top[:, 0] / 6).mean(), rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
-    torch.testing.assert_close(out["hub_top5"].double(), (top[:, :5].sum(1) / 6).mean(),
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        out["hub_top1"].double(), (top[:, 0] / 6).mean(), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        out["hub_top5"].double(), (top[:, :5].sum(1) / 6).mean(), rtol=1e-5, atol=1e-6
+    )
     torch.testing.assert_close(out["row_max"].double(), a.amax(1).mean(), rtol=1e-5, atol=1e-6)
 
 

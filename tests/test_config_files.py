@@ -106,11 +106,15 @@ def _header(path: Path) -> str:
 def _commented_commands(path: Path, program: str) -> list[list[str]]:
     """Commands in a file's comments that start with ``program`` (backslash continuations
     joined), as argument lists."""
-    text = "\n".join(re.sub(r"^\s*#\s?", "", x) for x in path.read_text().splitlines()
-                     if x.lstrip().startswith("#"))  # fmt: skip
+    text = "\n".join(
+        re.sub(r"^\s*#\s?", "", x)
+        for x in path.read_text().splitlines()
+        if x.lstrip().startswith("#")
+    )
     text = re.sub(r"\\\n\s*", " ", text)
-    return [shlex.split(line.strip()) for line in text.splitlines()
-            if line.strip().startswith(program)]  # fmt: skip
+    return [
+        shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith(program)
+    ]
 
 
 def _config_and_overrides(args: list[str]) -> tuple[str, list[str]]:

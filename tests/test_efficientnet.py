@@ -231,8 +231,9 @@ def test_pretrained_and_new_parameters_partition_the_trainables(pretrained):
 
 def test_mcis_forward_backward_on_it():
     torch.manual_seed(0)
-    net = MCISClassifier(build_backbone("efficientnet_lite0", pretrained=True), num_classes=3,
-                         affinity="cosine").train()  # fmt: skip
+    net = MCISClassifier(
+        build_backbone("efficientnet_lite0", pretrained=True), num_classes=3, affinity="cosine"
+    ).train()
     xm, xn = torch.randn(2, 3, 64, 80), torch.randn(2, 3, 64, 80)
     out = net(xm.to(memory_format=torch.channels_last), xn)
     for name, scores in vars(out).items():
@@ -253,7 +254,10 @@ def test_mcis_forward_backward_on_it():
 def test_the_config_starts_from_the_wheel_and_can_start_from_scratch(wheel_state, tmp_path):
     cfg = load_config(CONFIG)
     assert (cfg.model.backbone, cfg.model.pretrained, cfg.model.weights) == (
-        "efficientnet_lite0", True, None)  # fmt: skip
+        "efficientnet_lite0",
+        True,
+        None,
+    )
     model = build_model(cfg, num_classes=20)
     assert torch.equal(model.backbone._conv_head.weight, wheel_state["_conv_head.weight"])
     assert model.backbone.frozen_bn
@@ -272,47 +276,198 @@ BAND = 8  # ignore band on either side of a traced outline, in pixels of the ori
 CAT, MOTORBIKE, PERSON = (VOC_CLASSES.index(n) + 1 for n in ("cat", "motorbike", "person"))
 # Outlines in the photos' own pixel coordinates (x, y), traced by eye over a 50-px grid.
 OUTLINES = {
-    "cat": [(0, 0), (398, 0), (378, 45), (368, 75), (362, 110), (357, 150), (353, 200),
-            (350, 250), (348, 300), (0, 300)],
-    "astronaut": [(150, 75), (160, 40), (190, 18), (225, 14), (265, 24), (293, 52), (300, 100),
-                  (290, 140), (282, 160), (300, 185), (305, 230), (330, 262), (348, 292),
-                  (358, 322), (365, 348), (330, 362), (298, 388), (283, 425), (280, 470),
-                  (285, 512), (15, 512), (18, 430), (22, 380), (30, 330), (45, 290), (70, 262),
-                  (110, 232), (115, 188), (140, 162), (152, 130)],
-    "hopper": [(240, 25), (200, 35), (175, 60), (160, 90), (150, 130), (160, 170), (160, 200),
-               (165, 250), (175, 290), (190, 322), (150, 345), (90, 370), (40, 400), (20, 440),
-               (10, 500), (10, 600), (512, 600), (512, 420), (490, 390), (440, 360), (370, 330),
-               (350, 300), (360, 250), (370, 200), (372, 140), (360, 100), (350, 70), (330, 40),
-               (290, 25)],
-    "camera": [(200, 65), (240, 70), (262, 95), (265, 130), (255, 150), (260, 175), (300, 172),
-               (325, 172), (330, 190), (320, 215), (305, 235), (280, 245), (255, 250), (250, 280),
-               (225, 300), (180, 310), (150, 320), (150, 512), (0, 512), (0, 240), (30, 170),
-               (80, 135), (130, 110), (160, 95)],
-    "moto": [(95, 200), (150, 178), (148, 158), (175, 152), (250, 168), (330, 185), (360, 175),
-             (380, 160), (440, 155), (470, 165), (480, 150), (500, 125), (520, 115), (560, 125),
-             (585, 130), (585, 140), (560, 160), (545, 190), (520, 200), (510, 215), (530, 250),
-             (560, 265), (630, 275), (640, 300), (600, 300), (520, 290), (470, 300), (470, 340),
-             (440, 375), (400, 380), (350, 380), (340, 400), (345, 440), (320, 440), (315, 380),
-             (290, 360), (250, 330), (200, 300), (160, 260), (110, 245), (100, 230)],
+    "cat": [
+        (0, 0),
+        (398, 0),
+        (378, 45),
+        (368, 75),
+        (362, 110),
+        (357, 150),
+        (353, 200),
+        (350, 250),
+        (348, 300),
+        (0, 300),
+    ],
+    "astronaut": [
+        (150, 75),
+        (160, 40),
+        (190, 18),
+        (225, 14),
+        (265, 24),
+        (293, 52),
+        (300, 100),
+        (290, 140),
+        (282, 160),
+        (300, 185),
+        (305, 230),
+        (330, 262),
+        (348, 292),
+        (358, 322),
+        (365, 348),
+        (330, 362),
+        (298, 388),
+        (283, 425),
+        (280, 470),
+        (285, 512),
+        (15, 512),
+        (18, 430),
+        (22, 380),
+        (30, 330),
+        (45, 290),
+        (70, 262),
+        (110, 232),
+        (115, 188),
+        (140, 162),
+        (152, 130),
+    ],
+    "hopper": [
+        (240, 25),
+        (200, 35),
+        (175, 60),
+        (160, 90),
+        (150, 130),
+        (160, 170),
+        (160, 200),
+        (165, 250),
+        (175, 290),
+        (190, 322),
+        (150, 345),
+        (90, 370),
+        (40, 400),
+        (20, 440),
+        (10, 500),
+        (10, 600),
+        (512, 600),
+        (512, 420),
+        (490, 390),
+        (440, 360),
+        (370, 330),
+        (350, 300),
+        (360, 250),
+        (370, 200),
+        (372, 140),
+        (360, 100),
+        (350, 70),
+        (330, 40),
+        (290, 25),
+    ],
+    "camera": [
+        (200, 65),
+        (240, 70),
+        (262, 95),
+        (265, 130),
+        (255, 150),
+        (260, 175),
+        (300, 172),
+        (325, 172),
+        (330, 190),
+        (320, 215),
+        (305, 235),
+        (280, 245),
+        (255, 250),
+        (250, 280),
+        (225, 300),
+        (180, 310),
+        (150, 320),
+        (150, 512),
+        (0, 512),
+        (0, 240),
+        (30, 170),
+        (80, 135),
+        (130, 110),
+        (160, 95),
+    ],
+    "moto": [
+        (95, 200),
+        (150, 178),
+        (148, 158),
+        (175, 152),
+        (250, 168),
+        (330, 185),
+        (360, 175),
+        (380, 160),
+        (440, 155),
+        (470, 165),
+        (480, 150),
+        (500, 125),
+        (520, 115),
+        (560, 125),
+        (585, 130),
+        (585, 140),
+        (560, 160),
+        (545, 190),
+        (520, 200),
+        (510, 215),
+        (530, 250),
+        (560, 265),
+        (630, 275),
+        (640, 300),
+        (600, 300),
+        (520, 290),
+        (470, 300),
+        (470, 340),
+        (440, 375),
+        (400, 380),
+        (350, 380),
+        (340, 400),
+        (345, 440),
+        (320, 440),
+        (315, 380),
+        (290, 360),
+        (250, 330),
+        (200, 300),
+        (160, 260),
+        (110, 245),
+        (100, 230),
+    ],
     "moto_handlebar": [(350, 165), (480, 115), (485, 125), (355, 177)],
-}  # fmt: skip
+}
 MOTO_WHEELS = [((200, 320), (80, 80)), ((597, 365), (87, 85))]  # (centre, radii) of the ellipses
 IGNORE = {
-    "astronaut": [(285, 512), (280, 455), (295, 400), (330, 365), (380, 345), (430, 345),
-                  (470, 365), (500, 400), (512, 430), (512, 512)],  # the helmet she holds
+    "astronaut": [
+        (285, 512),
+        (280, 455),
+        (295, 400),
+        (330, 365),
+        (380, 345),
+        (430, 345),
+        (470, 365),
+        (500, 400),
+        (512, 430),
+        (512, 512),
+    ],  # the helmet she holds
     "moto": [(0, 130), (50, 130), (50, 235), (0, 235)],  # the red bicycle at the left edge
-}  # fmt: skip
+}
 MOTO_DISPARITY = 50
 SINGLES = ("cat", "astronaut", "hopper", "camera", "moto_l", "moto_r")
 COLLAGES = (  # two photos in one image; coffee and rocket hold no VOC class (background)
-    ("cat", "astronaut"), ("hopper", "cat"), ("cat", "camera"), ("cat", "moto_l"),
-    ("moto_r", "cat"), ("astronaut", "moto_l"), ("moto_r", "astronaut"), ("hopper", "moto_l"),
-    ("moto_r", "hopper"), ("camera", "moto_l"), ("moto_r", "camera"), ("cat", "coffee"),
-    ("rocket", "cat"), ("astronaut", "coffee"), ("rocket", "hopper"), ("camera", "coffee"),
-    ("moto_l", "rocket"), ("coffee", "moto_r"),
-)  # fmt: skip
-TEST_COLLAGES = (("cat", "astronaut"), ("moto_r", "cat"), ("hopper", "moto_l"),
-                 ("rocket", "cat"), ("camera", "coffee"), ("coffee", "moto_r"))  # fmt: skip
+    ("cat", "astronaut"),
+    ("hopper", "cat"),
+    ("cat", "camera"),
+    ("cat", "moto_l"),
+    ("moto_r", "cat"),
+    ("astronaut", "moto_l"),
+    ("moto_r", "astronaut"),
+    ("hopper", "moto_l"),
+    ("moto_r", "hopper"),
+    ("camera", "moto_l"),
+    ("moto_r", "camera"),
+    ("cat", "coffee"),
+    ("rocket", "cat"),
+    ("astronaut", "coffee"),
+    ("rocket", "hopper"),
+    ("camera", "coffee"),
+    ("moto_l", "rocket"),
+    ("coffee", "moto_r"),
+)
+TEST_COLLAGES = (
+    ("cat", "astronaut"),
+    ("moto_r", "cat"),
+    ("hopper", "moto_l"),
+    ("rocket", "cat"),
+    ("camera", "coffee"),
+    ("coffee", "moto_r"),
+)
 
 
 def _raster(size: tuple[int, int], polygons=(), ellipses=()) -> np.ndarray:
@@ -347,9 +502,12 @@ def photos() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         hopper = np.asarray(im.convert("RGB"))
     left, right, _disparity = data.stereo_motorcycle()
     out = {}
-    for name, rgb, value in (("cat", data.chelsea(), CAT), ("astronaut", data.astronaut(), PERSON),
-                             ("hopper", hopper, PERSON),
-                             ("camera", np.stack([data.camera()] * 3, axis=-1), PERSON)):  # fmt: skip
+    for name, rgb, value in (
+        ("cat", data.chelsea(), CAT),
+        ("astronaut", data.astronaut(), PERSON),
+        ("hopper", hopper, PERSON),
+        ("camera", np.stack([data.camera()] * 3, axis=-1), PERSON),
+    ):
         size = rgb.shape[:2]
         ignore = _raster(size, [IGNORE[name]]) if name in IGNORE else None
         out[name] = (rgb, _voc_mask(_raster(size, [OUTLINES[name]]), value, ignore))
@@ -359,7 +517,9 @@ def photos() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out["moto_l"] = (left, _voc_mask(fg, MOTORBIKE, ignore))
     fg_r, ignore_r = np.zeros_like(fg), np.zeros_like(ignore)  # the right view: shifted left
     fg_r[:, :-MOTO_DISPARITY], ignore_r[:, :-MOTO_DISPARITY] = (
-        fg[:, MOTO_DISPARITY:], ignore[:, MOTO_DISPARITY:])  # fmt: skip
+        fg[:, MOTO_DISPARITY:],
+        ignore[:, MOTO_DISPARITY:],
+    )
     out["moto_r"] = (right, _voc_mask(fg_r, MOTORBIKE, ignore_r))
     for name in ("coffee", "rocket"):  # background only
         rgb = getattr(data, name)()
@@ -369,8 +529,10 @@ def photos() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def _resize(rgb: np.ndarray, mask: np.ndarray, size: tuple[int, int]):
     """To (w, h): bilinear for the photo, nearest for the mask."""
-    return (np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR)),
-            np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)))  # fmt: skip
+    return (
+        np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR)),
+        np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)),
+    )
 
 
 def _width(rgb: np.ndarray, height: int) -> int:
@@ -388,8 +550,10 @@ def _collage(a, b, tile: int):
     else:
         axis, sizes = 0, [(tile, round(tile * r.shape[0] / r.shape[1])) for r, _ in (a, b)]
     parts = [_resize(r, m, size) for (r, m), size in zip((a, b), sizes, strict=True)]
-    return (np.concatenate([p[0] for p in parts], axis=axis),
-            np.concatenate([p[1] for p in parts], axis=axis))  # fmt: skip
+    return (
+        np.concatenate([p[0] for p in parts], axis=axis),
+        np.concatenate([p[1] for p in parts], axis=axis),
+    )
 
 
 def make_photo_voc(root: Path, *, tile: int = 224, collages=COLLAGES) -> dict[str, list[int]]:
@@ -427,17 +591,50 @@ def test_real_photos_train_cams_and_eval_end_to_end(tmp_path, capsys):
     assert len(labels) == 12 and all(labels.values())
     assert {VOC_CLASSES[k] for ks in labels.values() for k in ks} == {"cat", "motorbike", "person"}
     shards = tmp_path / "shards"
-    assert main(["shards", "build", "--source", "voc", "--voc-root", str(tmp_path / "voc"),
-                 "--split", "train", "--out", str(shards), "--max-samples-per-shard", "6",
-                 "--workers", "1", "--verify", "full", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "voc",
+                "--voc-root",
+                str(tmp_path / "voc"),
+                "--split",
+                "train",
+                "--out",
+                str(shards),
+                "--max-samples-per-shard",
+                "6",
+                "--workers",
+                "1",
+                "--verify",
+                "full",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     built = json.loads((shards / "train" / "manifest.json").read_text())
     assert built["num_samples"] == 12 and built["with_mask"] == 12 and not built["rejected"]
 
     common = ["--config", str(CONFIG), f"shards.url={shards}", f"run_root={tmp_path / 'runs'}"]
-    tiny = ["train.num_workers=1", "train.epochs=1", "data.batch_size=4", "data.crop_size=64",
-            "data.resize_long=[64,96]", "train.report_every_steps=1", "train.max_failures=0",
-            "cams.num_actors=1", "cams.scales=[1.0]", "cams.related=2", "cams.related_size=64",
-            "cams.max_failures=0", "cams.eval_attention_pairs=2", "cams.eval_grid=4"]  # fmt: skip
+    tiny = [
+        "train.num_workers=1",
+        "train.epochs=1",
+        "data.batch_size=4",
+        "data.crop_size=64",
+        "data.resize_long=[64,96]",
+        "train.report_every_steps=1",
+        "train.max_failures=0",
+        "cams.num_actors=1",
+        "cams.scales=[1.0]",
+        "cams.related=2",
+        "cams.related_size=64",
+        "cams.max_failures=0",
+        "cams.eval_attention_pairs=2",
+        "cams.eval_grid=4",
+    ]
     assert main(["train-cls", *common, *tiny]) == 0
     run = tmp_path / "runs" / "photos_efficientnet"
     assert sorted(run.glob("cls/checkpoint_*/checkpoint.pt"))

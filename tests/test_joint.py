@@ -33,8 +33,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES = ["a", "b", "c"]
 # label value -> image colour; far from each other and from the mean colour (124, 116, 104)
-PALETTE = {0: (20, 20, 20), 1: (230, 40, 40), 2: (40, 220, 60), 3: (40, 60, 230),
-           255: (240, 240, 240)}  # fmt: skip
+PALETTE = {
+    0: (20, 20, 20),
+    1: (230, 40, 40),
+    2: (40, 220, 60),
+    3: (40, 60, 230),
+    255: (240, 240, 240),
+}
 LUT = torch.zeros(256, 3, dtype=torch.uint8)
 for _v, _c in PALETTE.items():
     LUT[_v] = torch.tensor(_c, dtype=torch.uint8)
@@ -69,17 +74,34 @@ def write_split(folder: Path, shards: list[list[tuple[str, bytes]]], classes=CLA
         for key, data in samples:
             writer.write({"__key__": key, "png": data, "json": b'{"labels": [0]}'})
         (folder / f"shard-{i:06d}.idx").write_text(writer.close())
-        entries.append({"name": f"shard-{i:06d}.tar", "index": f"shard-{i:06d}.idx",
-                        "first": first, "samples": len(samples), "bytes": writer.bytes,
-                        "sha256": writer.sha256, "keys": [k for k, _ in samples]})  # fmt: skip
+        entries.append(
+            {
+                "name": f"shard-{i:06d}.tar",
+                "index": f"shard-{i:06d}.idx",
+                "first": first,
+                "samples": len(samples),
+                "bytes": writer.bytes,
+                "sha256": writer.sha256,
+                "keys": [k for k, _ in samples],
+            }
+        )
         first += len(samples)
-    (folder / "manifest.json").write_text(json.dumps(
-        {"format": "mcis-shards/1", "split": "train", "classes": classes, "num_samples": first,
-         "shards": entries}))  # fmt: skip
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "mcis-shards/1",
+                "split": "train",
+                "classes": classes,
+                "num_samples": first,
+                "shards": entries,
+            }
+        )
+    )
 
 
-def write_labels(folder: Path, source: Path, shards: list[tuple[int, list[tuple[str, bytes]]]],
-                 classes=CLASSES) -> None:  # fmt: skip
+def write_labels(
+    folder: Path, source: Path, shards: list[tuple[int, list[tuple[str, bytes]]]], classes=CLASSES
+) -> None:
     """A label folder (``mcis-labels/1``): per shard (source image shard index, [(key, png)])."""
     folder.mkdir(parents=True)
     entries = []
@@ -89,23 +111,51 @@ def write_labels(folder: Path, source: Path, shards: list[tuple[int, list[tuple[
             member = {"label.png": data} if data is not None else {}
             writer.write({"__key__": key, **member, "json": json.dumps({"key": key}).encode()})
         writer.close()
-        entries.append({"name": f"labels-{i:06d}.tar", "index": i,
-                        "source": f"shard-{src:06d}.tar", "samples": len(samples),
-                        "keys": [k for k, _ in samples], "bytes": writer.bytes})  # fmt: skip
-    (folder / "manifest.json").write_text(json.dumps(
-        {"format": "mcis-labels/1", "classes": classes, "source": {"url": str(source)},
-         "shards": entries}))  # fmt: skip
+        entries.append(
+            {
+                "name": f"labels-{i:06d}.tar",
+                "index": i,
+                "source": f"shard-{src:06d}.tar",
+                "samples": len(samples),
+                "keys": [k for k, _ in samples],
+                "bytes": writer.bytes,
+            }
+        )
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "mcis-labels/1",
+                "classes": classes,
+                "source": {"url": str(source)},
+                "shards": entries,
+            }
+        )
+    )
 
 
 def cfg(**kw) -> JointDataConfig:
-    base = dict(batch_size=2, num_workers=2, mp_context="fork", crop_size=48, scale=[0.7, 1.3],
-                shuffle_buffer=3, seed=5)  # fmt: skip
+    base = dict(
+        batch_size=2,
+        num_workers=2,
+        mp_context="fork",
+        crop_size=48,
+        scale=[0.7, 1.3],
+        shuffle_buffer=3,
+        seed=5,
+    )
     return JointDataConfig(**{**base, **kw})
 
 
 def loader(data, labels: str, rank=0, world_size=1, **kw) -> JointLoader:
-    return JointLoader(str(data["images"]), str(data["root"] / labels), cfg(**kw),
-                       mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=rank, world_size=world_size)  # fmt: skip
+    return JointLoader(
+        str(data["images"]),
+        str(data["root"] / labels),
+        cfg(**kw),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def run(ld, n=None) -> list[dict]:
@@ -158,8 +208,9 @@ def test_joint_augment_keeps_image_and_label_aligned_and_pads_right(size):
     spec = JointAugmentSpec(crop_size=64, scale=(0.5, 2.0), hflip=True, mean=IMAGENET_MEAN)
     checked = padded = 0
     for seed in range(12):
-        out_img, out_lab, (y0, x0, y1, x1) = augment_with_box(img, lab, spec,
-                                                              np.random.default_rng(seed))  # fmt: skip
+        out_img, out_lab, (y0, x0, y1, x1) = augment_with_box(
+            img, lab, spec, np.random.default_rng(seed)
+        )
         assert out_img.shape == (3, 64, 64) and out_img.dtype == torch.uint8
         assert out_lab.shape == (64, 64) and out_lab.dtype == torch.uint8
         assert set(out_lab.unique().tolist()) <= {0, 1, 2, 3, 255}  # nearest: no blends
@@ -190,11 +241,14 @@ def test_joint_augment_is_aligned_to_the_subpixel(axis):
     label = torch.from_numpy(ramp.astype(np.uint8))  # (H, W)
     spec = JointAugmentSpec(crop_size=256, scale=(0.5, 2.2), hflip=True)
     for seed in range(16):
-        out_img, out_lab, (y0, x0, y1, x1) = augment_with_box(img, label, spec,
-                                                              np.random.default_rng(seed))  # fmt: skip
+        out_img, out_lab, (y0, x0, y1, x1) = augment_with_box(
+            img, label, spec, np.random.default_rng(seed)
+        )
         m = 3  # the resampling kernels meet the image's edge within a few pixels of it
-        diff = (out_img[0, y0 + m : y1 - m, x0 + m : x1 - m].int()
-                - out_lab[y0 + m : y1 - m, x0 + m : x1 - m].int()).abs()  # fmt: skip
+        diff = (
+            out_img[0, y0 + m : y1 - m, x0 + m : x1 - m].int()
+            - out_lab[y0 + m : y1 - m, x0 + m : x1 - m].int()
+        ).abs()
         assert diff.max() <= 1 and (diff == 0).float().mean() > 0.95, f"seed {seed}"
 
 
@@ -205,8 +259,9 @@ def test_joint_augment_at_scale_one_embeds_the_image_flipped_or_not(hflip):
     spec = JointAugmentSpec(crop_size=48, scale=(1.0, 1.0), hflip=hflip, mean=IMAGENET_MEAN)
     flipped = set()
     for seed in range(8):
-        out_img, out_lab, (y0, x0, y1, x1) = augment_with_box(img, label, spec,
-                                                              np.random.default_rng(seed))  # fmt: skip
+        out_img, out_lab, (y0, x0, y1, x1) = augment_with_box(
+            img, label, spec, np.random.default_rng(seed)
+        )
         assert (y1 - y0, x1 - x0) == (30, 40)
         flip = not torch.equal(out_lab[y0:y1, x0:x1], label)
         assert torch.equal(out_lab[y0:y1, x0:x1], label.flip(-1) if flip else label)
@@ -235,8 +290,11 @@ def data(tmp_path_factory) -> dict:
     keys = [[k for k, _ in sh] for sh in shards]
 
     def folder(name, picks):
-        write_labels(root / name, root / "images",
-                     [(s, [(k, png(labels[k])) for k in ks]) for s, ks in picks])  # fmt: skip
+        write_labels(
+            root / name,
+            root / "images",
+            [(s, [(k, png(labels[k])) for k in ks]) for s, ks in picks],
+        )
 
     folder("even", [(s, keys[s][1:5]) for s in range(4)])
     folder("uneven", [(0, keys[0][:5]), (1, keys[1][::2]), (2, keys[2]), (3, keys[3][3:4])])
@@ -261,8 +319,12 @@ def test_contract_alignment_padding_and_per_sample_seeds(data):
             # the same pixels as augmenting the source with the sample's own seed (pass 0)
             src = data["labels"][key]
             rng = np.random.default_rng(sample_seed(5, 0, 0, key))
-            want_img, want_lab = joint_augment(torch.from_numpy(colour(src)).permute(2, 0, 1),
-                                               torch.from_numpy(src), ld.augment, rng)  # fmt: skip
+            want_img, want_lab = joint_augment(
+                torch.from_numpy(colour(src)).permute(2, 0, 1),
+                torch.from_numpy(src),
+                ld.augment,
+                rng,
+            )
             assert torch.equal(lab, want_lab.long())
             assert torch.equal(to_uint8(img)[:, lab != 255], want_img[:, lab != 255])
     assert checked > 5000 and pad > 0
@@ -275,9 +337,11 @@ def test_contract_alignment_padding_and_per_sample_seeds(data):
 @pytest.mark.parametrize("labels", ["even", "few"])  # few: fewer shards than readers
 def test_every_labelled_image_once_per_epoch_across_ranks_and_workers(data, labels):
     per_rank = [run(loader(data, labels, rank=r, world_size=2)) for r in range(2)]
-    want = sorted(json.loads((data["root"] / labels / "manifest.json").read_text())
-                  ["shards"][i]["keys"][j] for i in range(2 if labels == "few" else 4)
-                  for j in range(4))  # fmt: skip
+    want = sorted(
+        json.loads((data["root"] / labels / "manifest.json").read_text())["shards"][i]["keys"][j]
+        for i in range(2 if labels == "few" else 4)
+        for j in range(4)
+    )
     assert len(per_rank[0]) == len(per_rank[1]) == len(want) // 4
     assert sorted(keys_of(per_rank[0]) + keys_of(per_rank[1])) == want
     # another epoch: the same images, another order and other crops
@@ -324,9 +388,11 @@ def bad(tmp_path_factory) -> dict:
             return png(np.where(labels[key] == 3, 9, labels[key]).astype(np.uint8))
         return None if key == "b_1_3" else png(labels[key])
 
-    write_labels(root / "labels", root / "images",
-                 [(s, [(f"b_{s}_{j}", label_png(f"b_{s}_{j}")) for j in range(5)])
-                  for s in range(2)])  # fmt: skip
+    write_labels(
+        root / "labels",
+        root / "images",
+        [(s, [(f"b_{s}_{j}", label_png(f"b_{s}_{j}")) for j in range(5)]) for s in range(2)],
+    )
     return {"root": root, "images": root / "images", "labels": labels}
 
 
@@ -372,9 +438,28 @@ def test_synthetic_split_with_labels_from_its_masks(tmp_path):
     """Real `mcis shards build` output (JPEG images, a full manifest) joined with label shards
     cut from the samples' own exact masks, one in three left unlabelled."""
     out = tmp_path / "ds"
-    assert main(["shards", "build", "--source", "synthetic", "--num-train", "24", "--num-val", "2",
-                 "--max-samples-per-shard", "6", "--workers", "1", "--no-progress",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "synthetic",
+                "--num-train",
+                "24",
+                "--num-val",
+                "2",
+                "--max-samples-per-shard",
+                "6",
+                "--workers",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "train" / "manifest.json").read_text())
     masks, picks = {}, []
     for i, shard in enumerate(manifest["shards"]):
@@ -386,8 +471,15 @@ def test_synthetic_split_with_labels_from_its_masks(tmp_path):
         picks.append((i, samples))
     write_labels(tmp_path / "labels", out / "train", picks, classes=manifest["classes"])
     c = cfg(num_workers=0, crop_size=96, batch_size=4)
-    ld = JointLoader(str(out / "train"), str(tmp_path / "labels"), c, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD, rank=0, world_size=1)  # fmt: skip
+    ld = JointLoader(
+        str(out / "train"),
+        str(tmp_path / "labels"),
+        c,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        rank=0,
+        world_size=1,
+    )
     batches = run(ld)
     labelled = sum(len(s) for _, s in picks)
     assert len(batches) == labelled // 4 and ld.stats()["no_label"] == 24 - labelled
@@ -395,8 +487,9 @@ def test_synthetic_split_with_labels_from_its_masks(tmp_path):
         for lab, key in zip(b["label"], b["keys"], strict=True):
             mask, jpg = masks[key]
             rng = np.random.default_rng(sample_seed(c.seed, 0, 0, key))
-            _, want = joint_augment(decode_rgb(jpg), torch.from_numpy(decode_label(mask)),
-                                    ld.augment, rng)  # fmt: skip
+            _, want = joint_augment(
+                decode_rgb(jpg), torch.from_numpy(decode_label(mask)), ld.augment, rng
+            )
             assert torch.equal(lab, want.long())
             assert lab.max() <= 8 or (lab == 255).any()
 
@@ -409,12 +502,19 @@ def test_label_folder_errors_name_the_problem(data, tmp_path):
         open_label_folder(str(data["images"]))
     labels = data["labels"]
     k = data["keys"]
-    write_labels(tmp_path / "classes", data["images"], [(0, [(k[0][0], png(labels[k[0][0]]))])],
-                 classes=["a", "b", "x"])  # fmt: skip
+    write_labels(
+        tmp_path / "classes",
+        data["images"],
+        [(0, [(k[0][0], png(labels[k[0][0]]))])],
+        classes=["a", "b", "x"],
+    )
     with pytest.raises(LoaderError, match=r"classes \[a, b, x\].*has \[a, b, c\].*class 2 is 'x'"):
         loader({**data, "root": tmp_path}, "classes")
-    write_labels(tmp_path / "order", data["images"],
-                 [(0, [(k[0][3], png(labels[k[0][3]])), (k[0][1], png(labels[k[0][1]]))])])  # fmt: skip
+    write_labels(
+        tmp_path / "order",
+        data["images"],
+        [(0, [(k[0][3], png(labels[k[0][3]])), (k[0][1], png(labels[k[0][1]]))])],
+    )
     with pytest.raises(LoaderError, match="another order than shard-000000.tar"):
         loader({**data, "root": tmp_path}, "order")
     write_labels(tmp_path / "other", data["images"], [(1, [(k[0][0], png(labels[k[0][0]]))])])
@@ -442,9 +542,16 @@ def test_s3_folders_give_the_same_batches_as_local_ones(data, s3_bucket, s3_endp
         for p in sorted((data["root"] / sub).iterdir()):
             client.put_object(Bucket=s3_bucket, Key=f"ds/{sub}/{p.name}", Body=p.read_bytes())
     c = cfg(num_workers=0)
-    remote = JointLoader(f"s3://{s3_bucket}/ds/images", f"s3://{s3_bucket}/ds/even", c,
-                         mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=1, world_size=2,
-                         endpoint_url=s3_endpoint)  # fmt: skip
+    remote = JointLoader(
+        f"s3://{s3_bucket}/ds/images",
+        f"s3://{s3_bucket}/ds/even",
+        c,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        rank=1,
+        world_size=2,
+        endpoint_url=s3_endpoint,
+    )
     local = loader(data, "even", rank=1, world_size=2, num_workers=0)
     got, want = run(remote), run(local)
     assert len(got) == len(want) == 4
@@ -456,6 +563,7 @@ def test_s3_folders_give_the_same_batches_as_local_ones(data, s3_bucket, s3_endp
 def test_rank_and_world_default_to_the_environment_outside_ray_train(data, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    ld = JointLoader(str(data["images"]), str(data["root"] / "even"), cfg(),
-                     mean=IMAGENET_MEAN, std=IMAGENET_STD)  # fmt: skip
+    ld = JointLoader(
+        str(data["images"]), str(data["root"] / "even"), cfg(), mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
     assert (ld.rank, ld.world_size, len(ld)) == (1, 2, 16 // 4)

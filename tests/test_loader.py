@@ -24,8 +24,14 @@ SPEC = SyntheticSpec(num_train=90, num_val=6)
 
 def build(out: Path, storage=None) -> dict:
     opts = BuildOptions(shard_size_mb=0.06, workers=1, progress=False)
-    return build_dataset("synthetic", storage or LocalStorage(out), opts, ["train"], {"spec": SPEC},
-                         log=lambda *_: None)["train"]  # fmt: skip
+    return build_dataset(
+        "synthetic",
+        storage or LocalStorage(out),
+        opts,
+        ["train"],
+        {"spec": SPEC},
+        log=lambda *_: None,
+    )["train"]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,17 @@ def shards(tmp_path_factory) -> Path:
 
 
 def cfg(url, **kw) -> DataConfig:
-    base = dict(train_url=str(url), batch_size=4, num_workers=2, mp_context="fork", crop_size=48,
-                resize_long=[48, 80], pool_size=32, max_wait=16, shuffle_buffer=8)  # fmt: skip
+    base = dict(
+        train_url=str(url),
+        batch_size=4,
+        num_workers=2,
+        mp_context="fork",
+        crop_size=48,
+        resize_long=[48, 80],
+        pool_size=32,
+        max_wait=16,
+        shuffle_buffer=8,
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -110,13 +125,18 @@ def test_fewer_shards_than_readers_still_splits_disjointly(tmp_path, shards):
     m = build(tmp_path / "big", LocalStorage(tmp_path / "big"))
     assert m["num_shards"] > 1
     opts = BuildOptions(shard_size_mb=50, workers=1, progress=False)
-    m1 = build_dataset("synthetic", LocalStorage(one), opts, ["train"], {"spec": SPEC},
-                       log=lambda *_: None)["train"]  # fmt: skip
+    m1 = build_dataset(
+        "synthetic", LocalStorage(one), opts, ["train"], {"spec": SPEC}, log=lambda *_: None
+    )["train"]
     assert m1["num_shards"] == 1
     seen = [
-        {k for b in epoch(PairLoader(cfg(one / "train"), rank=r, world_size=2, device="cpu")) for k in b["key_m"]}
+        {
+            k
+            for b in epoch(PairLoader(cfg(one / "train"), rank=r, world_size=2, device="cpu"))
+            for k in b["key_m"]
+        }
         for r in range(2)
-    ]  # fmt: skip
+    ]
     assert not seen[0] & seen[1]
 
 
@@ -243,8 +263,14 @@ def test_images_are_the_stored_ones_augmented(shards):
     from mcis_dist.data.transforms import decode_rgb
     from mcis_dist.formats.shards import iter_shard
 
-    c = cfg(shards, num_workers=0, color_jitter=[0, 0, 0, 0], hflip=False,
-            resize_long=[176, 176], crop_size=176)  # fmt: skip
+    c = cfg(
+        shards,
+        num_workers=0,
+        color_jitter=[0, 0, 0, 0],
+        hflip=False,
+        resize_long=[176, 176],
+        crop_size=176,
+    )
     b = next(iter(PairLoader(c, rank=0, world_size=1, device="cpu")))
     manifest = json.loads((shards / "manifest.json").read_text())
     for i in range(2):
@@ -286,9 +312,14 @@ def test_a_training_step_consumes_pair_batches(shards, backend, one_thread):
 def _train_on_pairs(shards, backend):
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2),
-        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 8),
-    )  # fmt: skip
+        torch.nn.Conv2d(3, 16, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 8),
+    )
     opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
     loader = PairLoader(
         cfg(shards, backend=backend, num_workers=0), rank=0, world_size=1, device="cpu"
@@ -332,9 +363,14 @@ def web_split(tmp_path_factory):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(s.image).save(folder / f"{i}.jpg", quality=90)
     opts = BuildOptions(shard_size_mb=0.05, workers=1, progress=False)
-    build_dataset("folder", LocalStorage(root / "shards"), opts, ["train"],
-                  {"folder_root": str(root / "web"), "classes": str(root / "classes.txt"),
-                   "domain": "web"}, log=lambda *_: None)  # fmt: skip
+    build_dataset(
+        "folder",
+        LocalStorage(root / "shards"),
+        opts,
+        ["train"],
+        {"folder_root": str(root / "web"), "classes": str(root / "classes.txt"), "domain": "web"},
+        log=lambda *_: None,
+    )
     return root / "shards" / "train"
 
 
@@ -352,8 +388,9 @@ def test_extra_domains_mix_into_the_stream_with_pair_types(shards, web_split, ba
         assert torch.equal(b["pair_type"] == 1, both_extra)
         assert torch.equal(b["pair_type"] == 2, one_extra)
         assert ((b["labels_m"] * b["labels_n"]).sum(1) > 0).all()
-    steered = cfg(shards, extra_urls=[str(web_split)], backend=backend, num_workers=1,
-                  cross_domain_share=1.0)  # fmt: skip
+    steered = cfg(
+        shards, extra_urls=[str(web_split)], backend=backend, num_workers=1, cross_domain_share=1.0
+    )
     cross = epoch(PairLoader(steered, rank=0, world_size=1, device="cpu"))
     share = torch.cat([b["pair_type"] == 2 for b in cross]).float().mean()
     assert share > kinds[2] / kinds.sum()  # steering raises the share of cross-domain pairs
@@ -361,8 +398,13 @@ def test_extra_domains_mix_into_the_stream_with_pair_types(shards, web_split, ba
 
 def test_extra_data_with_another_class_list_is_refused(shards, tmp_path):
     other = tmp_path / "other"
-    build_dataset("synthetic", LocalStorage(other), BuildOptions(shard_size_mb=1, workers=1, progress=False),
-                  ["train"], {"spec": SyntheticSpec(num_train=8, num_val=1, num_classes=5)},
-                  log=lambda *_: None)  # fmt: skip
+    build_dataset(
+        "synthetic",
+        LocalStorage(other),
+        BuildOptions(shard_size_mb=1, workers=1, progress=False),
+        ["train"],
+        {"spec": SyntheticSpec(num_train=8, num_val=1, num_classes=5)},
+        log=lambda *_: None,
+    )
     with pytest.raises(LoaderError, match=r"has classes .*\(5\), but .*\(8\)"):
         PairLoader(cfg(shards, extra_urls=[str(other / "train")]), rank=0, world_size=1)

@@ -185,8 +185,9 @@ def test_gradcheck_through_the_head(term):
     head = _HeadOnly(model)
 
     def loss(fm, fn, *ps):
-        out = functional_call(head, {f"model.{n}": p for n, p in zip(names, ps, strict=True)},
-                              (fm, fn), strict=False)  # fmt: skip
+        out = functional_call(
+            head, {f"model.{n}": p for n, p in zip(names, ps, strict=True)}, (fm, fn), strict=False
+        )
         return mcis_loss(out, lm, ln, epoch=2)[term]
 
     assert torch.autograd.gradcheck(loss, (fm, fn, *params))

@@ -68,8 +68,14 @@ def smooth_cams(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 def sample(h=21, w=30, stride=4, ids=(1, 4), seed=0, saliency=None) -> Sample:
     grid = (-(-h // stride), -(-w // stride))
-    return Sample("k", list(ids), smooth_cams(len(ids), *grid, seed=seed), stride,
-                  noise_rgb(h, w, seed), saliency)  # fmt: skip
+    return Sample(
+        "k",
+        list(ids),
+        smooth_cams(len(ids), *grid, seed=seed),
+        stride,
+        noise_rgb(h, w, seed),
+        saliency,
+    )
 
 
 def cfg_with(*overrides: str):
@@ -109,10 +115,12 @@ def test_confident_mode_is_confident_labels_at_full_resolution():
     assert got.shape == s.size and got.dtype == np.uint8
     assert np.array_equal(got, confident_labels(full, [1, 4], 4.0, 32.0))
     c = cfg_with("affinity.alpha_low=2", "affinity.alpha_high=8")
-    assert np.array_equal(MODES["confident"].build(c, None, CPU)(s),
-                          confident_labels(full, [1, 4], 2.0, 8.0))  # fmt: skip
-    c = cfg_with("affinity.label_mode=threshold", "affinity.fg_threshold=0.4",
-                 "affinity.bg_threshold=0.1")  # fmt: skip
+    assert np.array_equal(
+        MODES["confident"].build(c, None, CPU)(s), confident_labels(full, [1, 4], 2.0, 8.0)
+    )
+    c = cfg_with(
+        "affinity.label_mode=threshold", "affinity.fg_threshold=0.4", "affinity.bg_threshold=0.1"
+    )
     want = confident_labels(full, [1, 4], fg_threshold=0.4, bg_threshold=0.1)
     assert np.array_equal(MODES["confident"].build(c, None, CPU)(s), want)
     c = cfg_with("affinity.crf=true")
@@ -155,10 +163,19 @@ def direct_walk(cfg, net, s: Sample, **kw) -> np.ndarray:
         aff = net.affinities(net(normalize(x, cfg.data.mean, cfg.data.std)), offsets)[0][0]
     m = cfg.masks
     return propagate_to_labels(
-        torch.from_numpy(s.cams), aff, offsets, s.size, background=m.background,
-        bg_threshold=m.bg_threshold, bg_power=m.bg_power, beta=m.beta, steps=m.steps, stride=8,
-        class_ids=[k + 1 for k in s.class_ids], **kw,
-    ).numpy()  # fmt: skip
+        torch.from_numpy(s.cams),
+        aff,
+        offsets,
+        s.size,
+        background=m.background,
+        bg_threshold=m.bg_threshold,
+        bg_power=m.bg_power,
+        beta=m.beta,
+        steps=m.steps,
+        stride=8,
+        class_ids=[k + 1 for k in s.class_ids],
+        **kw,
+    ).numpy()
 
 
 @pytest.mark.parametrize("background", ["constant", "power"])
@@ -226,7 +243,7 @@ def test_make_sample_skips_inputs_that_do_not_fit():
         (raw, {**meta, "size": [16, 25]}, maps, r"for size \[16, 25\] but the image is \[16, 24\]"),
         (raw, meta, maps[:1], "does not fit labels"),
         ({**raw, "sal.png": png(rgb[:8, :, 0])}, meta, maps, "saliency map"),
-    ]  # fmt: skip
+    ]
     for r, m, c, reason in cases:
         with pytest.raises(SkipSample, match=reason):
             make_sample(r, m, c, saliency=True)
@@ -238,18 +255,36 @@ def write_split(folder: Path, items: list[dict], classes: list[str]) -> None:
     folder.mkdir(parents=True)
     writer = ShardWriter(folder / "shard-000000.tar")
     for it in items:
-        entry = {"__key__": it["key"], "png": png(it["rgb"]),
-                 "json": json.dumps({"labels": it["labels"]}).encode()}  # fmt: skip
+        entry = {
+            "__key__": it["key"],
+            "png": png(it["rgb"]),
+            "json": json.dumps({"labels": it["labels"]}).encode(),
+        }
         if "mask" in it:
             entry["mask.png"] = png(it["mask"])
         writer.write(entry)
     (folder / "shard-000000.idx").write_text(writer.close())
     keys = [it["key"] for it in items]
-    (folder / "manifest.json").write_text(json.dumps({
-        "format": "mcis-shards/1", "classes": classes, "num_samples": len(items),
-        "shards": [{"name": "shard-000000.tar", "index": "shard-000000.idx", "first": 0,
-                    "samples": len(items), "bytes": writer.bytes, "sha256": writer.sha256,
-                    "keys": keys}]}))  # fmt: skip
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "mcis-shards/1",
+                "classes": classes,
+                "num_samples": len(items),
+                "shards": [
+                    {
+                        "name": "shard-000000.tar",
+                        "index": "shard-000000.idx",
+                        "first": 0,
+                        "samples": len(items),
+                        "bytes": writer.bytes,
+                        "sha256": writer.sha256,
+                        "keys": keys,
+                    }
+                ],
+            }
+        )
+    )
 
 
 def write_cams(folder: Path, split: Path, entries: list[dict], classes: list[str]) -> None:
@@ -258,15 +293,36 @@ def write_cams(folder: Path, split: Path, entries: list[dict], classes: list[str
     writer = ShardWriter(folder / "cams-000000.tar")
     for e in entries:
         meta = {k: e[k] for k in ("key", "labels", "size", "stride")} | {"fallback": []}
-        writer.write({"__key__": e["key"], "cam.npy": encode_cam(e["maps"]),
-                      "json": json.dumps(meta).encode()})  # fmt: skip
+        writer.write(
+            {
+                "__key__": e["key"],
+                "cam.npy": encode_cam(e["maps"]),
+                "json": json.dumps(meta).encode(),
+            }
+        )
     writer.close()
-    (folder / "manifest.json").write_text(json.dumps({
-        "format": CAM_FORMAT, "fingerprint": "f", "classes": classes, "samples": len(entries),
-        "source": {"url": str(split), "samples": len(entries)}, "settings": {"mode": "single"},
-        "shards": [{"name": "cams-000000.tar", "index": 0, "source": "shard-000000.tar",
-                    "samples": len(entries), "sha256": writer.sha256,
-                    "keys": [e["key"] for e in entries]}]}))  # fmt: skip
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": CAM_FORMAT,
+                "fingerprint": "f",
+                "classes": classes,
+                "samples": len(entries),
+                "source": {"url": str(split), "samples": len(entries)},
+                "settings": {"mode": "single"},
+                "shards": [
+                    {
+                        "name": "cams-000000.tar",
+                        "index": 0,
+                        "source": "shard-000000.tar",
+                        "samples": len(entries),
+                        "sha256": writer.sha256,
+                        "keys": [e["key"] for e in entries],
+                    }
+                ],
+            }
+        )
+    )
 
 
 def test_the_actor_joins_cams_with_images_and_lists_what_it_skips(tmp_path):
@@ -275,17 +331,38 @@ def test_the_actor_joins_cams_with_images_and_lists_what_it_skips(tmp_path):
     classes = ["a", "b", "c"]
     items = [{"key": f"im{i}", "rgb": noise_rgb(20, 28, i), "labels": [i % 3]} for i in range(4)]
     write_split(tmp_path / "split", items, classes)
-    cams = [{"key": f"im{i}", "labels": [i % 3], "size": [20, 28], "stride": 8,
-             "maps": smooth_cams(1, 3, 4, seed=i)} for i in (0, 1, 3)]  # fmt: skip
+    cams = [
+        {
+            "key": f"im{i}",
+            "labels": [i % 3],
+            "size": [20, 28],
+            "stride": 8,
+            "maps": smooth_cams(1, 3, 4, seed=i),
+        }
+        for i in (0, 1, 3)
+    ]
     cams[1]["size"] = [20, 29]
     cams.append({**cams[0], "key": "ghost"})
     write_cams(tmp_path / "cams", tmp_path / "split", cams, classes)
     cfg = cfg_with("cams.bg_threshold=0.3")
-    spec = {"mode": "cams", "cams_url": str(tmp_path / "cams"), "use_gpu": False, "threads": 1,
-            "source_url": str(tmp_path / "split"), "out_url": str(tmp_path / "out")}  # fmt: skip
+    spec = {
+        "mode": "cams",
+        "cams_url": str(tmp_path / "cams"),
+        "use_gpu": False,
+        "threads": 1,
+        "source_url": str(tmp_path / "split"),
+        "out_url": str(tmp_path / "out"),
+    }
     actor = LabelActor(json.loads(cfg.model_dump_json()), spec, None)
-    record = actor.run({"name": "labels-000000.tar", "index": 0, "source": "shard-000000.tar",
-                        "cams": "cams-000000.tar", "fingerprint": "x"})  # fmt: skip
+    record = actor.run(
+        {
+            "name": "labels-000000.tar",
+            "index": 0,
+            "source": "shard-000000.tar",
+            "cams": "cams-000000.tar",
+            "fingerprint": "x",
+        }
+    )
     assert record["keys"] == ["im0", "im3"] and record["samples"] == 2
     reasons = {s["key"]: s["reason"] for s in record["skipped"]}
     assert set(reasons) == {"im1", "ghost"}
@@ -325,32 +402,45 @@ def test_evaluation_against_a_hand_computed_confusion_matrix(tmp_path):
 
     classes = ["a", "b"]
     gts = [np.array([[0, 1, 1, 255], [0, 0, 2, 2]]), np.array([[1, 1, 0, 0], [1, 0, 0, 0]])]
-    preds = [np.array([[0, 1, 255, 1], [0, 1, 2, 255]]),
-             np.array([[1, 0, 0, 255], [1, 0, 1, 0]])]  # fmt: skip
-    items = [{"key": f"img{i}", "rgb": noise_rgb(2, 4, i), "labels": [0], "mask": gts[i]}
-             for i in range(2)]  # fmt: skip
+    preds = [np.array([[0, 1, 255, 1], [0, 1, 2, 255]]), np.array([[1, 0, 0, 255], [1, 0, 1, 0]])]
+    items = [
+        {"key": f"img{i}", "rgb": noise_rgb(2, 4, i), "labels": [0], "mask": gts[i]}
+        for i in range(2)
+    ]
     write_split(tmp_path / "split", items, classes)
     labels = tmp_path / "labels"
     labels.mkdir()
     writer = ShardWriter(labels / "labels-000000.tar")
     for i, p in enumerate(preds):
         meta = {"key": f"img{i}", "labels": [0, 1], "size": [2, 4]}
-        writer.write({"__key__": f"img{i}", "label.png": encode_label(p.astype(np.uint8)),
-                      "json": json.dumps(meta).encode()})  # fmt: skip
+        writer.write(
+            {
+                "__key__": f"img{i}",
+                "label.png": encode_label(p.astype(np.uint8)),
+                "json": json.dumps(meta).encode(),
+            }
+        )
     writer.close()
-    (labels / "manifest.json").write_text(json.dumps({
-        "format": FORMAT, "kind": "pseudo", "mode": "random_walk", "classes": classes,
-        "samples": 2, "source": {"url": str(tmp_path / "split")},
-        "shards": [{"name": "labels-000000.tar", "source": "shard-000000.tar", "samples": 2}]}))  # fmt: skip
+    (labels / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "kind": "pseudo",
+                "mode": "random_walk",
+                "classes": classes,
+                "samples": 2,
+                "source": {"url": str(tmp_path / "split")},
+                "shards": [
+                    {"name": "labels-000000.tar", "source": "shard-000000.tar", "samples": 2}
+                ],
+            }
+        )
+    )
     cfg = cfg_with("masks.eval_grid=2")
     result = evaluate_masks(cfg, masks_url=str(labels), log=lambda *_: None)
     # rows gt, columns prediction; gt 255 never counted; 3 gt pixels predicted 255.
-    left_out = np.array([[5, 2, 0],
-                         [1, 3, 0],
-                         [0, 0, 1]])  # fmt: skip
-    as_bg = np.array([[6, 2, 0],
-                      [2, 3, 0],
-                      [1, 0, 1]])  # fmt: skip
+    left_out = np.array([[5, 2, 0], [1, 3, 0], [0, 0, 1]])
+    as_bg = np.array([[6, 2, 0], [2, 3, 0], [1, 0, 1]])
     assert np.array_equal(np.array(result["matrix"]), left_out)
     assert np.array_equal(np.array(result["ignore_as_bg"]["matrix"]), as_bg)
     assert result["miou"] == pytest.approx(np.mean([5 / 8, 3 / 6, 1 / 1]))
@@ -366,16 +456,37 @@ def test_a_truncated_image_shard_keeps_what_was_read(tmp_path):
     classes = ["a"]
     items = [{"key": f"im{i}", "rgb": noise_rgb(40, 48, i), "labels": [0]} for i in range(4)]
     write_split(tmp_path / "split", items, classes)
-    cams = [{"key": f"im{i}", "labels": [0], "size": [40, 48], "stride": 8,
-             "maps": smooth_cams(1, 5, 6, seed=i)} for i in range(4)]  # fmt: skip
+    cams = [
+        {
+            "key": f"im{i}",
+            "labels": [0],
+            "size": [40, 48],
+            "stride": 8,
+            "maps": smooth_cams(1, 5, 6, seed=i),
+        }
+        for i in range(4)
+    ]
     write_cams(tmp_path / "cams", tmp_path / "split", cams, classes)
     tar = tmp_path / "split" / "shard-000000.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 100])
-    spec = {"mode": "cams", "cams_url": str(tmp_path / "cams"), "use_gpu": False, "threads": 1,
-            "source_url": str(tmp_path / "split"), "out_url": str(tmp_path / "out")}  # fmt: skip
+    spec = {
+        "mode": "cams",
+        "cams_url": str(tmp_path / "cams"),
+        "use_gpu": False,
+        "threads": 1,
+        "source_url": str(tmp_path / "split"),
+        "out_url": str(tmp_path / "out"),
+    }
     actor = LabelActor(json.loads(cfg_with().model_dump_json()), spec, None)
-    record = actor.run({"name": "labels-000000.tar", "index": 0, "source": "shard-000000.tar",
-                        "cams": "cams-000000.tar", "fingerprint": "x"})  # fmt: skip
+    record = actor.run(
+        {
+            "name": "labels-000000.tar",
+            "index": 0,
+            "source": "shard-000000.tar",
+            "cams": "cams-000000.tar",
+            "fingerprint": "x",
+        }
+    )
     assert 0 < record["samples"] < 4
     reasons = [s["reason"] for s in record["skipped"]]
     assert record["skipped"][0]["key"] == "shard-000000.tar:*" and reasons[0].startswith("shard:")

@@ -31,8 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
 pytestmark = pytest.mark.slow
 # single-round maps: at random weights they vary over the image (co-attentive ones are flat)
-FAST = ["cams.mode=single", "cams.scales=[1.0]", "cams.num_actors=2",
-        "masks.steps=16", "masks.num_actors=2", "affinity.num_actors=2"]  # fmt: skip
+FAST = [
+    "cams.mode=single",
+    "cams.scales=[1.0]",
+    "cams.num_actors=2",
+    "masks.steps=16",
+    "masks.num_actors=2",
+    "affinity.num_actors=2",
+]
 QUIET = {"log": lambda *_: None}
 
 
@@ -48,8 +54,12 @@ def ray_session():
         for k, v in S3_ENV.items():
             mp.setenv(k, v)
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False)  # fmt: skip
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+        )
         yield
         ray.shutdown()
 
@@ -60,9 +70,28 @@ def setup(tmp_path_factory, ray_session):
     random AffinityNet checkpoint where AffinityNet training puts its checkpoints."""
     root = tmp_path_factory.mktemp("masks_stage")
     shards = root / "shards"
-    assert main(["shards", "build", "--source", "synthetic", "--num-train", "24", "--num-val", "2",
-                 "--max-samples-per-shard", "4", "--workers", "1", "--no-progress",
-                 "--out", str(shards)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "synthetic",
+                "--num-train",
+                "24",
+                "--num-val",
+                "2",
+                "--max-samples-per-shard",
+                "4",
+                "--workers",
+                "1",
+                "--no-progress",
+                "--out",
+                str(shards),
+            ]
+        )
+        == 0
+    )
     overrides = [f"shards.url={shards}", f"run_root={root / 'runs'}", *FAST]
     cfg = load_config(CONFIG, overrides)
     torch.manual_seed(0)
@@ -127,8 +156,13 @@ def test_confident_labels_one_per_cam_matching_the_per_image_function(setup):
     out = Path(labels_url(cfg))
     assert manifest["kind"] == "confident" and manifest["mode"] == "confident"
     assert label_keys(out) == cam_keys(setup["cams"]) and manifest["samples"] == 24
-    assert manifest["settings"] == {"mode": "confident", "label_mode": "alpha", "alpha_low": 4.0,
-                                    "alpha_high": 32.0, "crf": False}  # fmt: skip
+    assert manifest["settings"] == {
+        "mode": "confident",
+        "label_mode": "alpha",
+        "alpha_low": 4.0,
+        "alpha_high": 32.0,
+        "crf": False,
+    }
     assert [s["source"] for s in manifest["shards"]] == [f"shard-{i:06d}.tar" for i in range(6)]
     got = dict(
         (m["key"], lab) for m, lab in iter_label_shard(open_storage(out), "labels-000001.tar")
@@ -190,8 +224,12 @@ def test_s3_output(setup, masks_run, s3_endpoint, s3_bucket, tmp_path):
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="exp/masks/")["Contents"]}
-    assert {"exp/masks/manifest.json", "exp/masks/labels-000005.tar",
-            "exp/masks/labels-000005.idx", "exp/masks/_parts/labels-000005.json"} <= keys  # fmt: skip
+    assert {
+        "exp/masks/manifest.json",
+        "exp/masks/labels-000005.tar",
+        "exp/masks/labels-000005.idx",
+        "exp/masks/_parts/labels-000005.json",
+    } <= keys
     body = s3.get_object(Bucket=s3_bucket, Key="exp/masks/labels-000003.tar")["Body"].read()
     assert hashlib.sha256(body).hexdigest() == shard_hashes(clean)["labels-000003.tar"]
     result = evaluate_masks(cfg, masks_url=url, out_url=str(tmp_path / "eval"), **QUIET)
@@ -213,14 +251,16 @@ def test_a_cam_without_image_and_a_cam_of_another_size_are_skipped_and_listed(se
 
     writer = ShardWriter(cams / shard["name"])
     for meta, maps in records:
-        writer.write({"__key__": meta["key"], "cam.npy": encode_cam(maps),
-                      "json": json.dumps(meta).encode()})  # fmt: skip
+        writer.write(
+            {"__key__": meta["key"], "cam.npy": encode_cam(maps), "json": json.dumps(meta).encode()}
+        )
     (cams / shard["index_name"]).write_text(writer.close())
     shard.update(sha256=writer.sha256, bytes=writer.bytes)
     (cams / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "masks"
-    result = make_masks(config(setup, "masks.mode=cams", f"masks.cams_url={cams}",
-                               f"masks.out_url={out}"), **QUIET)  # fmt: skip
+    result = make_masks(
+        config(setup, "masks.mode=cams", f"masks.cams_url={cams}", f"masks.out_url={out}"), **QUIET
+    )
     assert result["samples"] == 22 and result["skipped_count"] == 2
     reasons = {s["key"]: (s["shard"], s["reason"]) for s in result["skipped"]}
     assert reasons.keys() == {"ghost", resized}

@@ -182,8 +182,16 @@ def test_new_parameters_and_groups():
     model = MCISClassifier(TinyBackbone(with_new=True), num_classes=K)
     head = {id(p) for p in model.head_parameters()}
     new = {id(p) for p in model.new_parameters()}
-    assert head == {id(p) for p in (model.w_p, model.phi.weight, model.phi.bias,
-                                    model.phi_co.weight, model.w_b.weight)}  # fmt: skip
+    assert head == {
+        id(p)
+        for p in (
+            model.w_p,
+            model.phi.weight,
+            model.phi.bias,
+            model.phi_co.weight,
+            model.w_b.weight,
+        )
+    }
     assert new == head | {id(p) for p in model.backbone.extra.parameters()}
     groups = model.param_groups()
     flat = [id(p) for ps in groups.values() for p in ps]

@@ -24,21 +24,36 @@ from mcis_dist.runtime.sharded import StageError
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
 # The demo at test size: small shards so the sharded stages have several, one step per stage.
-SMALL = ["synthetic.num_train=40", "synthetic.num_val=8", "shards.workers=1",
-         "shards.shard_size_mb=0.1", "train.epochs=2", "train.report_every_steps=2",
-         "data.batch_size=4", "data.pool_size=16", "cams.scales=[1.0]", "cams.related=1",
-         "affinity.train.epochs=1", "masks.steps=16", "seg.train.epochs=1",
-         "seg.data.batch_size=4"]  # fmt: skip
+SMALL = [
+    "synthetic.num_train=40",
+    "synthetic.num_val=8",
+    "shards.workers=1",
+    "shards.shard_size_mb=0.1",
+    "train.epochs=2",
+    "train.report_every_steps=2",
+    "data.batch_size=4",
+    "data.pool_size=16",
+    "cams.scales=[1.0]",
+    "cams.related=1",
+    "affinity.train.epochs=1",
+    "masks.steps=16",
+    "seg.train.epochs=1",
+    "seg.data.batch_size=4",
+]
 
 
 def env(**extra) -> dict:
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-            "PYTHONUNBUFFERED": "1", **extra}  # fmt: skip
+    return {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
 
 
 def pipeline_cmd(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "mcis_dist.cli", "pipeline", "--config", DEMO, *SMALL,
-            *overrides]  # fmt: skip
+    return [sys.executable, "-m", "mcis_dist.cli", "pipeline", "--config", DEMO, *SMALL, *overrides]
 
 
 def wait_for(condition, proc, what: str, timeout: float = 300) -> None:
@@ -77,8 +92,9 @@ def test_killed_inside_training_and_inside_cams_then_resumed_then_the_demo(tmp_p
     run = tmp_path / "runs" / "demo"
 
     # 1. Killed inside the classifier's training, once its first epoch is checkpointed.
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     wait_for(lambda: newest_epoch(run / "cls") >= 1, proc, "the first checkpoint")
     kill(proc)
     assert not training_complete(str(run / "cls"), 4)
@@ -86,8 +102,14 @@ def test_killed_inside_training_and_inside_cams_then_resumed_then_the_demo(tmp_p
     # 2. Started again: training resumes from epoch 1; killed inside the CAM stage, once some
     #    of its shards are written and before its manifest.
     parts = run / "cams" / "_parts"
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
     wait_for(lambda: len(list(parts.glob("*.json"))) >= 1, proc, "the first CAM shard", 400)
     kill(proc)
     second = proc.stdout.read()
@@ -144,8 +166,13 @@ def test_killed_inside_training_and_inside_cams_then_resumed_then_the_demo(tmp_p
     )
     # 5. Changed pseudo-mask settings: the masks are redone, and DeepLab, trained on the old
     #    masks, is refused with the run named instead of being silently reused.
-    changed = subprocess.run(pipeline_cmd(*overrides, "masks.steps=8"), env=env(),
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    changed = subprocess.run(
+        pipeline_cmd(*overrides, "masks.steps=8"),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert changed.returncode != 0
     err = changed.stdout[-3000:] + changed.stderr[-3000:]
     assert "was trained on pseudo masks" in err and f"{run}/seg/run" in err, err
@@ -161,7 +188,10 @@ def test_killed_inside_training_and_inside_cams_then_resumed_then_the_demo(tmp_p
 )
 def test_stages_that_disagree_fail_naming_the_disagreement(override, words):
     cfg = load_config(DEMO, [override], schema=ExperimentConfig)
-    with pytest.raises(StageError, match="the pipeline's stages disagree: .*" + words.replace("(", r"\(").replace(")", r"\)")):  # fmt: skip
+    with pytest.raises(
+        StageError,
+        match="the pipeline's stages disagree: .*" + words.replace("(", r"\(").replace(")", r"\)"),
+    ):
         check_consistency(cfg)
 
 
@@ -169,13 +199,30 @@ def test_different_class_lists_in_train_and_val_are_named(tmp_path, capsys):
     from mcis_dist.cli import main
 
     for split, n in (("train", "8"), ("val", "4")):
-        argv = ["shards", "build", "--source", "synthetic", "--num-train", "6", "--num-val", "3",
-                "--split", split, "--num-classes", n, "--workers", "1", "--no-progress",
-                "--out", str(tmp_path / "ds")]  # fmt: skip
+        argv = [
+            "shards",
+            "build",
+            "--source",
+            "synthetic",
+            "--num-train",
+            "6",
+            "--num-val",
+            "3",
+            "--split",
+            split,
+            "--num-classes",
+            n,
+            "--workers",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "ds"),
+        ]
         assert main(argv) == 0
     capsys.readouterr()
-    code = main(["pipeline", "--config", DEMO, f"shards.url={tmp_path}/ds",
-                 f"run_root={tmp_path}/runs"])  # fmt: skip
+    code = main(
+        ["pipeline", "--config", DEMO, f"shards.url={tmp_path}/ds", f"run_root={tmp_path}/runs"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "the training split's classes" in err and "differ" in err, err
     assert not (tmp_path / "runs" / "demo" / "cls").exists()  # nothing was trained
@@ -190,11 +237,17 @@ def test_the_pipeline_builds_a_list_source_from_shards_splits(tmp_path):
 
     lst, images, classes, masks, expected = make_list_dataset(tmp_path / "lid")
     common = f"list_file: {lst}, image_root: {images}, classes: {classes}"
-    cfg = load_config(DEMO, ["shards.source=list", f"shards.url={tmp_path}/shards",
-                             "shards.workers=1", "shards.shard_size_mb=1",
-                             f"shards.splits={{train: {{{common}}}, "
-                             f"val: {{{common}, mask_root: {masks}}}}}"],
-                      schema=ExperimentConfig)  # fmt: skip
+    cfg = load_config(
+        DEMO,
+        [
+            "shards.source=list",
+            f"shards.url={tmp_path}/shards",
+            "shards.workers=1",
+            "shards.shard_size_mb=1",
+            f"shards.splits={{train: {{{common}}}, val: {{{common}, mask_root: {masks}}}}}",
+        ],
+        schema=ExperimentConfig,
+    )
     said: list[str] = []
     build_shards(cfg, said.append)
     train = json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())
@@ -210,8 +263,16 @@ def test_the_pipeline_builds_a_list_source_from_shards_splits(tmp_path):
 def test_a_source_without_shards_or_splits_says_how_to_build_them(tmp_path, capsys):
     from mcis_dist.cli import main
 
-    code = main(["pipeline", "--config", DEMO, "shards.source=list", f"shards.url={tmp_path}/s",
-                 f"run_root={tmp_path}/runs"])  # fmt: skip
+    code = main(
+        [
+            "pipeline",
+            "--config",
+            DEMO,
+            "shards.source=list",
+            f"shards.url={tmp_path}/s",
+            f"run_root={tmp_path}/runs",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"data.train_url={tmp_path}/s/train has no manifest.json" in err, err
     assert "mcis shards build --source list" in err and "shards.splits" in err
@@ -221,8 +282,11 @@ def test_an_unknown_split_option_is_named(tmp_path):
     from mcis_dist.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"splits.train: unknown option\(s\) \['list'\]"):
-        load_config(DEMO, ["shards.source=list", "shards.splits={train: {list: a.txt}}"],
-                    schema=ExperimentConfig)  # fmt: skip
+        load_config(
+            DEMO,
+            ["shards.source=list", "shards.splits={train: {list: a.txt}}"],
+            schema=ExperimentConfig,
+        )
 
 
 def _free_port() -> int:
@@ -250,18 +314,48 @@ def test_ray_job_submit_of_the_pipeline_with_everything_on_s3(tmp_path, s3_endpo
     temp = Path("/tmp") / f"ray-{os.getpid()}-{port}"
     e = env(RAY_AUTH_MODE="disabled")
     head = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--disable-usage-stats", f"--temp-dir={temp}"],
-        env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            ray,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        env=e,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     root = f"s3://{s3_bucket}"
     try:
         _wait_port(dash)
-        cmd = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
-               str(REPO), "--", sys.executable, "-m", "mcis_dist.cli", "pipeline", "--config",
-               "configs/demo.yaml", *SMALL, "train.epochs=1", f"shards.url={root}/shards",
-               f"run_root={root}/runs", f"shards.endpoint_url={s3_endpoint}"]  # fmt: skip
+        cmd = [
+            ray,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(REPO),
+            "--",
+            sys.executable,
+            "-m",
+            "mcis_dist.cli",
+            "pipeline",
+            "--config",
+            "configs/demo.yaml",
+            *SMALL,
+            "train.epochs=1",
+            f"shards.url={root}/shards",
+            f"run_root={root}/runs",
+            f"shards.endpoint_url={s3_endpoint}",
+        ]
         deadline = time.time() + 90
         while True:  # the dashboard answers before its job agent is up on a loaded machine
             proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
@@ -278,11 +372,21 @@ def test_ray_job_submit_of_the_pipeline_with_everything_on_s3(tmp_path, s3_endpo
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(30)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
-            for o in page.get("Contents", [])}  # fmt: skip
-    for key in ("shards/train/manifest.json", "shards/val/manifest.json", "runs/demo/cams/manifest.json",
-                "runs/demo/affinity/labels/manifest.json", "runs/demo/masks/manifest.json",
-                "runs/demo/report.json", "runs/demo/report.md", "runs/demo/config.yaml"):  # fmt: skip
+    keys = {
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+        for o in page.get("Contents", [])
+    }
+    for key in (
+        "shards/train/manifest.json",
+        "shards/val/manifest.json",
+        "runs/demo/cams/manifest.json",
+        "runs/demo/affinity/labels/manifest.json",
+        "runs/demo/masks/manifest.json",
+        "runs/demo/report.json",
+        "runs/demo/report.md",
+        "runs/demo/config.yaml",
+    ):
         assert key in keys, sorted(keys)[:50]
     assert any(k.startswith("runs/demo/cls/checkpoint_") for k in keys)
     assert any(k.startswith("runs/demo/seg/") and k.endswith("checkpoint.pt") for k in keys)

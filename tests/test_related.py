@@ -19,8 +19,9 @@ OPTS = BuildOptions(shard_size_mb=0.08, workers=1, progress=False)
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     out = tmp_path_factory.mktemp("related")
-    m = build_dataset("synthetic", LocalStorage(out), OPTS, ["train"], {"spec": SPEC},
-                      log=lambda *_: None)["train"]  # fmt: skip
+    m = build_dataset(
+        "synthetic", LocalStorage(out), OPTS, ["train"], {"spec": SPEC}, log=lambda *_: None
+    )["train"]
     assert m["num_shards"] >= 3
     return m, LocalStorage(out / "train")
 
@@ -45,8 +46,10 @@ def test_draws_hold_the_class_exclude_the_query_and_are_seeded(split):
             assert g not in drawn and set(drawn) <= truth[k]
             assert drawn == sampler.draw(k, 3, exclude_key=key)
     other = RelatedSampler(manifest, storage, seed=1)
-    queries = [(key, json.loads(sampler.read(g)["json"])["labels"][0])
-               for g, key in enumerate(sampler.keys[:10])]  # fmt: skip
+    queries = [
+        (key, json.loads(sampler.read(g)["json"])["labels"][0])
+        for g, key in enumerate(sampler.keys[:10])
+    ]
     assert any(sampler.draw(k, 3, key) != other.draw(k, 3, key) for key, k in queries)
     with pytest.raises(ValueError, match="class 99"):
         sampler.draw(99, 3)

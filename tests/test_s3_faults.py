@@ -26,8 +26,21 @@ from conftest import S3_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
-BUILD = ["shards", "build", "--source", "synthetic", "--num-train", "24", "--num-val", "4",
-         "--max-samples-per-shard", "4", "--workers", "1", "--no-progress"]  # fmt: skip
+BUILD = [
+    "shards",
+    "build",
+    "--source",
+    "synthetic",
+    "--num-train",
+    "24",
+    "--num-val",
+    "4",
+    "--max-samples-per-shard",
+    "4",
+    "--workers",
+    "1",
+    "--no-progress",
+]
 READ_TIMEOUT = 2  # seconds (MCIS_S3_READ_TIMEOUT); the proxy's stalls last longer
 STALL_S = 3.0
 
@@ -80,8 +93,9 @@ def s3_shards(reference, bucket, s3_endpoint) -> str:
 
 # ------------------------------------------------------------------------------------- helpers
 def local_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def s3_objects(endpoint: str, bucket: str, prefix: str) -> dict[str, bytes]:
@@ -143,8 +157,13 @@ def test_proxy_forwards_faithfully(proxy, bucket, s3_endpoint):
     assert ops["upload_part"] == 3 and ops["create_multipart"] == ops["complete_multipart"] == 1
     # A chunked request body (a generator has no length) arrives whole.
     conn = http.client.HTTPConnection(proxy.endpoint.split("//")[1])
-    conn.request("PUT", f"/{bucket}/fwd/chunked.txt", body=iter([b"hello ", b"chunked"]),
-                 encode_chunked=True, headers={"Transfer-Encoding": "chunked"})  # fmt: skip
+    conn.request(
+        "PUT",
+        f"/{bucket}/fwd/chunked.txt",
+        body=iter([b"hello ", b"chunked"]),
+        encode_chunked=True,
+        headers={"Transfer-Encoding": "chunked"},
+    )
     assert conn.getresponse().status == 200
     conn.close()
     assert (
@@ -204,8 +223,11 @@ def test_build_through_5xx_and_resets_is_byte_identical(proxy, bucket, s3_endpoi
     indexes, part records and manifest are the fault-free build's, byte for byte."""
     # one fault of each kind for certain, then a seeded share of every request
     once = [Rule(k, ops=("put_object",), max_count=1) for k in ("503", "stall_headers", "reset")]
-    proxy.arm([*once, Rule("503", rate=0.12), Rule("500", rate=0.08), Rule("reset", rate=0.15)],
-              max_faults=14, max_streak=2)  # fmt: skip
+    proxy.arm(
+        [*once, Rule("503", rate=0.12), Rule("500", rate=0.08), Rule("reset", rate=0.15)],
+        max_faults=14,
+        max_streak=2,
+    )
     url = f"s3://{bucket}/built"
     assert main([*BUILD, "--out", url, "--endpoint-url", proxy.endpoint]) == 0, proxy.summary()
     summary = assert_faults(proxy, "503", "500", "reset", "stall_headers")
@@ -232,8 +254,15 @@ def first_pass(shard_urls: tuple[str, ...], endpoint: str) -> tuple[list, object
     from mcis_dist.data.stream import PairStream, StreamSpec, WorkerStats
     from mcis_dist.data.transforms import AugmentSpec
 
-    spec = StreamSpec(shard_urls=shard_urls, num_samples=24, num_classes=8, batch_size=4,
-                      augment=AugmentSpec(), shuffle_buffer=1, endpoint_url=endpoint)  # fmt: skip
+    spec = StreamSpec(
+        shard_urls=shard_urls,
+        num_samples=24,
+        num_classes=8,
+        batch_size=4,
+        augment=AugmentSpec(),
+        shuffle_buffer=1,
+        endpoint_url=endpoint,
+    )
     stream, stats = PairStream(spec), WorkerStats()
     out = []
     for raw, cycle in stream._raw_samples(Unit(0, 1, 0, 1), stats):
@@ -248,9 +277,18 @@ def loader_epoch(url: str, endpoint: str) -> tuple[list, dict]:
     from mcis_dist.config import DataConfig
     from mcis_dist.data.loader import PairLoader
 
-    cfg = DataConfig(train_url=url, endpoint_url=endpoint, backend="webdataset", num_workers=0,
-                     batch_size=4, crop_size=48, resize_long=[48, 80], pool_size=32, max_wait=16,
-                     shuffle_buffer=8)  # fmt: skip
+    cfg = DataConfig(
+        train_url=url,
+        endpoint_url=endpoint,
+        backend="webdataset",
+        num_workers=0,
+        batch_size=4,
+        crop_size=48,
+        resize_long=[48, 80],
+        pool_size=32,
+        max_wait=16,
+        shuffle_buffer=8,
+    )
     loader = PairLoader(cfg, rank=0, world_size=1, device="cpu")
     batches = [(b["key_m"], b["key_n"], b["image_m"], b["image_n"]) for b in loader]
     return batches, loader.stats
@@ -266,9 +304,16 @@ def test_streaming_a_split_reads_every_sample_once(proxy, s3_shards, s3_endpoint
     clean, clean_stats = first_pass(urls, s3_endpoint)
 
     once = [Rule(k, ops=("get_object",), max_count=1) for k in ("503", "stall", "reset", "slow")]
-    proxy.arm([*once, Rule("reset", rate=0.35, ops=("get_object",)),
-               Rule("slow", rate=0.3, ops=("get_object",)), Rule("503", rate=0.15)],
-              max_faults=10, max_streak=2)  # fmt: skip
+    proxy.arm(
+        [
+            *once,
+            Rule("reset", rate=0.35, ops=("get_object",)),
+            Rule("slow", rate=0.3, ops=("get_object",)),
+            Rule("503", rate=0.15),
+        ],
+        max_faults=10,
+        max_streak=2,
+    )
     got, stats = first_pass(urls, proxy.endpoint)
     summary = assert_faults(proxy, "stall", "reset", "slow", "503")
     keys = [k for k, _ in got]
@@ -277,10 +322,16 @@ def test_streaming_a_split_reads_every_sample_once(proxy, s3_shards, s3_endpoint
     assert stats.shard_errors == 0 == clean_stats.shard_errors, f"{stats.last_error}; {summary}"
 
     want_batches, want_stats = loader_epoch(f"{s3_shards}/train", s3_endpoint)
-    proxy.arm([Rule("503", ops=("list",), max_count=1), Rule("reset", ops=("get_object",),
-               max_count=1), Rule("reset", rate=0.3, ops=("get_object",)),
-               Rule("503", rate=0.2, ops=("get_object", "list"))], max_faults=6,
-              max_streak=2)  # fmt: skip
+    proxy.arm(
+        [
+            Rule("503", ops=("list",), max_count=1),
+            Rule("reset", ops=("get_object",), max_count=1),
+            Rule("reset", rate=0.3, ops=("get_object",)),
+            Rule("503", rate=0.2, ops=("get_object", "list")),
+        ],
+        max_faults=6,
+        max_streak=2,
+    )
     batches, stats = loader_epoch(f"{s3_shards}/train", proxy.endpoint)
     summary = assert_faults(proxy, "reset", "503")
     assert len(batches) == len(want_batches) == 6, summary
@@ -291,8 +342,9 @@ def test_streaming_a_split_reads_every_sample_once(proxy, s3_shards, s3_endpoint
 
 
 # ------------------------------------------------------------------------------- c. checkpoint
-def test_checkpoint_survives_a_flaky_upload_and_download(proxy, bucket, s3_endpoint, tmp_path,
-                                                        one_thread):  # fmt: skip
+def test_checkpoint_survives_a_flaky_upload_and_download(
+    proxy, bucket, s3_endpoint, tmp_path, one_thread
+):
     """A classifier checkpoint (model, optimizer with momentum, RNG states) uploaded and loaded
     back through 503s, resets, slow bodies and a stall: same bytes, same tensors, and a resumed
     step equals an uninterrupted one."""
@@ -311,23 +363,33 @@ def test_checkpoint_survives_a_flaky_upload_and_download(proxy, bucket, s3_endpo
         o.step()
 
     step(model, opt)
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1, "step": 7,
-             "rng": {"0": ckpt.rng_state()}}  # fmt: skip
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": 1,
+        "step": 7,
+        "rng": {"0": ckpt.rng_state()},
+    }
     local = ckpt.save(tmp_path, state)
     blob = local.read_bytes()
 
     run = S3Storage(f"s3://{bucket}/runs/demo/cls", endpoint_url=proxy.endpoint)
-    proxy.arm([Rule(kind, ops=("put_object",), max_count=1)
-               for kind in ("503", "reset", "stall_headers")])  # fmt: skip
+    proxy.arm(
+        [Rule(kind, ops=("put_object",), max_count=1) for kind in ("503", "reset", "stall_headers")]
+    )
     run.upload_file(local, "checkpoint_000001/checkpoint.pt")
     up = assert_faults(proxy, "503", "reset", "stall_headers")
     stored = s3_objects(s3_endpoint, bucket, "runs/demo/cls")["checkpoint_000001/checkpoint.pt"]
     assert sha(stored) == sha(blob), f"stored checkpoint differs; {up}"
 
-    proxy.arm([Rule("reset", ops=("get_object",), max_count=2),
-               Rule("stall", ops=("get_object",), max_count=1),
-               Rule("slow", ops=("get_object",), max_count=1),
-               Rule("503", ops=("list",), max_count=1)])  # fmt: skip
+    proxy.arm(
+        [
+            Rule("reset", ops=("get_object",), max_count=2),
+            Rule("stall", ops=("get_object",), max_count=1),
+            Rule("slow", ops=("get_object",), max_count=1),
+            Rule("503", ops=("list",), max_count=1),
+        ]
+    )
     newest = ckpt.newest_checkpoint(S3Storage(run.url, endpoint_url=proxy.endpoint))
     assert newest == "checkpoint_000001"
     loaded, where = ckpt.load_from(run.describe(newest), endpoint_url=proxy.endpoint)
@@ -359,8 +421,9 @@ def test_a_put_that_always_fails_names_the_url_and_leaves_nothing_finished(
     finishes byte-identical to the fault-free build."""
     monkeypatch.setenv("MCIS_S3_MAX_ATTEMPTS", "3")
     url = f"s3://{bucket}/failing"
-    proxy.arm([Rule("503", methods=("PUT",), path=r"/failing/train/shard-000002\.tar$")],
-              max_faults=50)  # fmt: skip
+    proxy.arm(
+        [Rule("503", methods=("PUT",), path=r"/failing/train/shard-000002\.tar$")], max_faults=50
+    )
     code = main([*BUILD, "--out", url, "--endpoint-url", proxy.endpoint])
     err = capsys.readouterr().err
     summary = proxy.summary()
@@ -396,8 +459,9 @@ def test_a_read_that_always_stalls_names_the_url(proxy, s3_shards, monkeypatch, 
     monkeypatch.setenv("MCIS_S3_MAX_ATTEMPTS", "2")
     monkeypatch.setenv("MCIS_S3_READ_TIMEOUT", "1")
     shard = f"{s3_shards}/train/shard-000001.tar"
-    proxy.arm([Rule("stall", ops=("get_object",), path=r"/train/shard-000001\.tar$")],
-              max_faults=20)  # fmt: skip
+    proxy.arm(
+        [Rule("stall", ops=("get_object",), path=r"/train/shard-000001\.tar$")], max_faults=20
+    )
     t0 = time.monotonic()
     with pytest.raises(StorageError) as info:
         open_url(shard, endpoint_url=proxy.endpoint).read()
@@ -440,8 +504,12 @@ def test_corrupted_bytes_are_an_error_not_data(proxy, bucket, s3_endpoint):
     ):
         storage.read_bytes("obj")
     assert_faults(proxy, "corrupt")
-    proxy.arm([Rule("reset", ops=("get_object",), max_count=1),
-               Rule("corrupt", ops=("get_object",), max_count=1)])  # fmt: skip
+    proxy.arm(
+        [
+            Rule("reset", ops=("get_object",), max_count=1),
+            Rule("corrupt", ops=("get_object",), max_count=1),
+        ]
+    )
     with pytest.raises(StorageError, match=r"crc/obj: CRC32 .*in 2 requests\)"):
         storage.read_bytes("obj")
     summary = assert_faults(proxy, "reset", "corrupt")
@@ -474,8 +542,9 @@ def test_retry_settings_come_from_the_environment(monkeypatch):
 
 # ------------------------------------------------------------------------- d. a sharded stage
 @pytest.mark.slow
-def test_cams_stage_on_a_flaky_s3_finishes_complete(proxy, s3_shards, bucket, s3_endpoint,
-                                                    tmp_path):  # fmt: skip
+def test_cams_stage_on_a_flaky_s3_finishes_complete(
+    proxy, s3_shards, bucket, s3_endpoint, tmp_path
+):
     """`mcis cams` (Ray actors) reading its shards and checkpoint from S3 and writing its maps
     to S3, all through 503s, 500s, resets and slow bodies: a complete manifest, every image
     mapped once, nothing skipped, and every CAM shard's bytes as the manifest records them."""
@@ -491,22 +560,44 @@ def test_cams_stage_on_a_flaky_s3_finishes_complete(proxy, s3_shards, bucket, s3
 
     out = f"s3://{bucket}/cams"
     once = [Rule(k, ops=("get_object",), max_count=1) for k in ("503", "reset", "slow")]
-    proxy.arm([*once, Rule("reset", ops=("put_object",), max_count=1), Rule("503", rate=0.1),
-               Rule("500", rate=0.05), Rule("reset", rate=0.1),
-               Rule("slow", rate=0.1, ops=("get_object",))], max_faults=25, max_streak=2)  # fmt: skip
-    code = main(["cams", "--config", CONFIG, f"shards.url={s3_shards}",
-                 f"shards.endpoint_url={proxy.endpoint}", f"run_root={tmp_path}/runs",
-                 f"cams.out_url={out}", f"cams.checkpoint=s3://{bucket}/ckpt/checkpoint.pt",
-                 "cams.mode=coattentive", "cams.scales=[1.0]", "cams.related=2",
-                 "cams.related_size=64", "cams.num_actors=1"])  # fmt: skip
+    proxy.arm(
+        [
+            *once,
+            Rule("reset", ops=("put_object",), max_count=1),
+            Rule("503", rate=0.1),
+            Rule("500", rate=0.05),
+            Rule("reset", rate=0.1),
+            Rule("slow", rate=0.1, ops=("get_object",)),
+        ],
+        max_faults=25,
+        max_streak=2,
+    )
+    code = main(
+        [
+            "cams",
+            "--config",
+            CONFIG,
+            f"shards.url={s3_shards}",
+            f"shards.endpoint_url={proxy.endpoint}",
+            f"run_root={tmp_path}/runs",
+            f"cams.out_url={out}",
+            f"cams.checkpoint=s3://{bucket}/ckpt/checkpoint.pt",
+            "cams.mode=coattentive",
+            "cams.scales=[1.0]",
+            "cams.related=2",
+            "cams.related_size=64",
+            "cams.num_actors=1",
+        ]
+    )
     summary = assert_faults(proxy, "503", "reset")
     assert code == 0, summary
     proxy.disarm()
 
     objects = s3_objects(s3_endpoint, bucket, "cams")
     manifest = json.loads(objects["manifest.json"])
-    source = json.loads(direct.get_object(Bucket=bucket, Key="ref/train/manifest.json")["Body"]
-                        .read())  # fmt: skip
+    source = json.loads(
+        direct.get_object(Bucket=bucket, Key="ref/train/manifest.json")["Body"].read()
+    )
     want_keys = [k for s in source["shards"] for k in s["keys"]]
     keys = [k for s in manifest["shards"] for k in s["keys"]]
     assert keys == want_keys, f"images lost or repeated; {summary}"

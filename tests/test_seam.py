@@ -44,8 +44,10 @@ def ref_pcm_seed(cam):
     b, k, h, w = cam.shape
     out = torch.zeros(b, k + 1, h, w, dtype=cam.dtype)
     for i in range(b):
-        norm = [(cam[i, c].clamp(min=0) - EPS).clamp(min=0) / (cam[i, c].clamp(min=0).max() + EPS)
-                for c in range(k)]  # fmt: skip
+        norm = [
+            (cam[i, c].clamp(min=0) - EPS).clamp(min=0) / (cam[i, c].clamp(min=0).max() + EPS)
+            for c in range(k)
+        ]
         for y in range(h):
             for x in range(w):
                 vals = [float(norm[c][y, x]) for c in range(k)]
@@ -78,8 +80,13 @@ def ref_pcm(pcm, seed, conv4, conv5, image_small):
         feats = []
         for y in range(h):
             for x in range(w):
-                v = torch.cat([image_small[n, :, y, x], (w3 @ conv4[n, :, y, x]).clamp(min=0),
-                               (w4 @ conv5[n, :, y, x]).clamp(min=0)])  # fmt: skip
+                v = torch.cat(
+                    [
+                        image_small[n, :, y, x],
+                        (w3 @ conv4[n, :, y, x]).clamp(min=0),
+                        (w4 @ conv5[n, :, y, x]).clamp(min=0),
+                    ]
+                )
                 f = w9 @ v
                 feats.append(f / (f.norm() + EPS))
         pix = [(y, x) for y in range(h) for x in range(w)]
@@ -115,8 +122,9 @@ def test_pcm_seed_and_max_onehot():
 
 def _pcm():
     torch.manual_seed(0)
-    return PixelCorrelationModule(low_channels=5, high_channels=6, low_out=4, high_out=3,
-                                  out_channels=7).double()  # fmt: skip
+    return PixelCorrelationModule(
+        low_channels=5, high_channels=6, low_out=4, high_out=3, out_channels=7
+    ).double()
 
 
 def test_pcm_against_the_pixel_reference():

@@ -35,9 +35,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
 pytestmark = pytest.mark.slow
 QUIET = {"log": lambda *_: None}
-FAST = ["seg.backbone=resnet18", "seg.data.crop_size=64", "seg.data.batch_size=4",
-        "seg.data.scale=[0.5,0.7]", "seg.train.epochs=3", "seg.train.num_workers=2",
-        "seg.train.lr=0.01", "seg.train.report_every_steps=1", "seg.num_actors=2"]  # fmt: skip
+FAST = [
+    "seg.backbone=resnet18",
+    "seg.data.crop_size=64",
+    "seg.data.batch_size=4",
+    "seg.data.scale=[0.5,0.7]",
+    "seg.train.epochs=3",
+    "seg.train.num_workers=2",
+    "seg.train.lr=0.01",
+    "seg.train.report_every_steps=1",
+    "seg.num_actors=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +56,12 @@ def ray_session():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False)  # fmt: skip
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+        )
         yield
         ray.shutdown()
 
@@ -65,21 +77,47 @@ def write_masks_from_ground_truth(split: Path, out: Path) -> dict:
         writer = ShardWriter(out / name)
         for raw in iter_shard(str(split / shard["name"])):
             label = decode_label(raw["mask.png"])
-            meta = {"key": raw["__key__"], "labels": json.loads(raw["json"])["labels"],
-                    "size": list(label.shape)}  # fmt: skip
-            writer.write({"__key__": raw["__key__"], "label.png": encode_label(label),
-                          "json": json.dumps(meta).encode()})  # fmt: skip
+            meta = {
+                "key": raw["__key__"],
+                "labels": json.loads(raw["json"])["labels"],
+                "size": list(label.shape),
+            }
+            writer.write(
+                {
+                    "__key__": raw["__key__"],
+                    "label.png": encode_label(label),
+                    "json": json.dumps(meta).encode(),
+                }
+            )
             keys.append(raw["__key__"])
         (out / name.replace(".tar", ".idx")).write_text(writer.close())
-        records.append({"name": name, "index": i, "source": shard["name"], "cams": None,
-                        "samples": len(keys), "keys": keys, "bytes": writer.bytes,
-                        "sha256": writer.sha256, "index_name": name.replace(".tar", ".idx"),
-                        "skipped": [], "empty": 0, "seconds": 0.0})  # fmt: skip
+        records.append(
+            {
+                "name": name,
+                "index": i,
+                "source": shard["name"],
+                "cams": None,
+                "samples": len(keys),
+                "keys": keys,
+                "bytes": writer.bytes,
+                "sha256": writer.sha256,
+                "index_name": name.replace(".tar", ".idx"),
+                "skipped": [],
+                "empty": 0,
+                "seconds": 0.0,
+            }
+        )
     labels = assemble_manifest(
-        records, kind="pseudo", mode="ground_truth", fingerprint="test",
-        classes=manifest["classes"], source={"url": str(split), "samples": manifest["num_samples"]},
-        cams_url="", settings={}, seconds=0.0,
-    )  # fmt: skip
+        records,
+        kind="pseudo",
+        mode="ground_truth",
+        fingerprint="test",
+        classes=manifest["classes"],
+        source={"url": str(split), "samples": manifest["num_samples"]},
+        cams_url="",
+        settings={},
+        seconds=0.0,
+    )
     (out / "manifest.json").write_text(json.dumps(labels))
     return labels
 
@@ -88,9 +126,28 @@ def write_masks_from_ground_truth(split: Path, out: Path) -> dict:
 def exp(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("seg")
     shards = root / "shards"
-    assert main(["shards", "build", "--source", "synthetic", "--num-train", "24", "--num-val", "8",
-                 "--max-samples-per-shard", "6", "--workers", "1", "--no-progress",
-                 "--out", str(shards)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "synthetic",
+                "--num-train",
+                "24",
+                "--num-val",
+                "8",
+                "--max-samples-per-shard",
+                "6",
+                "--workers",
+                "1",
+                "--no-progress",
+                "--out",
+                str(shards),
+            ]
+        )
+        == 0
+    )
     overrides = [f"shards.url={shards}", f"run_root={root / 'runs'}", *FAST]
     cfg = load_config(CONFIG, overrides)
     write_masks_from_ground_truth(shards / "train", Path(cfg.seg.masks_url))
@@ -119,8 +176,14 @@ def plain_matrix(cfg, split: Path, crf=None) -> ConfusionMatrix:
             for raw in iter_shard(str(split / shard["name"])):
                 rgb = decode_rgb(raw["jpg"])  # (3, H, W)
                 image = normalize(rgb[None], cfg.data.mean, cfg.data.std)
-                pred = predict_labels(model, image, cfg.seg.eval_scales, cfg.seg.eval_flip,
-                                      crf=crf, rgb=rgb.permute(1, 2, 0).numpy())  # fmt: skip
+                pred = predict_labels(
+                    model,
+                    image,
+                    cfg.seg.eval_scales,
+                    cfg.seg.eval_flip,
+                    crf=crf,
+                    rgb=rgb.permute(1, 2, 0).numpy(),
+                )
                 cm.update(decode_label(raw["mask.png"]), pred)
     finally:
         torch.set_num_threads(threads)
@@ -183,15 +246,17 @@ def test_sharded_evaluation_equals_a_plain_loop(trained, exp, tmp_path):
 
 
 def test_multiscale_flip_crf_evaluation_equals_a_plain_loop(trained, exp, tmp_path):
-    cfg = config(exp, "seg.eval_scales=[0.75,1.25]", "seg.eval_flip=true", "seg.crf=true",
-                 "seg.num_actors=0")  # fmt: skip
+    cfg = config(
+        exp, "seg.eval_scales=[0.75,1.25]", "seg.eval_flip=true", "seg.crf=true", "seg.num_actors=0"
+    )
     result = evaluate_seg(cfg, out_url=str(tmp_path / "ms"), **QUIET)
     want = plain_matrix(cfg, exp["shards"] / "val", crf=crf_inference)
     assert np.array_equal(np.array(result["matrix"]), want.matrix)
     assert result["settings"]["scales"] == [0.75, 1.25] and result["settings"]["crf"] is True
     # a split named on the call: the train split has masks too
-    train = evaluate_seg(trained[0], split_url=str(exp["shards"] / "train"),
-                         out_url=str(tmp_path / "train"), **QUIET)  # fmt: skip
+    train = evaluate_seg(
+        trained[0], split_url=str(exp["shards"] / "train"), out_url=str(tmp_path / "train"), **QUIET
+    )
     assert train["images"] == 24 and train["split"] == str(exp["shards"] / "train")
 
 
@@ -252,8 +317,10 @@ def test_export_of_the_trained_network_matches_pytorch(trained, exp, tmp_path):
     import onnxruntime
 
     out = tmp_path / "export"
-    assert main(["export", "--config", CONFIG, *exp["overrides"], "--out", str(out),
-                 "--size", "64"]) == 0  # fmt: skip
+    assert (
+        main(["export", "--config", CONFIG, *exp["overrides"], "--out", str(out), "--size", "64"])
+        == 0
+    )
     info = json.loads((out / "export.json").read_text())
     assert info["classes"][0] == "background" and len(info["classes"]) == 9
     assert all(v["max_abs_diff"] < 1e-4 for v in info["exports"].values())

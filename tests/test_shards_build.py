@@ -89,8 +89,14 @@ def test_voc_segmentation_class_aug_masks_take_precedence(tmp_path):
     m[5:20, 5:20] = 15  # only 'person' (class 14) in the augmented mask
     Image.fromarray(m).save(aug / f"{vid}.png")
     args = {"voc_root": str(root), "seg_aug": str(aug)}
-    build_dataset("voc", LocalStorage(tmp_path / "s"), BuildOptions(**QUIET), ["train"], args,
-                  log=lambda *_: None)  # fmt: skip
+    build_dataset(
+        "voc",
+        LocalStorage(tmp_path / "s"),
+        BuildOptions(**QUIET),
+        ["train"],
+        args,
+        log=lambda *_: None,
+    )
     samples = read_samples(tmp_path / "s" / "train")
     assert samples[vid]["meta"]["labels"] == [14]
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(samples[vid]["mask.png"]))), m)
@@ -115,8 +121,12 @@ def test_voc_bad_split_and_missing_root_fail_before_any_work(tmp_path):
 def test_list_source_names_indices_masks_and_bad_lines(tmp_path):
     lf, images, classes, masks, expected = make_list_dataset(tmp_path / "lid")
     out = LocalStorage(tmp_path / "shards")
-    args = {"list_file": str(lf), "image_root": str(images), "classes": str(classes),
-            "mask_root": str(masks)}  # fmt: skip
+    args = {
+        "list_file": str(lf),
+        "image_root": str(images),
+        "classes": str(classes),
+        "mask_root": str(masks),
+    }
     manifest = build_dataset("list", out, BuildOptions(**QUIET), None, args, log=lambda *_: None)[
         "train"
     ]
@@ -159,14 +169,22 @@ def test_folder_source_maps_names_and_normalises(tmp_path):
     assert (rotated["meta"]["width"], rotated["meta"]["height"]) == (20, 40)
     assert Image.open(io.BytesIO(rotated["jpg"])).size == (20, 40)
     assert Image.open(io.BytesIO(samples["cat/deep.png"]["png"])).mode == "L"
-    single = build_dataset("folder", LocalStorage(tmp_path / "s2"), BuildOptions(**QUIET), None,
-                           {**args, "domain": "single"}, log=lambda *_: None)["train"]  # fmt: skip
+    single = build_dataset(
+        "folder",
+        LocalStorage(tmp_path / "s2"),
+        BuildOptions(**QUIET),
+        None,
+        {**args, "domain": "single"},
+        log=lambda *_: None,
+    )["train"]
     assert single["domains"] == {"single": manifest["num_samples"]}
 
 
 def test_cut_shards_respects_size_and_is_seeded():
-    samples = [PlannedSample(key=f"k{i:03d}", source_id=str(i), domain="target", est_bytes=100_000 + i)
-               for i in range(50)]  # fmt: skip
+    samples = [
+        PlannedSample(key=f"k{i:03d}", source_id=str(i), domain="target", est_bytes=100_000 + i)
+        for i in range(50)
+    ]
     shards = cut_shards(samples, BuildOptions(shard_size_mb=0.35))
     assert all(sum(s.est_bytes for s in sh) <= 350_000 for sh in shards)
     assert sorted(s.key for sh in shards for s in sh) == sorted(s.key for s in samples)
@@ -246,8 +264,9 @@ def test_interrupted_build_has_no_manifest_and_resume_finishes_only_the_rest(tmp
         build_mod, "write_shard", lambda t, **kw: written.append(t.index) or real(t, **kw)
     )
     logs = []
-    manifest = build_dataset("synthetic", LocalStorage(out_dir), opts, ["train"], {"spec": SMALL},
-                             log=logs.append)["train"]  # fmt: skip
+    manifest = build_dataset(
+        "synthetic", LocalStorage(out_dir), opts, ["train"], {"spec": SMALL}, log=logs.append
+    )["train"]
     assert written == list(range(2, reference["num_shards"]))
     assert any("resuming, 2/" in line for line in logs)
     assert shard_hashes(manifest) == shard_hashes(reference)
@@ -266,8 +285,14 @@ def test_a_different_build_needs_overwrite_and_leaves_no_orphans(tmp_path):
     with pytest.raises(BuildError, match="different inputs or options; pass --overwrite"):
         synthetic(tmp_path / "out", workers=1, seed=3)
     bigger = BuildOptions(shard_size_mb=10, workers=1, overwrite=True, progress=False)
-    m = build_dataset("synthetic", LocalStorage(tmp_path / "out"), bigger, ["train"], {"spec": SMALL},
-                      log=lambda *_: None)["train"]  # fmt: skip
+    m = build_dataset(
+        "synthetic",
+        LocalStorage(tmp_path / "out"),
+        bigger,
+        ["train"],
+        {"spec": SMALL},
+        log=lambda *_: None,
+    )["train"]
     assert m["num_shards"] == 1
     files = sorted(p.name for p in (tmp_path / "out" / "train").iterdir() if p.is_file())
     assert files == ["manifest.json", "shard-000000.idx", "shard-000000.tar"]

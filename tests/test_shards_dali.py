@@ -25,8 +25,9 @@ SPEC = SyntheticSpec(num_train=24, num_val=6)
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("dali") / "shards"
     opts = BuildOptions(shard_size_mb=0.12, workers=1, progress=False)
-    manifests = build_dataset("synthetic", LocalStorage(out), opts, None, {"spec": SPEC},
-                              log=lambda *_: None)  # fmt: skip
+    manifests = build_dataset(
+        "synthetic", LocalStorage(out), opts, None, {"spec": SPEC}, log=lambda *_: None
+    )
     return out, manifests
 
 
@@ -44,9 +45,13 @@ def dali_read_all(tars: list[str], idxs: list[str], n: int):
     @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=0)
     def pipe():
         img, mask, meta = fn.readers.webdataset(
-            paths=tars, index_paths=idxs, ext=["jpg;png", "mask.png", "json"],
-            missing_component_behavior="error", random_shuffle=False, name="reader",
-        )  # fmt: skip
+            paths=tars,
+            index_paths=idxs,
+            ext=["jpg;png", "mask.png", "json"],
+            missing_component_behavior="error",
+            random_shuffle=False,
+            name="reader",
+        )
         img = fn.decoders.image(img, device="cpu", output_type=types.RGB)
         mask = fn.decoders.image(mask, device="cpu", output_type=types.GRAY)
         return img, mask, meta

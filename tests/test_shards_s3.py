@@ -25,8 +25,17 @@ from mcis_dist.storage import LocalStorage, S3Storage, StorageError, open_url
 from conftest import S3_ENV
 from test_shards_dali import dali_read_all
 
-ARGS = ["--source", "synthetic", "--num-train", "30", "--num-val", "8", "--shard-size", "0.12",
-        "--no-progress"]  # fmt: skip
+ARGS = [
+    "--source",
+    "synthetic",
+    "--num-train",
+    "30",
+    "--num-val",
+    "8",
+    "--shard-size",
+    "0.12",
+    "--no-progress",
+]
 
 
 def all_objects(endpoint, bucket) -> dict[str, bytes]:
@@ -38,8 +47,22 @@ def all_objects(endpoint, bucket) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_build_to_s3_matches_local_and_reads_back(s3_endpoint, s3_bucket, tmp_path, capsys):
     url = f"s3://{s3_bucket}/datasets/demo"
-    assert main(["shards", "build", *ARGS, "--out", url, "--endpoint-url", s3_endpoint,
-                 "--workers", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                *ARGS,
+                "--out",
+                url,
+                "--endpoint-url",
+                s3_endpoint,
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert main(["shards", "build", *ARGS, "--out", str(tmp_path / "local"), "--workers", "1"]) == 0
     assert main(["shards", "verify", url, "--endpoint-url", s3_endpoint]) == 0
     assert main(["shards", "info", f"{url}/train", "--endpoint-url", s3_endpoint]) == 0
@@ -97,18 +120,34 @@ def test_interrupted_s3_build_resumes(s3_endpoint, s3_bucket, monkeypatch):
     opts = BuildOptions(shard_size_mb=0.12, workers=1, progress=False)
     url = f"s3://{s3_bucket}/ds"
     with pytest.raises(StorageError, match="simulated"):
-        build_dataset("synthetic", FlakyS3(url, s3_endpoint), opts, ["train"], {"spec": spec},
-                      log=lambda *_: None)  # fmt: skip
+        build_dataset(
+            "synthetic",
+            FlakyS3(url, s3_endpoint),
+            opts,
+            ["train"],
+            {"spec": spec},
+            log=lambda *_: None,
+        )
     assert "ds/train/manifest.json" not in all_objects(s3_endpoint, s3_bucket)
-    m = build_dataset("synthetic", FlakyS3(url, s3_endpoint), opts, ["train"], {"spec": spec},
-                      log=lambda *_: None)["train"]  # fmt: skip
+    m = build_dataset(
+        "synthetic", FlakyS3(url, s3_endpoint), opts, ["train"], {"spec": spec}, log=lambda *_: None
+    )["train"]
     assert m["num_samples"] == 30
     assert main(["shards", "verify", url, "--endpoint-url", s3_endpoint]) == 0
 
 
 def test_missing_bucket_fails_before_any_work(s3_endpoint, s3_bucket, capsys):
-    code = main(["shards", "build", *ARGS, "--out", "s3://no-such-bucket-xyz/p",
-                 "--endpoint-url", s3_endpoint])  # fmt: skip
+    code = main(
+        [
+            "shards",
+            "build",
+            *ARGS,
+            "--out",
+            "s3://no-such-bucket-xyz/p",
+            "--endpoint-url",
+            s3_endpoint,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "bucket 'no-such-bucket-xyz' does not exist" in err
@@ -141,8 +180,10 @@ def test_access_denied_is_a_clear_error_before_any_work(tmp_path, monkeypatch, c
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             try:
@@ -150,8 +191,17 @@ def test_access_denied_is_a_clear_error_before_any_work(tmp_path, monkeypatch, c
                 break
             except OSError:
                 time.sleep(0.1)
-        code = main(["shards", "build", *ARGS, "--out", "s3://locked-bucket/p",
-                     "--endpoint-url", f"http://127.0.0.1:{port}"])  # fmt: skip
+        code = main(
+            [
+                "shards",
+                "build",
+                *ARGS,
+                "--out",
+                "s3://locked-bucket/p",
+                "--endpoint-url",
+                f"http://127.0.0.1:{port}",
+            ]
+        )
     finally:
         server.terminate()
         server.wait(10)

@@ -23,25 +23,46 @@ LR_MULT = {"pretrained_weight": 1, "pretrained_bias": 2, "new_weight": 10, "new_
 def train_split(tmp_path_factory):
     out = tmp_path_factory.mktemp("plain")
     opts = BuildOptions(shard_size_mb=0.1, workers=1, progress=False)
-    build_dataset("synthetic", LocalStorage(out), opts, ["train"],
-                  {"spec": SyntheticSpec(num_train=96, num_val=4)}, log=lambda *_: None)  # fmt: skip
+    build_dataset(
+        "synthetic",
+        LocalStorage(out),
+        opts,
+        ["train"],
+        {"spec": SyntheticSpec(num_train=96, num_val=4)},
+        log=lambda *_: None,
+    )
     return out / "train"
 
 
 @pytest.mark.parametrize("backend", ["webdataset", "dali"])
 def test_classifier_trains_on_pairs_in_a_plain_loop(train_split, backend, one_thread):
     torch.manual_seed(0)
-    cfg = DataConfig(train_url=str(train_split), backend=backend, batch_size=4, num_workers=1,
-                     mp_context="fork", crop_size=64, resize_long=[64, 96], pool_size=32)  # fmt: skip
+    cfg = DataConfig(
+        train_url=str(train_split),
+        backend=backend,
+        batch_size=4,
+        num_workers=1,
+        mp_context="fork",
+        crop_size=64,
+        resize_long=[64, 96],
+        pool_size=32,
+    )
     loader = PairLoader(cfg, rank=0, world_size=1, device="cpu")
     model = MCISClassifier(build_backbone("resnet38_tiny"), num_classes=8)
     groups = model.param_groups()
     base_lr = 0.01
     optimizer = torch.optim.SGD(
-        [{"params": ps, "lr": base_lr * LR_MULT[name], "weight_decay": 0 if "bias" in name else 5e-4}
-         for name, ps in groups.items() if ps],
+        [
+            {
+                "params": ps,
+                "lr": base_lr * LR_MULT[name],
+                "weight_decay": 0 if "bias" in name else 5e-4,
+            }
+            for name, ps in groups.items()
+            if ps
+        ],
         momentum=0.9,
-    )  # fmt: skip
+    )
     assert sum(len(p) for p in groups.values()) == sum(
         1 for p in model.parameters() if p.requires_grad
     )

@@ -24,29 +24,71 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 BASE = [
-    "train.num_workers=2", "train.epochs=4", "train.lr=0.01", "train.report_every_steps=6",
-    "train.max_failures=0", "data.batch_size=4", "data.num_workers=0", "data.crop_size=64",
-    "data.resize_long=[64,96]", "data.pool_size=32", "train.schedule=step", "train.step_epochs=[3]",
-]  # fmt: skip
+    "train.num_workers=2",
+    "train.epochs=4",
+    "train.lr=0.01",
+    "train.report_every_steps=6",
+    "train.max_failures=0",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.crop_size=64",
+    "data.resize_long=[64,96]",
+    "data.pool_size=32",
+    "train.schedule=step",
+    "train.step_epochs=[3]",
+]
 
 
 def env() -> dict:
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-            "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    return {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ray") / "shards"
-    assert main(["shards", "build", "--source", "synthetic", "--num-train", "96", "--num-val", "4",
-                 "--shard-size", "0.1", "--workers", "1", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "synthetic",
+                "--num-train",
+                "96",
+                "--num-val",
+                "4",
+                "--shard-size",
+                "0.1",
+                "--workers",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def train_cmd(shards: Path, run_root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mcis_dist.cli", "train-cls", "--config",
-            str(REPO / "configs" / "demo.yaml"), f"shards.url={shards}", f"run_root={run_root}",
-            *BASE, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "mcis_dist.cli",
+        "train-cls",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"shards.url={shards}",
+        f"run_root={run_root}",
+        *BASE,
+        *extra,
+    ]
 
 
 def run(cmd, timeout=420) -> subprocess.CompletedProcess:
@@ -102,8 +144,9 @@ def test_killed_run_resumes_to_the_same_weights(shards, tmp_path):
     reference = final_checkpoint(tmp_path / "straight")
 
     cmd = train_cmd(shards, tmp_path / "killed", *extra)
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     cls = tmp_path / "killed" / "demo" / "cls"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -130,10 +173,21 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_a_killed_worker_is_replaced_and_the_run_finishes(shards, tmp_path):
-    cmd = train_cmd(shards, tmp_path / "runs", "train.max_failures=2", "train.checkpoint_every_steps=4",
-                    "train.epochs=3")  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
+    cmd = train_cmd(
+        shards,
+        tmp_path / "runs",
+        "train.max_failures=2",
+        "train.checkpoint_every_steps=4",
+        "train.epochs=3",
+    )
+    proc = subprocess.Popen(
+        cmd,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     cls = tmp_path / "runs" / "demo" / "cls"
     deadline = time.monotonic() + 300
     killed = None
@@ -159,11 +213,20 @@ def test_run_storage_on_s3(shards, tmp_path, s3_endpoint, s3_bucket):
         f"data.endpoint_url={s3_endpoint}",
         "train.epochs=1",
     ]
-    proc = subprocess.run(train_cmd(shards, tmp_path / "unused", *extra), env=env(),
-                          capture_output=True, text=True, timeout=420)  # fmt: skip
+    proc = subprocess.run(
+        train_cmd(shards, tmp_path / "unused", *extra),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint)
-            .list_objects_v2(Bucket=s3_bucket)["Contents"]]  # fmt: skip
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=s3_bucket)[
+            "Contents"
+        ]
+    ]
     assert any(
         k.startswith("runs/demo/cls/checkpoint_") and k.endswith("checkpoint.pt") for k in keys
     )
@@ -185,8 +248,13 @@ def test_run_storage_on_s3(shards, tmp_path, s3_endpoint, s3_bucket):
     ],
 )
 def test_bad_configs_fail_before_any_worker_starts(shards, tmp_path, override, words):
-    proc = subprocess.run(train_cmd(shards, tmp_path / "runs", *override.split()), env=env(),
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        train_cmd(shards, tmp_path / "runs", *override.split()),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert words in proc.stderr and "Traceback" not in proc.stderr
     assert not list((tmp_path / "runs").glob("demo/cls/checkpoint_*"))
@@ -196,8 +264,13 @@ def test_a_non_finite_loss_stops_naming_the_step_or_is_skipped(shards, tmp_path)
     """A learning rate that makes the loss blow up: `stop` ends the run with the step and the
     terms named; `skip` drops those steps, counts them and finishes."""
     explode = ["train.lr=1.0e+12", "train.epochs=1", "train.checkpoint_every_steps=2"]
-    proc = subprocess.run(train_cmd(shards, tmp_path / "stop", *explode, "train.nonfinite=stop"),
-                          env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        train_cmd(shards, tmp_path / "stop", *explode, "train.nonfinite=stop"),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "non-finite loss at epoch 0, step" in proc.stderr and "total=" in proc.stderr
     proc = run(train_cmd(shards, tmp_path / "skip", *explode, "train.nonfinite=skip"))
@@ -207,8 +280,16 @@ def test_a_non_finite_loss_stops_naming_the_step_or_is_skipped(shards, tmp_path)
 
 
 def test_bf16_autocast_and_channels_last_on_the_cpu(shards, tmp_path):
-    proc = run(train_cmd(shards, tmp_path / "runs", "train.amp=bf16", "train.channels_last=true",
-                         "train.epochs=1", "train.num_workers=1"))  # fmt: skip
+    proc = run(
+        train_cmd(
+            shards,
+            tmp_path / "runs",
+            "train.amp=bf16",
+            "train.channels_last=true",
+            "train.epochs=1",
+            "train.num_workers=1",
+        )
+    )
     assert "train-cls: done, epoch 1" in proc.stdout
     losses = [r["total"] for r in metrics(tmp_path / "runs") if "total" in r]
     assert losses and all(0 < x < 10 for x in losses)  # finite, sane values under bf16
@@ -217,8 +298,11 @@ def test_bf16_autocast_and_channels_last_on_the_cpu(shards, tmp_path):
 
 
 def test_seam_trains_alongside_the_co_attention(shards, tmp_path):
-    proc = run(train_cmd(shards, tmp_path / "runs", "train.seam=true", "train.epochs=1",
-                         "train.num_workers=1"))  # fmt: skip
+    proc = run(
+        train_cmd(
+            shards, tmp_path / "runs", "train.seam=true", "train.epochs=1", "train.num_workers=1"
+        )
+    )
     assert "train-cls: done, epoch 1" in proc.stdout
     m = [r for r in metrics(tmp_path / "runs") if "seam_er" in r]
     assert m and all(r["seam_er"] >= 0 and r["seam_ecr"] >= 0 for r in m)
@@ -229,10 +313,20 @@ def test_seam_trains_alongside_the_co_attention(shards, tmp_path):
 
 
 def test_the_authors_self_pair_terms(shards, tmp_path):
-    proc = run(train_cmd(shards, tmp_path / "runs", "train.self_pair_terms=true", "train.epochs=1",
-                         "train.num_workers=1", "model.domains=3"))  # fmt: skip
+    proc = run(
+        train_cmd(
+            shards,
+            tmp_path / "runs",
+            "train.self_pair_terms=true",
+            "train.epochs=1",
+            "train.num_workers=1",
+            "model.domains=3",
+        )
+    )
     assert "train-cls: done, epoch 1" in proc.stdout
     m = [r for r in metrics(tmp_path / "runs") if "self_pairs" in r]
     assert m and all(r["self_pairs"] > 0 for r in m)
-    assert all(r["total"] == pytest.approx(r["single"] + r["coattention"] + r["self_pairs"], rel=1e-4)
-               for r in m)  # epoch 0: no contrastive term yet  # fmt: skip
+    assert all(
+        r["total"] == pytest.approx(r["single"] + r["coattention"] + r["self_pairs"], rel=1e-4)
+        for r in m
+    )  # epoch 0: no contrastive term yet

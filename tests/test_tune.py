@@ -63,7 +63,10 @@ def test_every_distribution_parses_and_yaml_exponents_are_numbers(tmp_path):
 @pytest.mark.parametrize(
     "space, words",
     [
-        ({"train.lrr": {"uniform": [0, 1]}}, r"unknown config key 'train.lrr' \(did you mean train.lr"),
+        (
+            {"train.lrr": {"uniform": [0, 1]}},
+            r"unknown config key 'train.lrr' \(did you mean train.lr",
+        ),
         ({"seg.train.lr": {"uniform": [0.1, 1]}}, r"'seg.train.lr' is not tunable in a cls sweep"),
         ({"train.epochs": {"choice": [2, 3]}}, r"'train.epochs' is not tunable"),
         ({"train.lr": {"normal": [0, 1]}}, r"space.train.lr: expected one of \{loguniform"),
@@ -76,9 +79,21 @@ def test_every_distribution_parses_and_yaml_exponents_are_numbers(tmp_path):
         ({"train.schedule": {"choice": ["poly", "cosine"]}}, r"choice value 'cosine' is rejected"),
         ({"train.seed": {"randint": [0.5, 2]}}, r"randint takes integers"),
     ],
-    ids=["unknown", "other-stage", "fixed", "bad-kind", "bare-value", "log-zero", "reversed",
-         "not-a-number", "empty", "out-of-schema", "bad-choice", "randint-float"],
-)  # fmt: skip
+    ids=[
+        "unknown",
+        "other-stage",
+        "fixed",
+        "bad-kind",
+        "bare-value",
+        "log-zero",
+        "reversed",
+        "not-a-number",
+        "empty",
+        "out-of-schema",
+        "bad-choice",
+        "randint-float",
+    ],
+)
 def test_search_space_errors_name_the_file_and_key(tmp_path, space, words):
     path = sweep_file(tmp_path, space=space)
     with pytest.raises(ConfigError, match=words) as err:
@@ -107,9 +122,14 @@ def test_sweep_key_errors(tmp_path, keys, words):
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tune_val")
-    build_dataset("synthetic", LocalStorage(out), BuildOptions(shard_size_mb=0.05, workers=1,
-                  progress=False), ["val"], {"spec": SyntheticSpec(num_train=8, num_val=10)},
-                  log=lambda *_: None)  # fmt: skip
+    build_dataset(
+        "synthetic",
+        LocalStorage(out),
+        BuildOptions(shard_size_mb=0.05, workers=1, progress=False),
+        ["val"],
+        {"spec": SyntheticSpec(num_train=8, num_val=10)},
+        log=lambda *_: None,
+    )
     return out
 
 
@@ -124,10 +144,19 @@ def test_classifier_validation_equals_mcis_eval_cams(val_shards, tmp_path, one_t
     from mcis_dist.train.validate import classifier_validator, read_val_images
 
     val = str(val_shards / "val")
-    cfg = load_config(DEMO, [f"shards.url={val_shards}", f"cams.split_url={val}",
-                             f"cams.out_url={tmp_path}/cams", "cams.mode=single",
-                             "cams.scales=[1.0]", "cams.bg_threshold=0.25", "cams.eval_grid=0",
-                             f"run_root={tmp_path}"])  # fmt: skip
+    cfg = load_config(
+        DEMO,
+        [
+            f"shards.url={val_shards}",
+            f"cams.split_url={val}",
+            f"cams.out_url={tmp_path}/cams",
+            "cams.mode=single",
+            "cams.scales=[1.0]",
+            "cams.bg_threshold=0.25",
+            "cams.eval_grid=0",
+            f"run_root={tmp_path}",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=8)
     got = classifier_validator(cfg, model, 0, 1, torch.device("cpu"), 8)(0)
@@ -135,8 +164,12 @@ def test_classifier_validation_equals_mcis_eval_cams(val_shards, tmp_path, one_t
 
     source, _ = open_manifest(val)
     actor = CamActor(json.loads(cfg.model_dump_json()), model.state_dict(), 8)
-    records = [actor.run({"name": cam_shard_name(i), "index": i, "source": s["name"],
-                          "fingerprint": "test"}) for i, s in enumerate(source["shards"])]  # fmt: skip
+    records = [
+        actor.run(
+            {"name": cam_shard_name(i), "index": i, "source": s["name"], "fingerprint": "test"}
+        )
+        for i, s in enumerate(source["shards"])
+    ]
     manifest = assemble_manifest(cfg, records, source, "test", "test", 0.0)
     (tmp_path / "cams" / "manifest.json").write_text(json.dumps(manifest))
     want = evaluate_cams(cfg, thresholds=[0.25], log=lambda *_: None)
@@ -149,17 +182,35 @@ def test_classifier_validation_equals_mcis_eval_cams(val_shards, tmp_path, one_t
 
 
 # ------------------------------------------------------------------------ a sweep on local Ray
-SMALL = {"synthetic.num_train": 48, "synthetic.num_val": 12, "shards.workers": 1,
-         "train.num_workers": 1, "train.epochs": 3, "train.report_every_steps": 100,
-         "data.batch_size": 4, "data.crop_size": 64, "data.resize_long": [64, 96],
-         "data.pool_size": 32}  # fmt: skip
+SMALL = {
+    "synthetic.num_train": 48,
+    "synthetic.num_val": 12,
+    "shards.workers": 1,
+    "train.num_workers": 1,
+    "train.epochs": 3,
+    "train.report_every_steps": 100,
+    "data.batch_size": 4,
+    "data.crop_size": 64,
+    "data.resize_long": [64, 96],
+    "data.pool_size": 32,
+}
 
 
 def tune_cli(path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-           "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "mcis_dist.cli", "tune", "--config", str(path)],
-                          env=env, capture_output=True, text=True, timeout=500)  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "mcis_dist.cli", "tune", "--config", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
 
 
 @pytest.mark.slow
@@ -172,9 +223,14 @@ def test_a_sweep_runs_records_a_crash_writes_the_best_config_and_resumes(tmp_pat
     # grace_period = max_t: ASHA is configured but stops no trial here (a stopped trial's
     # clean-up goes through Ray's State API; one of several runs of this test hung on it, so
     # CI keeps to the path that always finished; ASHA stops were checked by hand, see README)
-    path = sweep_file(tmp_path, name="lr", overrides=overrides, num_samples=1,
-                      scheduler={"grace_period": 3, "reduction_factor": 2},
-                      space={"train.lr": {"grid": [0.003, 0.01, 0.03, 1.0e30]}})  # fmt: skip
+    path = sweep_file(
+        tmp_path,
+        name="lr",
+        overrides=overrides,
+        num_samples=1,
+        scheduler={"grace_period": 3, "reduction_factor": 2},
+        space={"train.lr": {"grid": [0.003, 0.01, 0.03, 1.0e30]}},
+    )
     # lr 1e30: the weights overflow at once, the loss is NaN and the worker stops the run
     # In a process of its own, as users run it (an earlier in-process Ray in this pytest
     # process leaves Tune's trial actors cancelled before they start).

@@ -18,11 +18,17 @@ import torch
 from mcis_dist.affinity.labels import downsample_labels
 from mcis_dist.affinity.loss import affinity_loss, pair_offsets
 from mcis_dist.config import ExperimentConfig
+from mcis_dist.data.joint import JointLoader
+from mcis_dist.formats.cams import read_cam_manifest
+from mcis_dist.formats.labels import read_label_manifest
+from mcis_dist.masks.stage import make_labels
 from mcis_dist.models.affinitynet import AffinityNet
 from mcis_dist.models.build import build_affinity_net
 from mcis_dist.runtime import checkpoint as ckpt
-from mcis_dist.runtime.paths import affinity_run_url, endpoint_url, labels_url
+from mcis_dist.runtime.paths import absolute_paths, affinity_run_url, endpoint_url, labels_url
+from mcis_dist.runtime.sharded import StageError
 from mcis_dist.runtime.trainer import Built, Stage, TrainingError, fit
+from mcis_dist.train.validate import affinity_validator
 
 __all__ = ["affinity_stage", "train_affinity", "affinity_step_loss"]
 
@@ -42,12 +48,18 @@ def affinity_step_loss(net_or_ddp, images: torch.Tensor, labels: torch.Tensor, o
 
 def affinity_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Built:
     """AffinityNet's pieces on one Ray Train worker."""
-    from mcis_dist.data.joint import JointLoader
 
     loader = JointLoader(
-        _image_url(cfg), labels_url(cfg), cfg.affinity.data, mean=cfg.data.mean, std=cfg.data.std,
-        rank=rank, world_size=world, device=device, endpoint_url=endpoint_url(cfg),
-    )  # fmt: skip
+        _image_url(cfg),
+        labels_url(cfg),
+        cfg.affinity.data,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        rank=rank,
+        world_size=world,
+        device=device,
+        endpoint_url=endpoint_url(cfg),
+    )
     net = build_affinity_net(cfg)
     if cfg.affinity.init_from_classifier:
         state, where = ckpt.classifier_checkpoint(cfg, cfg.cams.checkpoint)
@@ -67,15 +79,13 @@ def affinity_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Buil
 
     validate = None
     if cfg.affinity.train.val_every_epochs:  # random walk of affinity.val_cams_url, scored
-        from mcis_dist.train.validate import affinity_validator
-
         validate = affinity_validator(cfg, net, rank, world, device)
-    return Built(model=net, loader=loader, loss=loss, loader_metrics=loader_metrics,
-                 validate=validate)  # fmt: skip
+    return Built(
+        model=net, loader=loader, loss=loss, loader_metrics=loader_metrics, validate=validate
+    )
 
 
 def _image_url(cfg: ExperimentConfig) -> str:
-    from mcis_dist.formats.labels import read_label_manifest
 
     manifest, _ = read_label_manifest(labels_url(cfg), endpoint_url(cfg))
     return manifest["source"]["url"]
@@ -84,9 +94,6 @@ def _image_url(cfg: ExperimentConfig) -> str:
 def check_affinity(cfg: ExperimentConfig) -> None:
     _image_url(cfg)  # the labels exist and name their images
     if cfg.affinity.train.val_every_epochs:
-        from mcis_dist.formats.cams import read_cam_manifest
-        from mcis_dist.runtime.sharded import StageError
-
         if cfg.affinity.val_cams_url is None:
             raise TrainingError(
                 "affinity.train.val_every_epochs needs affinity.val_cams_url: the CAMs of a "
@@ -101,8 +108,6 @@ def check_affinity(cfg: ExperimentConfig) -> None:
 
 def train_affinity(cfg: ExperimentConfig, log=print):
     """Confident labels (skipped when complete), then AffinityNet training (resumes)."""
-    from mcis_dist.masks.stage import make_labels
-    from mcis_dist.runtime.paths import absolute_paths
 
     cfg = absolute_paths(cfg)
     make_labels(cfg, log=log)
@@ -113,5 +118,11 @@ def run_url(cfg: ExperimentConfig) -> str:
     return affinity_run_url(cfg)
 
 
-STAGE = Stage("affinity", lambda cfg: cfg.affinity.train, run_url, affinity_stage, check_affinity,
-              terms=("bg_pos", "fg_pos", "neg"))  # fmt: skip
+STAGE = Stage(
+    "affinity",
+    lambda cfg: cfg.affinity.train,
+    run_url,
+    affinity_stage,
+    check_affinity,
+    terms=("bg_pos", "fg_pos", "neg"),
+)

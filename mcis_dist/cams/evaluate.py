@@ -20,28 +20,38 @@ import json
 import tempfile
 from pathlib import Path
 
+from tqdm import tqdm
+
 from mcis_dist.cams.maps import cam_labels, upsample_cams
+from mcis_dist.cams.stage import check_model_state
 from mcis_dist.config import ExperimentConfig
+from mcis_dist.data.loader import open_manifest
+from mcis_dist.data.related import RelatedSampler
 from mcis_dist.data.transforms import decode_mask, decode_rgb_array
 from mcis_dist.evaluation import ConfusionMatrix, ThresholdSweep, format_table
 from mcis_dist.evaluation.overlay import cam_panel, save_grid
 from mcis_dist.formats.cams import iter_cam_shard, read_cam_manifest
+from mcis_dist.formats.shards import iter_shard
+from mcis_dist.models.build import build_model
+from mcis_dist.models.diagnostics import split_report
 from mcis_dist.runtime import checkpoint as ckpt
+from mcis_dist.runtime.checkpoint import CheckpointError, load_model_state
 from mcis_dist.runtime.paths import absolute_url, endpoint_url
 from mcis_dist.runtime.sharded import StageError, Timer
-from mcis_dist.storage import open_storage
+from mcis_dist.storage import StorageError, open_storage
 
 __all__ = ["evaluate_cams"]
 
 
-def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds=None,
-                  out_url: str | None = None, log=print) -> dict:  # fmt: skip
+def evaluate_cams(
+    cfg: ExperimentConfig,
+    cams_url: str | None = None,
+    thresholds=None,
+    out_url: str | None = None,
+    log=print,
+) -> dict:
     """Evaluate a finished CAM folder against its split's masks; write ``eval.json`` (and
     ``overlays.png``) to ``out_url`` (default ``<cams>/eval``) and return the results."""
-    from tqdm import tqdm
-
-    from mcis_dist.data.loader import open_manifest
-    from mcis_dist.formats.shards import iter_shard
 
     timer, endpoint = Timer(), endpoint_url(cfg)
     cams_url = absolute_url(cams_url or cfg.cams.out_url)
@@ -58,11 +68,14 @@ def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds
     with tqdm(total=manifest["samples"], desc="eval cams", unit="img", disable=None) as bar:
         for shard in manifest["shards"]:
             if shard["source"] not in by_source:
-                raise StageError(f"{cams.describe(shard['name'])} was made from {shard['source']},"
-                                 f" which {source.describe()} no longer has")  # fmt: skip
+                raise StageError(
+                    f"{cams.describe(shard['name'])} was made from {shard['source']},"
+                    f" which {source.describe()} no longer has"
+                )
             maps = {meta["key"]: (meta, m) for meta, m in iter_cam_shard(cams, shard["name"])}
-            for raw in iter_shard(source.describe(shard["source"]),
-                                  getattr(source, "endpoint_url", None)):  # fmt: skip
+            for raw in iter_shard(
+                source.describe(shard["source"]), getattr(source, "endpoint_url", None)
+            ):
                 key = raw["__key__"]
                 if key not in maps:
                     counts["no_cam"] += 1
@@ -86,8 +99,18 @@ def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds
                 if len(panels) < cfg.cams.eval_grid:
                     rgb = decode_rgb_array(raw.get("jpg", raw.get("png")))
                     pred = cam_labels(scores, meta["labels"], fixed)
-                    panels.append((key, cam_panel(rgb, scores, [classes[k] for k in meta["labels"]],
-                                                  label_map=pred, gt=gt)))  # fmt: skip
+                    panels.append(
+                        (
+                            key,
+                            cam_panel(
+                                rgb,
+                                scores,
+                                [classes[k] for k in meta["labels"]],
+                                label_map=pred,
+                                gt=gt,
+                            ),
+                        )
+                    )
     if counts["images"] == 0:
         raise StageError(
             f"none of the {manifest['samples']} mapped images of {manifest['source']['url']} has a "
@@ -111,29 +134,29 @@ def evaluate_cams(cfg: ExperimentConfig, cams_url: str | None = None, thresholds
     }
     if cfg.cams.eval_attention_pairs:
         result["attention"] = attention_report(cfg, manifest, source_manifest, source, log)
-    out = open_storage(absolute_url(out_url) if out_url else cams.describe("eval"), endpoint_url=endpoint)
+    out = open_storage(
+        absolute_url(out_url) if out_url else cams.describe("eval"), endpoint_url=endpoint
+    )
     out.write_bytes("eval.json", json.dumps(result, indent=1).encode())
     if panels:
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_grid([cells for _, (cells, _c) in panels], Path(tmp) / "overlays.png",
-                             captions=[caps for _, (_x, caps) in panels])  # fmt: skip
+            path = save_grid(
+                [cells for _, (cells, _c) in panels],
+                Path(tmp) / "overlays.png",
+                captions=[caps for _, (_x, caps) in panels],
+            )
             out.upload_file(path, "overlays.png")
     result["out"] = out.describe()
     log(_report(result, sweep_t, names, at_fixed))
     return result
 
 
-def attention_report(cfg: ExperimentConfig, manifest: dict, source_manifest: dict, source,
-                     log=print) -> dict | None:  # fmt: skip
+def attention_report(
+    cfg: ExperimentConfig, manifest: dict, source_manifest: dict, source, log=print
+) -> dict | None:
     """The classifier's attention diagnostics (``mcis_dist.models.diagnostics``) on
     ``cams.eval_attention_pairs`` pairs of the mapped split; None (with a line) when the maps'
     checkpoint cannot be loaded."""
-    from mcis_dist.cams.stage import check_model_state
-    from mcis_dist.data.related import RelatedSampler
-    from mcis_dist.models.build import build_model
-    from mcis_dist.models.diagnostics import split_report
-    from mcis_dist.runtime.checkpoint import CheckpointError, load_model_state
-    from mcis_dist.storage import StorageError
 
     try:
         state, where = ckpt.classifier_checkpoint(cfg, manifest.get("checkpoint"))
@@ -141,12 +164,21 @@ def attention_report(cfg: ExperimentConfig, manifest: dict, source_manifest: dic
     except (StageError, CheckpointError, StorageError) as e:
         log(f"eval cams: no attention diagnostics ({e})")
         return None
-    model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(
-        update={"weights": None})}), len(manifest["classes"]))  # fmt: skip
+    model = build_model(
+        cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}),
+        len(manifest["classes"]),
+    )
     load_model_state(model, state, where=where)
     sampler = RelatedSampler(source_manifest, source, seed=cfg.cams.seed)
-    report = split_report(model.eval(), sampler, cfg.data.crop_size, cfg.data.mean, cfg.data.std,
-                          pairs=cfg.cams.eval_attention_pairs, seed=cfg.cams.seed)  # fmt: skip
+    report = split_report(
+        model.eval(),
+        sampler,
+        cfg.data.crop_size,
+        cfg.data.mean,
+        cfg.data.std,
+        pairs=cfg.cams.eval_attention_pairs,
+        seed=cfg.cams.seed,
+    )
     report["checkpoint"] = where
     return report
 
@@ -170,7 +202,7 @@ def _report(result: dict, thresholds, names, at_fixed: ConfusionMatrix) -> str:
             names,
             at_fixed.iou(),
             title=f"IoU per class at cams.bg_threshold={result['threshold']:.2f}",
-        ),  # fmt: skip
+        ),
         _attention_line(result.get("attention")),
         f"  written: {result['out']}/eval.json"
         + (", overlays.png" if result.get("images") else ""),
@@ -186,7 +218,9 @@ def _attention_line(a: dict | None) -> str:
         v = a.get(key)
         return "n/a" if v is None else f"{v:.3g}"
 
-    return (f"  attention ({a['affinity']}, {a['pairs']} pairs): hub mass top-1 {f('hub_top1')} "
-            f"top-5 {f('hub_top5')}, background->objects {f('bg_to_fg')}x chance, "
-            f"objects->same class {f('fg_to_same')}x chance, gate mean {f('gate_mean')} "
-            f"IoU {f('gate_iou')}, W_P drift {f('w_p_drift')}")  # fmt: skip
+    return (
+        f"  attention ({a['affinity']}, {a['pairs']} pairs): hub mass top-1 {f('hub_top1')} "
+        f"top-5 {f('hub_top5')}, background->objects {f('bg_to_fg')}x chance, "
+        f"objects->same class {f('fg_to_same')}x chance, gate mean {f('gate_mean')} "
+        f"IoU {f('gate_iou')}, W_P drift {f('w_p_drift')}"
+    )

@@ -81,13 +81,22 @@ class CamSettings:
     def from_config(cls, cfg) -> CamSettings:
         c = cfg.cams
         return cls(
-            mode=c.mode, related=c.related, contrastive=c.contrastive, self_pairs=c.self_pairs,
-            scales=tuple(c.scales), flip=c.flip, out_stride=c.out_stride,
+            mode=c.mode,
+            related=c.related,
+            contrastive=c.contrastive,
+            self_pairs=c.self_pairs,
+            scales=tuple(c.scales),
+            flip=c.flip,
+            out_stride=c.out_stride,
             related_size=c.related_size or cfg.data.crop_size,
-            mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), amp=c.amp,
-            square=c.square, authors_gate=c.authors_gate, readout=c.readout,
+            mean=tuple(cfg.data.mean),
+            std=tuple(cfg.data.std),
+            amp=c.amp,
+            square=c.square,
+            authors_gate=c.authors_gate,
+            readout=c.readout,
             class_layer=c.class_layer,
-        )  # fmt: skip
+        )
 
 
 @dataclass
@@ -122,8 +131,12 @@ class FeatureCache:
             self._bytes -= _nbytes(old)
 
     def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "entries": len(self._items),
-                "mb": round(self._bytes / 2**20, 1)}  # fmt: skip
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "entries": len(self._items),
+            "mb": round(self._bytes / 2**20, 1),
+        }
 
 
 def _nbytes(value) -> int:
@@ -136,8 +149,9 @@ def resize_long(x: Tensor, long_side: int) -> Tensor:
     """(B, 3, H, W) -> the same aspect with max(H, W) = long_side (bilinear)."""
     h, w = x.shape[-2:]
     s = long_side / max(h, w)
-    return F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
-                         align_corners=False)  # fmt: skip
+    return F.interpolate(
+        x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", align_corners=False
+    )
 
 
 def _rescale(x: Tensor, s: float) -> Tensor:
@@ -158,8 +172,14 @@ class CamEngine:
         cache_bytes: bound of the related-feature cache (0: no cache).
     """
 
-    def __init__(self, model: MCISClassifier, settings: CamSettings, sampler=None,
-                 device: torch.device | str = "cpu", cache_bytes: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: MCISClassifier,
+        settings: CamSettings,
+        sampler=None,
+        device: torch.device | str = "cpu",
+        cache_bytes: int = 0,
+    ) -> None:
         if settings.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {settings.mode!r}")
         if settings.mode in ("coattentive", "authors") and sampler is None:
@@ -207,8 +227,9 @@ class CamEngine:
         """maps (B, L, h, w) raw (B = 1 or 2 with the flip) -> total += Σ_B up(ReLU(maps))."""
         if self.s.flip:
             maps = torch.stack([maps[0], maps[1].flip(-1)])
-        up = F.interpolate(F.relu(maps.float()), size=out_size, mode="bilinear",
-                           align_corners=False)  # fmt: skip
+        up = F.interpolate(
+            F.relu(maps.float()), size=out_size, mode="bilinear", align_corners=False
+        )
         return total + up.sum(dim=0)
 
     # ---- the maps -------------------------------------------------------------------------
@@ -227,8 +248,9 @@ class CamEngine:
         for scale in self.s.scales:
             feats = self.features(self._flip_batch(_rescale(x, scale)))  # (B, C, h, w)
             with self._autocast():
-                maps = torch.stack([self._class_map(feats, k, related.get(k)) for k in labels],
-                                   dim=1)  # (B, L, h, w)  # fmt: skip
+                maps = torch.stack(
+                    [self._class_map(feats, k, related.get(k)) for k in labels], dim=1
+                )  # (B, L, h, w)
             total = self._accumulate(total, maps, out_size)
         if fallback:
             self.counts["fallback_classes"] += len(fallback)
@@ -243,13 +265,16 @@ class CamEngine:
         copies = [self.features(v) for v in (x.flip(-1), _rescale(x, 0.75), _rescale(x, 2.0))]
         related = {}
         for k in labels:
-            got = [self.related_features(g) for g in self.sampler.draw(k, self.s.related, key,
-                                                                       replace=True)]  # fmt: skip
+            got = [
+                self.related_features(g)
+                for g in self.sampler.draw(k, self.s.related, key, replace=True)
+            ]
             related[k] = [f for f, _ in (i for i in got if i is not None)]
         with self._autocast():
             maps = authors_maps(self.model, feats, copies, related, labels, self.s.authors_gate)
-        return F.interpolate(maps[None].float(), size=out_size, mode="bilinear",
-                             align_corners=False)[0]  # fmt: skip
+        return F.interpolate(
+            maps[None].float(), size=out_size, mode="bilinear", align_corners=False
+        )[0]
 
     def _class_map(self, feats: Tensor, k: int, rel) -> Tensor:
         """(B, h, w) raw map of class k: S_n[k], or the co-attentive (+ contrastive) average."""
@@ -276,8 +301,10 @@ class CamEngine:
         own = []
         if self.s.self_pairs:  # the authors' self-pair copies: flip, 0.75x, 2x
             own_type = 0 if domains == 3 else None
-            own = [(self.features(v), own_type)
-                   for v in (x.flip(-1), _rescale(x, 0.75), _rescale(x, 2.0))]  # fmt: skip
+            own = [
+                (self.features(v), own_type)
+                for v in (x.flip(-1), _rescale(x, 0.75), _rescale(x, 2.0))
+            ]
         related, fallback = {}, []
         for k in labels:
             got = [self.related_features(g) for g in self.sampler.draw(k, self.s.related, key)]
@@ -335,8 +362,10 @@ def authors_maps(
             F.conv2d(x_from_small, w, b)[0, 0],
             F.conv2d(x_from_big, w, b)[0, 0],
         ]
-        rel = [F.conv2d(model.coattentive_features(feats, r, pt)[0], w, b)[0, 0]
-               for r in related.get(k, [])]  # fmt: skip
+        rel = [
+            F.conv2d(model.coattentive_features(feats, r, pt)[0], w, b)[0, 0]
+            for r in related.get(k, [])
+        ]
         raw.append(torch.stack(rel).mean(0) if rel else torch.zeros_like(raw[0]))
         total = _max_normalise(raw[0])
         for m in raw[1:]:

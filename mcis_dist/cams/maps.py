@@ -17,8 +17,12 @@ def upsample_cams(maps: np.ndarray, stride: int, size: tuple[int, int]) -> np.nd
     if stride == 1 and maps.shape[1:] == tuple(size):
         return maps
     t = torch.from_numpy(maps)[None]  # (1, L, h, w)
-    up = F.interpolate(t, size=(maps.shape[1] * stride, maps.shape[2] * stride),
-                       mode="bilinear", align_corners=False)  # fmt: skip
+    up = F.interpolate(
+        t,
+        size=(maps.shape[1] * stride, maps.shape[2] * stride),
+        mode="bilinear",
+        align_corners=False,
+    )
     return up[0, :, : size[0], : size[1]].numpy()
 
 

@@ -18,9 +18,16 @@ import json
 import os
 import time
 
+import ray
 import torch
+from tqdm import tqdm
 
+from mcis_dist.cams.infer import CamEngine, CamSettings
 from mcis_dist.config import ExperimentConfig, config_from_dict
+from mcis_dist.data.loader import open_manifest
+from mcis_dist.data.related import RelatedSampler
+from mcis_dist.data.stream import parse_record
+from mcis_dist.data.transforms import decode_rgb
 from mcis_dist.errors import reason
 from mcis_dist.formats.cams import (
     FORMAT,
@@ -28,8 +35,10 @@ from mcis_dist.formats.cams import (
     encode_cam,
 )
 from mcis_dist.formats.manifest import write_manifest
+from mcis_dist.formats.shards import iter_shard
+from mcis_dist.models.build import build_model
 from mcis_dist.runtime import checkpoint as ckpt
-from mcis_dist.runtime.paths import absolute_url, endpoint_url
+from mcis_dist.runtime.paths import absolute_paths, absolute_url, endpoint_url
 from mcis_dist.runtime.session import ray_session
 from mcis_dist.runtime.sharded import (
     StageError,
@@ -43,6 +52,7 @@ from mcis_dist.runtime.sharded import (
     stage_complete,
     write_part,
 )
+from mcis_dist.shards.build import ShardWriter
 from mcis_dist.storage import open_storage
 
 MAX_LISTED = 1000  # skipped samples listed by key in a manifest (all are counted)
@@ -54,8 +64,18 @@ __all__ = ["CamActor", "compute_cams"]
 def stage_settings(cfg: ExperimentConfig) -> dict:
     """What the maps depend on (the fingerprint's settings): not where or how fast they run."""
     c = cfg.cams
-    keep = ("mode", "related", "related_pool", "related_size", "contrastive", "self_pairs",
-            "scales", "flip", "out_stride", "seed")  # fmt: skip
+    keep = (
+        "mode",
+        "related",
+        "related_pool",
+        "related_size",
+        "contrastive",
+        "self_pairs",
+        "scales",
+        "flip",
+        "out_stride",
+        "seed",
+    )
     out = {k: getattr(c, k) for k in keep}
     # later settings count only away from their defaults, so older outputs stay valid
     for k in ("class_layer", "readout", "square", "authors_gate"):
@@ -69,11 +89,11 @@ def stage_settings(cfg: ExperimentConfig) -> dict:
 
 def check_model_state(cfg: ExperimentConfig, state: dict, num_classes: int, where: str) -> None:
     """Build the configured model and load the state: a mismatch names the keys."""
-    from mcis_dist.models.build import build_model
-    from mcis_dist.runtime import checkpoint as ckpt
 
-    model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(
-        update={"weights": None})}), num_classes)  # fmt: skip
+    model = build_model(
+        cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}),
+        num_classes,
+    )
     try:
         ckpt.load_model_state(model, state, where=f"checkpoint {where}")
     except ckpt.CheckpointError as e:
@@ -85,10 +105,6 @@ class CamActor:
     """One model for the actor's life; ``run(job)`` maps one input shard to one CAM shard."""
 
     def __init__(self, experiment: dict, state: dict, num_classes: int) -> None:
-        from mcis_dist.cams.infer import CamEngine, CamSettings
-        from mcis_dist.data.loader import open_manifest
-        from mcis_dist.data.related import RelatedSampler
-        from mcis_dist.models.build import build_model
 
         cfg = config_from_dict(experiment, ExperimentConfig, source="<cams config>")
         cfg.model.weights = None  # the checkpoint has every weight
@@ -104,19 +120,21 @@ class CamActor:
         self.out = open_storage(cfg.cams.out_url, endpoint_url=endpoint)
         sampler = None
         if cfg.cams.mode in ("coattentive", "authors"):
-            sampler = RelatedSampler(manifest, self.source, seed=cfg.cams.seed,
-                                     pool=cfg.cams.related_pool)  # fmt: skip
-        self.engine = CamEngine(self.model, CamSettings.from_config(cfg), sampler, self.device,
-                                cache_bytes=cfg.cams.feature_cache_mb * 2**20)  # fmt: skip
+            sampler = RelatedSampler(
+                manifest, self.source, seed=cfg.cams.seed, pool=cfg.cams.related_pool
+            )
+        self.engine = CamEngine(
+            self.model,
+            CamSettings.from_config(cfg),
+            sampler,
+            self.device,
+            cache_bytes=cfg.cams.feature_cache_mb * 2**20,
+        )
 
     def pid(self) -> int:
         return os.getpid()
 
     def run(self, job: dict) -> dict:
-        from mcis_dist.data.stream import parse_record
-        from mcis_dist.data.transforms import decode_rgb
-        from mcis_dist.formats.shards import iter_shard
-        from mcis_dist.shards.build import ShardWriter
 
         start, name = time.perf_counter(), job["name"]
         keys, skipped, fallback = [], [], {}
@@ -135,10 +153,20 @@ class CamActor:
                         skipped.append({"key": key, "reason": reason(e)})
                         continue
                     maps, fell = self.engine.cams(rgb, labels, key, domain)
-                    meta = {"key": key, "labels": list(labels), "size": list(rgb.shape[-2:]),
-                            "stride": self.cfg.cams.out_stride, "fallback": fell}  # fmt: skip
-                    writer.write({"__key__": key, "cam.npy": encode_cam(maps.cpu().numpy()),
-                                  "json": json.dumps(meta).encode()})  # fmt: skip
+                    meta = {
+                        "key": key,
+                        "labels": list(labels),
+                        "size": list(rgb.shape[-2:]),
+                        "stride": self.cfg.cams.out_stride,
+                        "fallback": fell,
+                    }
+                    writer.write(
+                        {
+                            "__key__": key,
+                            "cam.npy": encode_cam(maps.cpu().numpy()),
+                            "json": json.dumps(meta).encode(),
+                        }
+                    )
                     keys.append(key)
                     for k in fell:
                         fallback[str(k)] = fallback.get(str(k), 0) + 1
@@ -148,15 +176,21 @@ class CamActor:
             if not keys:
                 staged.discard()
         record = {
-            "name": name, "index": job["index"], "source": job["source"],
-            "fingerprint": job["fingerprint"], "samples": len(keys), "keys": keys,
-            "skipped": skipped, "fallback_by_class": fallback,
-            "fallback_images": self.engine.counts["fallback_images"] - counts_before["fallback_images"],
+            "name": name,
+            "index": job["index"],
+            "source": job["source"],
+            "fingerprint": job["fingerprint"],
+            "samples": len(keys),
+            "keys": keys,
+            "skipped": skipped,
+            "fallback_by_class": fallback,
+            "fallback_images": self.engine.counts["fallback_images"]
+            - counts_before["fallback_images"],
             "related_bad": self.engine.counts["related_bad"] - counts_before["related_bad"],
             "cache_hits": self.engine.cache.hits - cache_before[0],
             "cache_misses": self.engine.cache.misses - cache_before[1],
             "seconds": round(time.perf_counter() - start, 3),
-        }  # fmt: skip
+        }
         if keys:
             idx_name = name.replace(".tar", ".idx")
             self.out.write_bytes(idx_name, index)
@@ -169,13 +203,12 @@ class CamActor:
 def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print) -> dict:
     """Maps for every image of ``cams.split_url`` into ``cams.out_url``; returns the manifest.
     Skips finished shards (and the whole stage when its manifest is complete)."""
-    from tqdm import tqdm
-
-    from mcis_dist.data.loader import open_manifest
-    from mcis_dist.runtime.paths import absolute_paths
 
     cfg = absolute_paths(cfg)
-    cfg.cams.split_url, cfg.cams.out_url = absolute_url(cfg.cams.split_url), absolute_url(cfg.cams.out_url)
+    cfg.cams.split_url, cfg.cams.out_url = (
+        absolute_url(cfg.cams.split_url),
+        absolute_url(cfg.cams.out_url),
+    )
     cfg.cams.checkpoint = absolute_url(checkpoint or cfg.cams.checkpoint)
     timer, endpoint = Timer(), endpoint_url(cfg)
     source_manifest, _ = open_manifest(cfg.cams.split_url, endpoint)
@@ -184,8 +217,9 @@ def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print
     check_model_state(cfg, state, len(classes), where)
     out = open_storage(cfg.cams.out_url, endpoint_url=endpoint)
     out.check_writable()
-    model_id = fingerprint(where, {k: list(v.shape) + [float(v.float().sum())]
-                                   for k, v in state.items()})  # fmt: skip
+    model_id = fingerprint(
+        where, {k: list(v.shape) + [float(v.float().sum())] for k, v in state.items()}
+    )
     source_id = [s["sha256"] for s in source_manifest["shards"]]
     stage_fp = fingerprint(stage_settings(cfg), model_id, source_id)
     done = stage_complete(out, stage_fp)
@@ -203,12 +237,21 @@ def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print
         if record is not None and record.get("fingerprint") == job_fp:
             kept[name] = record
         else:
-            jobs.append({"name": name, "index": i, "source": shard["name"],
-                         "samples": shard["samples"], "fingerprint": job_fp})  # fmt: skip
+            jobs.append(
+                {
+                    "name": name,
+                    "index": i,
+                    "source": shard["name"],
+                    "samples": shard["samples"],
+                    "fingerprint": job_fp,
+                }
+            )
     total = sum(s["samples"] for s in source_manifest["shards"])
-    log(f"cams: {cfg.cams.mode} maps of {total} images in {len(source_manifest['shards'])} "
+    log(
+        f"cams: {cfg.cams.mode} maps of {total} images in {len(source_manifest['shards'])} "
         f"shards from {cfg.cams.split_url}, checkpoint {where}"
-        + (f"; {len(kept)} shards already done" if kept else ""))  # fmt: skip
+        + (f"; {len(kept)} shards already done" if kept else "")
+    )
 
     records = list(kept.values())
     if jobs:
@@ -216,9 +259,11 @@ def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print
         clean_temporaries(out)  # left by actors that died mid-shard
     manifest = assemble_manifest(cfg, records, source_manifest, stage_fp, where, timer())
     write_manifest(out, manifest)
-    log(f"cams: {manifest['samples']} maps in {len(manifest['shards'])} shards at "
+    log(
+        f"cams: {manifest['samples']} maps in {len(manifest['shards'])} shards at "
         f"{out.describe()} ({manifest['skipped_count']} skipped, "
-        f"{manifest['fallback']['images']} images with single-round fallbacks) in {timer():.1f} s")  # fmt: skip
+        f"{manifest['fallback']['images']} images with single-round fallbacks) in {timer():.1f} s"
+    )
     return manifest
 
 
@@ -227,7 +272,6 @@ def _done(kept: dict) -> int:
 
 
 def _run_actors(cfg, jobs, state, num_classes, todo, log, tqdm) -> list[dict]:
-    import ray
 
     with ray_session():
         c = cfg.cams
@@ -237,10 +281,14 @@ def _run_actors(cfg, jobs, state, num_classes, todo, log, tqdm) -> list[dict]:
         log(f"cams: {len(jobs)} shards to map on {n} actors")
         with tqdm(total=todo, desc="cams", unit="img", disable=None) as bar:
             return run_sharded(
-                jobs, lambda: remote.remote(experiment, state_ref, num_classes), n,
-                max_failures=c.max_failures, log=log, what="shard",
+                jobs,
+                lambda: remote.remote(experiment, state_ref, num_classes),
+                n,
+                max_failures=c.max_failures,
+                log=log,
+                what="shard",
                 progress=lambda r: bar.update(r["samples"] + len(r["skipped"])),
-            )  # fmt: skip
+            )
 
 
 def assemble_manifest(cfg, records, source_manifest, stage_fp, where, seconds) -> dict:
@@ -274,7 +322,7 @@ def assemble_manifest(cfg, records, source_manifest, stage_fp, where, seconds) -
             }
             for r in records
             if r["samples"]
-        ],  # fmt: skip
+        ],
         "samples": samples,
         "skipped_count": len(skipped),
         "skipped": skipped[:MAX_LISTED],
@@ -282,16 +330,16 @@ def assemble_manifest(cfg, records, source_manifest, stage_fp, where, seconds) -
             "images": sum(r["fallback_images"] for r in records),
             "classes": sum(by_class.values()),
             "by_class": by_class,
-        },  # fmt: skip
+        },
         "related_bad": sum(r["related_bad"] for r in records),
         "feature_cache": {
             "hits": hits,
             "misses": misses,
             "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
-        },  # fmt: skip
+        },
         "seconds": {
             "wall": seconds,
             "compute": round(compute, 3),
             "images_per_s_per_actor": round(samples / compute, 3) if compute else None,
-        },  # fmt: skip
+        },
     }

@@ -68,8 +68,18 @@ class ShardsConfig(ConfigSection):
         return splits
 
 
-SPLIT_OPTIONS = ("list_file", "image_root", "mask_root", "classes", "voc_root", "seg_aug",
-                 "saliency", "labels_from", "folder_root", "domain")  # fmt: skip
+SPLIT_OPTIONS = (
+    "list_file",
+    "image_root",
+    "mask_root",
+    "classes",
+    "voc_root",
+    "seg_aug",
+    "saliency",
+    "labels_from",
+    "folder_root",
+    "domain",
+)
 
 
 class DataConfig(ConfigSection):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mcis_dist.data.pairs import PairPool, PoolItem
 from mcis_dist.data.stream import WorkerStats, collate_pairs, parse_record
@@ -36,7 +37,6 @@ from mcis_dist.storage import is_s3_url
 
 
 def _placeholder() -> np.ndarray:
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (124, 116, 104)).save(buf, format="JPEG")
@@ -79,7 +79,7 @@ def local_index_paths(loader) -> list[str]:
 
 
 def build_pipeline(loader, epoch: int):
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def, types  # lazy: loads CUDA libraries
 
     spec, aug, cfg = loader.spec, loader.augment, loader.cfg
     gpu = loader.device.type == "cuda"
@@ -93,47 +93,62 @@ def build_pipeline(loader, epoch: int):
     @pipeline_def(exec_dynamic=True)
     def pipeline():
         data, meta = fn.readers.webdataset(
-            paths=list(spec.shard_urls), index_paths=local_index_paths(loader),
-            ext=["jpg;png", "json"], missing_component_behavior="error",
-            shard_id=(spec.rank + epoch) % spec.world_size, num_shards=spec.world_size,
+            paths=list(spec.shard_urls),
+            index_paths=local_index_paths(loader),
+            ext=["jpg;png", "json"],
+            missing_component_behavior="error",
+            shard_id=(spec.rank + epoch) % spec.world_size,
+            num_shards=spec.world_size,
             stick_to_shard=True,  # a rank re-reads its own slice when it wraps: still disjoint
-            random_shuffle=True, initial_fill=max(2, spec.shuffle_buffer), name="reader",
-        )  # fmt: skip
+            random_shuffle=True,
+            initial_fill=max(2, spec.shuffle_buffer),
+            name="reader",
+        )
         data, ok = fn.python_function(data, function=guard, num_outputs=2)
         images = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB)
         images = fn.resize(images, resize_longer=fn.random.uniform(range=[lo, hi]), antialias=True)
         if b or c:
             images = fn.brightness_contrast(
-                images, brightness=fn.random.uniform(range=[max(0, 1 - b), 1 + b]),
+                images,
+                brightness=fn.random.uniform(range=[max(0, 1 - b), 1 + b]),
                 contrast=fn.random.uniform(range=[max(0, 1 - c), 1 + c]),
-            )  # fmt: skip
+            )
         if s or hue:
             images = fn.hsv(
-                images, hue=fn.random.uniform(range=[-hue * 360, hue * 360]),
+                images,
+                hue=fn.random.uniform(range=[-hue * 360, hue * 360]),
                 saturation=fn.random.uniform(range=[max(0, 1 - s), 1 + s]),
-            )  # fmt: skip
+            )
         images = fn.crop_mirror_normalize(
-            images, crop=(size, size), crop_pos_x=fn.random.uniform(range=[0, 1]),
-            crop_pos_y=fn.random.uniform(range=[0, 1]), out_of_bounds_policy="pad",
-            fill_values=[0.0, 0.0, 0.0], mean=[m * 255 for m in aug.mean],
-            std=[v * 255 for v in aug.std], dtype=types.FLOAT, output_layout="CHW",
+            images,
+            crop=(size, size),
+            crop_pos_x=fn.random.uniform(range=[0, 1]),
+            crop_pos_y=fn.random.uniform(range=[0, 1]),
+            out_of_bounds_policy="pad",
+            fill_values=[0.0, 0.0, 0.0],
+            mean=[m * 255 for m in aug.mean],
+            std=[v * 255 for v in aug.std],
+            dtype=types.FLOAT,
+            output_layout="CHW",
             mirror=fn.random.coin_flip(probability=0.5 if aug.hflip else 0.0),
-        )  # fmt: skip
+        )
         return images, meta, ok
 
     device_id = torch.cuda.current_device() if gpu else None
     pipe = pipeline(
-        batch_size=spec.batch_size, num_threads=cfg.dali_threads, device_id=device_id,
+        batch_size=spec.batch_size,
+        num_threads=cfg.dali_threads,
+        device_id=device_id,
         seed=int(np.random.default_rng([spec.seed, epoch, spec.rank, 3]).integers(1 << 31)),
         prefetch_queue_depth=2,
-    )  # fmt: skip
+    )
     pipe.build()
     return pipe
 
 
 def _to_torch(images, device: torch.device) -> torch.Tensor:
     """A dense DALI batch (B, 3, S, S) → a torch tensor on ``device``."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.plugin.pytorch import feed_ndarray  # lazy: loads CUDA libraries
 
     dense = images.as_tensor()
     out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
@@ -148,8 +163,12 @@ def dali_pair_batches(loader, epoch: int, skip: int):
         pipe = build_pipeline(loader, epoch)
     except Exception as e:
         raise RuntimeError(f"DALI pipeline for {loader.storage.describe()} failed: {e}") from e
-    pool = PairPool(spec.pool_size, spec.max_wait, spec.cross_domain_share,
-                    np.random.default_rng([spec.seed, epoch, spec.rank, 1]))  # fmt: skip
+    pool = PairPool(
+        spec.pool_size,
+        spec.max_wait,
+        spec.cross_domain_share,
+        np.random.default_rng([spec.seed, epoch, spec.rank, 1]),
+    )
     stats = WorkerStats(worker=0)
     pending, emitted, total = [], 0, len(loader)
     while emitted < total:

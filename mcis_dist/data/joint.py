@@ -52,8 +52,14 @@ from mcis_dist.formats.shards import FORMAT as SHARDS_FORMAT
 from mcis_dist.formats.shards import MANIFEST_NAME
 from mcis_dist.storage import StorageError, open_storage
 
-__all__ = ["JointAugmentSpec", "JointLoader", "augment_with_box", "joint_augment",
-           "open_label_folder", "plan_join"]  # fmt: skip
+__all__ = [
+    "JointAugmentSpec",
+    "JointLoader",
+    "augment_with_box",
+    "joint_augment",
+    "open_label_folder",
+    "plan_join",
+]
 
 COUNTS = ("samples", "bad_decode", "bad_label", "size_mismatch", "bad_record", "shard_errors")
 
@@ -169,8 +175,13 @@ def plan_join(images: dict, labels: dict, image_where: str, label_where: str) ->
             f"{'; '.join(problems[:5])}{more}; were the labels made from another split?"
         )
     all_keys = [k for s in images["shards"] for k in s["keys"]]
-    return JoinPlan(tuple(label_shards), tuple(image_shards), len(all_keys), len(labelled),
-                    tuple(k for k in all_keys if k not in labelled))  # fmt: skip
+    return JoinPlan(
+        tuple(label_shards),
+        tuple(image_shards),
+        len(all_keys),
+        len(labelled),
+        tuple(k for k in all_keys if k not in labelled),
+    )
 
 
 # -------------------------------------------------------------------------------- augmentation
@@ -193,8 +204,9 @@ class JointAugmentSpec:
         object.__setattr__(self, "fill", tuple(int(round(m * 255)) for m in self.mean))
 
 
-def augment_with_box(img: torch.Tensor, label: torch.Tensor, spec: JointAugmentSpec,
-                     rng: np.random.Generator):  # fmt: skip
+def augment_with_box(
+    img: torch.Tensor, label: torch.Tensor, spec: JointAugmentSpec, rng: np.random.Generator
+):
     """:func:`joint_augment`, plus the box ``(y0, x0, y1, x1)`` of the crop that holds image
     pixels (outside it is padding)."""
     _, h, w = img.shape  # (3, H, W)
@@ -219,8 +231,9 @@ def augment_with_box(img: torch.Tensor, label: torch.Tensor, spec: JointAugmentS
     return out_img, out_label, (dy, dx, dy + ch, dx + cw)
 
 
-def joint_augment(img: torch.Tensor, label: torch.Tensor, spec: JointAugmentSpec,
-                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def joint_augment(
+    img: torch.Tensor, label: torch.Tensor, spec: JointAugmentSpec, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, H, W) uint8 image and (H, W) uint8 label → (3, S, S) and (S, S), S = crop_size:
     rescale by a factor in ``spec.scale`` (bilinear image, nearest label), horizontal flip, and a
     random S×S crop; where the image is smaller it sits at a random place on a canvas of the mean
@@ -351,12 +364,18 @@ class JointStream(IterableDataset):
             stats.bad("bad_decode", key, f"{type(e).__name__}: {e}")
             return None
         if lab.shape != img.shape[1:]:
-            stats.bad("size_mismatch", key, f"label {tuple(lab.shape)}, image "
-                      f"{tuple(img.shape[1:])} (H, W)")  # fmt: skip
+            stats.bad(
+                "size_mismatch",
+                key,
+                f"label {tuple(lab.shape)}, image {tuple(img.shape[1:])} (H, W)",
+            )
             return None
         if ((lab > spec.num_classes) & (lab != IGNORE)).any():
-            stats.bad("bad_label", key, f"label values {lab.unique().tolist()} outside "
-                      f"0..{spec.num_classes} and {IGNORE}")  # fmt: skip
+            stats.bad(
+                "bad_label",
+                key,
+                f"label values {lab.unique().tolist()} outside 0..{spec.num_classes} and {IGNORE}",
+            )
             return None
         rng = np.random.default_rng(sample_seed(spec.seed, self.epoch, cycle, key))
         return augment_with_box(img, lab, spec.augment, rng)
@@ -385,8 +404,10 @@ class JointStream(IterableDataset):
         for key, image, label, cycle in self._samples(unit, stats):
             if cycle != this_pass:
                 if usable == 0:
-                    raise RuntimeError(f"rank {unit.rank} loader worker {unit.worker}: no sample "
-                                       f"of a whole pass was usable (last: {stats.last_error})")  # fmt: skip
+                    raise RuntimeError(
+                        f"rank {unit.rank} loader worker {unit.worker}: no sample "
+                        f"of a whole pass was usable (last: {stats.last_error})"
+                    )
                 this_pass, usable = cycle, 0
             if key in self.bad_keys or key in stats.known_bad:  # (a later pass: counted once)
                 continue
@@ -438,10 +459,20 @@ class JointLoader:
         label_key: the label member of each sample of the label shards.
     """
 
-    def __init__(self, images_url: str, labels_url: str, cfg, *, mean, std,
-                 rank: int | None = None, world_size: int | None = None,
-                 device: str | torch.device = "cpu", endpoint_url: str | None = None,
-                 label_key: str = LABEL_MEMBER):  # fmt: skip
+    def __init__(
+        self,
+        images_url: str,
+        labels_url: str,
+        cfg,
+        *,
+        mean,
+        std,
+        rank: int | None = None,
+        world_size: int | None = None,
+        device: str | torch.device = "cpu",
+        endpoint_url: str | None = None,
+        label_key: str = LABEL_MEMBER,
+    ):
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
         if not 0 <= rank < world_size:
@@ -456,20 +487,36 @@ class JointLoader:
         self.manifest, self.storage = open_manifest(images_url, endpoint_url)
         self.label_manifest, self.label_storage = open_label_folder(labels_url, endpoint_url)
         self.classes = list(self.manifest["classes"])
-        _check_classes(self.classes, list(self.label_manifest["classes"]),
-                       self.storage.describe(), self.label_storage.describe())  # fmt: skip
-        self.plan = plan_join(self.manifest, self.label_manifest, self.storage.describe(),
-                              self.label_storage.describe())  # fmt: skip
-        self.augment = JointAugmentSpec(crop_size=cfg.crop_size, scale=tuple(cfg.scale),
-                                        hflip=cfg.hflip, mean=self.mean)  # fmt: skip
+        _check_classes(
+            self.classes,
+            list(self.label_manifest["classes"]),
+            self.storage.describe(),
+            self.label_storage.describe(),
+        )
+        self.plan = plan_join(
+            self.manifest,
+            self.label_manifest,
+            self.storage.describe(),
+            self.label_storage.describe(),
+        )
+        self.augment = JointAugmentSpec(
+            crop_size=cfg.crop_size, scale=tuple(cfg.scale), hflip=cfg.hflip, mean=self.mean
+        )
         self.spec = JointSpec(
             label_urls=tuple(self.label_storage.describe(n) for n in self.plan.label_shards),
             image_urls=tuple(self.storage.describe(n) for n in self.plan.image_shards),
-            num_samples=self.plan.labelled, num_classes=len(self.classes),
-            batch_size=cfg.batch_size, augment=self.augment, label_key=label_key, rank=rank,
-            world_size=world_size, num_workers=max(1, cfg.num_workers), seed=cfg.seed,
-            shuffle_buffer=cfg.shuffle_buffer, endpoint_url=endpoint_url,
-        )  # fmt: skip
+            num_samples=self.plan.labelled,
+            num_classes=len(self.classes),
+            batch_size=cfg.batch_size,
+            augment=self.augment,
+            label_key=label_key,
+            rank=rank,
+            world_size=world_size,
+            num_workers=max(1, cfg.num_workers),
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            endpoint_url=endpoint_url,
+        )
         try:
             self._len = self.spec.batches_per_rank
         except ValueError as e:
@@ -495,11 +542,16 @@ class JointLoader:
     def state_dict(self) -> dict:
         """Where the loader stands: the next batch is ``batches`` of ``epoch`` (0-based)."""
         fresh = self.position == 0
-        return {"epoch": self.epoch, "batches": self.position,
-                "bad_keys": [] if fresh else sorted(self._bad_keys),
-                "counts": dict.fromkeys(COUNTS, 0) if fresh else self._counts(),
-                "world_size": self.world_size, "num_workers": self.spec.num_workers,
-                "batch_size": self.spec.batch_size, "seed": self.spec.seed}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "batches": self.position,
+            "bad_keys": [] if fresh else sorted(self._bad_keys),
+            "counts": dict.fromkeys(COUNTS, 0) if fresh else self._counts(),
+            "world_size": self.world_size,
+            "num_workers": self.spec.num_workers,
+            "batch_size": self.spec.batch_size,
+            "seed": self.spec.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("world_size", "num_workers", "batch_size", "seed"):
@@ -523,10 +575,15 @@ class JointLoader:
         ``shard_errors``, a few ``bad_keys``), and the join's over the whole split: ``images``,
         ``labelled``, ``no_label`` (images without a label, never read) and ``no_label_keys``."""
         last = [w["last_error"] for w in self._worker_stats.values() if w["last_error"]]
-        return {**self._counts(), "bad_keys": sorted(self._bad_keys)[:MAX_LISTED],
-                "last_error": last[-1] if last else "", "images": self.plan.images,
-                "labelled": self.plan.labelled, "no_label": len(self.plan.no_label_keys),
-                "no_label_keys": list(self.plan.no_label_keys[:MAX_LISTED])}  # fmt: skip
+        return {
+            **self._counts(),
+            "bad_keys": sorted(self._bad_keys)[:MAX_LISTED],
+            "last_error": last[-1] if last else "",
+            "images": self.plan.images,
+            "labelled": self.plan.labelled,
+            "no_label": len(self.plan.no_label_keys),
+            "no_label_keys": list(self.plan.no_label_keys[:MAX_LISTED]),
+        }
 
     # -- iteration ------------------------------------------------------------------------------
     def _finish(self, batch: dict) -> dict:
@@ -554,12 +611,15 @@ class JointLoader:
         stream.set_position(self.epoch, self.position, self._bad_keys)
         workers = self.cfg.num_workers
         loader = DataLoader(
-            stream, batch_size=None, num_workers=workers,
+            stream,
+            batch_size=None,
+            num_workers=workers,
             multiprocessing_context=self.cfg.mp_context if workers else None,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
             # its own generator: creating the iterator must not draw from the global RNG
             generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch),
-        )  # fmt: skip
+        )
         for batch in loader:
             if self.position >= self._len:
                 break

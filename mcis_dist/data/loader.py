@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
+from mcis_dist.data.dali import dali_pair_batches
 from mcis_dist.data.pairs import PairStats
 from mcis_dist.data.sharding import rank_and_world
 from mcis_dist.data.stream import MAX_LISTED, PairStream, StreamSpec
@@ -84,8 +85,14 @@ def resolve_backend(backend: str) -> str:
 class PairLoader:
     """Batches of image pairs for one rank (see the module docstring for the contract)."""
 
-    def __init__(self, cfg, rank: int | None = None, world_size: int | None = None,
-                 device: str | torch.device | None = None, backend: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg,
+        rank: int | None = None,
+        world_size: int | None = None,
+        device: str | torch.device | None = None,
+        backend: str | None = None,
+    ):
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
         if not 0 <= rank < world_size:
@@ -110,23 +117,32 @@ class PairLoader:
                     "data must be built with the same class list (--classes)"
                 )
             self.sources.append((manifest, storage))
-        shard_urls = tuple(
-            st.describe(s["name"]) for m, st in self.sources for s in m["shards"]
-        )  # fmt: skip
+        shard_urls = tuple(st.describe(s["name"]) for m, st in self.sources for s in m["shards"])
         self.augment = AugmentSpec(
-            crop_size=cfg.crop_size, resize_long=tuple(cfg.resize_long), hflip=cfg.hflip,
-            color_jitter=tuple(cfg.color_jitter), mean=tuple(cfg.mean), std=tuple(cfg.std),
-        )  # fmt: skip
+            crop_size=cfg.crop_size,
+            resize_long=tuple(cfg.resize_long),
+            hflip=cfg.hflip,
+            color_jitter=tuple(cfg.color_jitter),
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+        )
         workers = cfg.num_workers if self.backend == "webdataset" else 1
         self.spec = StreamSpec(
             shard_urls=shard_urls,
             num_samples=sum(m["num_samples"] for m, _ in self.sources),
             num_classes=self.num_classes,
-            batch_size=cfg.batch_size, augment=self.augment, rank=rank, world_size=world_size,
-            num_workers=max(1, workers), seed=cfg.seed, pool_size=cfg.pool_size,
-            max_wait=cfg.max_wait, cross_domain_share=cfg.cross_domain_share,
-            shuffle_buffer=cfg.shuffle_buffer, endpoint_url=cfg.endpoint_url,
-        )  # fmt: skip
+            batch_size=cfg.batch_size,
+            augment=self.augment,
+            rank=rank,
+            world_size=world_size,
+            num_workers=max(1, workers),
+            seed=cfg.seed,
+            pool_size=cfg.pool_size,
+            max_wait=cfg.max_wait,
+            cross_domain_share=cfg.cross_domain_share,
+            shuffle_buffer=cfg.shuffle_buffer,
+            endpoint_url=cfg.endpoint_url,
+        )
         try:
             self._len = self.spec.batches_per_rank
         except ValueError as e:
@@ -147,8 +163,13 @@ class PairLoader:
 
     def state_dict(self) -> dict:
         """Where the loader stands: the next batch is ``batches`` of ``epoch`` (0-based)."""
-        return {"epoch": self.epoch, "batches": self.position, "bad_keys": sorted(self._bad_keys),
-                "backend": self.backend, "world_size": self.world_size}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "batches": self.position,
+            "bad_keys": sorted(self._bad_keys),
+            "backend": self.backend,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("world_size", self.world_size) != self.world_size:
@@ -195,17 +216,19 @@ class PairLoader:
         stream.set_position(self.epoch, self.position, self._bad_keys)
         workers = self.cfg.num_workers
         loader = DataLoader(
-            stream, batch_size=None, num_workers=workers,
+            stream,
+            batch_size=None,
+            num_workers=workers,
             multiprocessing_context=self.cfg.mp_context if workers else None,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
             # its own generator: creating the iterator must not draw from the global RNG, or a
             # run resumed mid-epoch would see different dropout masks than an uninterrupted one
             generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch),
-        )  # fmt: skip
+        )
         yield from loader
 
     def _dali_batches(self):
-        from mcis_dist.data.dali import dali_pair_batches
 
         yield from dali_pair_batches(self, self.epoch, self.position)
 

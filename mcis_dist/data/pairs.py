@@ -79,7 +79,7 @@ class PairStats:
                 "target": self.pair_types[0],
                 "extra": self.pair_types[1],
                 "cross": self.pair_types[2],
-            },  # fmt: skip
+            },
         }
 
 

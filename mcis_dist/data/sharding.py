@@ -46,7 +46,7 @@ def rank_and_world() -> tuple[int, int]:
     """The Ray Train world rank and size inside a Ray Train worker, else ``RANK``/``WORLD_SIZE``
     (torchrun's variables), else a single process."""
     try:
-        import ray.train
+        import ray.train  # lazy: a probe; runs without Ray
 
         ctx = ray.train.get_context()
         return int(ctx.get_world_rank()), int(ctx.get_world_size())

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.gopen import gopen_schemes
 
 from mcis_dist.data.pairs import DOMAIN_IDS, PairPool, PoolItem, pair_type
 from mcis_dist.data.sharding import Unit, assign, batches_per_rank, consumed_by_worker, worker_quota
@@ -111,7 +112,6 @@ def parse_record(raw: dict, num_classes: int) -> tuple[str, tuple[int, ...], int
 def register_webdataset_s3(endpoint_url: str | None = None) -> None:
     """Let webdataset open ``s3://`` URLs itself (``wds.WebDataset("s3://b/p/shard-{000000..000009}.tar")``)
     through boto3, with the standard AWS credentials and an optional endpoint."""
-    from webdataset.gopen import gopen_schemes
 
     def gopen_s3(url, mode="rb", bufsize=8192):
         if mode[0] != "r":
@@ -182,8 +182,12 @@ class PairStream(IterableDataset):
         quota = worker_quota(rank_batches, worker, num_workers)
         to_skip = consumed_by_worker(done, worker, num_workers)
         stats = WorkerStats(worker=worker)
-        pool = PairPool(spec.pool_size, spec.max_wait, spec.cross_domain_share,
-                        np.random.default_rng([spec.seed, self.epoch, unit.index, 1]))  # fmt: skip
+        pool = PairPool(
+            spec.pool_size,
+            spec.max_wait,
+            spec.cross_domain_share,
+            np.random.default_rng([spec.seed, self.epoch, unit.index, 1]),
+        )
         pairs_to_skip = to_skip * spec.batch_size
         emitted = to_skip
         pending = []
@@ -221,8 +225,9 @@ class PairStream(IterableDataset):
 
     def _collate(self, pairs, pool: PairPool, stats: WorkerStats) -> dict:
         augment = self.spec.augment
-        return collate_pairs(pairs, self.spec.num_classes, lambda it: it.payload.get(augment),
-                             pool, stats)  # fmt: skip
+        return collate_pairs(
+            pairs, self.spec.num_classes, lambda it: it.payload.get(augment), pool, stats
+        )
 
 
 def collate_pairs(pairs, num_classes: int, image_of, pool: PairPool, stats: WorkerStats) -> dict:

@@ -21,8 +21,14 @@ from mcis_dist.storage import open_storage
 
 FORMAT = "mcis-cams/1"
 
-__all__ = ["FORMAT", "cam_shard_name", "decode_cam", "encode_cam", "iter_cam_shard",
-           "read_cam_manifest"]  # fmt: skip
+__all__ = [
+    "FORMAT",
+    "cam_shard_name",
+    "decode_cam",
+    "encode_cam",
+    "iter_cam_shard",
+    "read_cam_manifest",
+]
 
 
 def encode_cam(cams: np.ndarray) -> bytes:
@@ -49,6 +55,5 @@ def read_cam_manifest(url: str, endpoint_url: str | None = None) -> tuple[dict, 
     """(manifest, storage) of a finished CAM folder; a clear error otherwise."""
     storage = open_storage(url, endpoint_url=endpoint_url)
     missing = "run `mcis cams` first (or it is still running)"
-    found = read_manifest(storage, FORMAT, what="a CAM manifest", missing=missing,
-                          error=StageError)  # fmt: skip
+    found = read_manifest(storage, FORMAT, what="a CAM manifest", missing=missing, error=StageError)
     return found, storage

@@ -34,6 +34,7 @@ from PIL import Image
 
 from mcis_dist.errors import StageError
 from mcis_dist.formats.manifest import read_manifest
+from mcis_dist.formats.shards import iter_shard
 from mcis_dist.storage import open_storage
 
 FORMAT = "mcis-labels/1"
@@ -79,7 +80,6 @@ def label_shard_name(index: int) -> str:
 
 def iter_label_shard(storage, name: str):
     """(meta dict, label (H, W) uint8) of every sample of one label shard, in order."""
-    from mcis_dist.formats.shards import iter_shard
 
     for raw in iter_shard(storage.describe(name), getattr(storage, "endpoint_url", None)):
         yield json.loads(raw["json"]), decode_label(raw[LABEL_MEMBER])
@@ -88,16 +88,28 @@ def iter_label_shard(storage, name: str):
 def read_label_manifest(url: str, endpoint_url: str | None = None) -> tuple[dict, object]:
     """(manifest, storage) of a finished label folder; a clear error otherwise."""
     storage = open_storage(url, endpoint_url=endpoint_url)
-    missing = ("make the labels first (`mcis masks`, or AffinityNet's confident labels), or "
-               "they are still being made")  # fmt: skip
-    found = read_manifest(storage, FORMAT, what="a label manifest", missing=missing,
-                          error=StageError)  # fmt: skip
+    missing = (
+        "make the labels first (`mcis masks`, or AffinityNet's confident labels), or "
+        "they are still being made"
+    )
+    found = read_manifest(
+        storage, FORMAT, what="a label manifest", missing=missing, error=StageError
+    )
     return found, storage
 
 
-def assemble_manifest(records: list[dict], *, kind: str, mode: str, fingerprint: str,
-                      classes: list[str], source: dict, cams_url: str, settings: dict,
-                      seconds: float) -> dict:  # fmt: skip
+def assemble_manifest(
+    records: list[dict],
+    *,
+    kind: str,
+    mode: str,
+    fingerprint: str,
+    classes: list[str],
+    source: dict,
+    cams_url: str,
+    settings: dict,
+    seconds: float,
+) -> dict:
     """The label folder's manifest from its shards' part records (any order)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -129,7 +141,7 @@ def assemble_manifest(records: list[dict], *, kind: str, mode: str, fingerprint:
             }
             for r in records
             if r["samples"]
-        ],  # fmt: skip
+        ],
         "samples": samples,
         "skipped_count": len(skipped),
         "skipped": skipped[:MAX_LISTED],
@@ -138,5 +150,5 @@ def assemble_manifest(records: list[dict], *, kind: str, mode: str, fingerprint:
             "wall": seconds,
             "compute": round(compute, 3),
             "images_per_s_per_actor": round(samples / compute, 3) if compute else None,
-        },  # fmt: skip
+        },
     }

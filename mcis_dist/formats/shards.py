@@ -112,8 +112,13 @@ def read_manifest(storage: Storage) -> dict:
             f"{where} does not exist: the build is unfinished ({len(parts)} shards "
             "done); run the same `mcis shards build` command again to finish it"
         )
-    return manifest.read_manifest(storage, FORMAT, what="a shard manifest",
-                                  missing="no shards were built here", error=ManifestError)  # fmt: skip
+    return manifest.read_manifest(
+        storage,
+        FORMAT,
+        what="a shard manifest",
+        missing="no shards were built here",
+        error=ManifestError,
+    )
 
 
 def iter_shard(url: str, endpoint_url: str | None = None):

@@ -20,11 +20,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from mcis_dist.config import ExperimentConfig
+from mcis_dist.data.loader import open_manifest
 from mcis_dist.data.transforms import decode_mask, decode_rgb_array
 from mcis_dist.evaluation import ConfusionMatrix, blend, colorize, format_table, save_grid
 from mcis_dist.formats.labels import IGNORE, iter_label_shard, read_label_manifest
+from mcis_dist.formats.shards import iter_shard
 from mcis_dist.runtime.paths import absolute_url, endpoint_url
 from mcis_dist.runtime.sharded import StageError, Timer
 from mcis_dist.storage import open_storage
@@ -32,8 +35,9 @@ from mcis_dist.storage import open_storage
 __all__ = ["evaluate_masks", "count_labels"]
 
 
-def count_labels(left_out: ConfusionMatrix, as_bg: ConfusionMatrix, gt: np.ndarray,
-                 pred: np.ndarray) -> tuple[int, int]:  # fmt: skip
+def count_labels(
+    left_out: ConfusionMatrix, as_bg: ConfusionMatrix, gt: np.ndarray, pred: np.ndarray
+) -> tuple[int, int]:
     """Count one (gt, pred) pair of (H, W) label maps into both matrices: ``left_out`` without
     the pixels ``pred`` ignores, ``as_bg`` with them as background. Returns (ground-truth
     pixels counted, of which the prediction ignores)."""
@@ -51,14 +55,11 @@ def _panel(rgb: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> list[np.ndarray
     return [rgb, blend(rgb, colorize(pred)), blend(rgb, colorize(gt))]
 
 
-def evaluate_masks(cfg: ExperimentConfig, masks_url: str | None = None,
-                   out_url: str | None = None, log=print) -> dict:  # fmt: skip
+def evaluate_masks(
+    cfg: ExperimentConfig, masks_url: str | None = None, out_url: str | None = None, log=print
+) -> dict:
     """Evaluate a finished label folder (default ``masks.out_url``) against its split's masks;
     write ``eval.json`` and ``overlays.png`` to ``out_url`` (default ``<masks>/eval``)."""
-    from tqdm import tqdm
-
-    from mcis_dist.data.loader import open_manifest
-    from mcis_dist.formats.shards import iter_shard
 
     timer, endpoint = Timer(), endpoint_url(cfg)
     masks_url = absolute_url(masks_url or cfg.masks.out_url)
@@ -73,11 +74,14 @@ def evaluate_masks(cfg: ExperimentConfig, masks_url: str | None = None,
     with tqdm(total=manifest["samples"], desc="eval masks", unit="img", disable=None) as bar:
         for shard in manifest["shards"]:
             if shard["source"] not in have:
-                raise StageError(f"{labels.describe(shard['name'])} was made from "
-                                 f"{shard['source']}, which {source.describe()} no longer has")  # fmt: skip
+                raise StageError(
+                    f"{labels.describe(shard['name'])} was made from "
+                    f"{shard['source']}, which {source.describe()} no longer has"
+                )
             preds = {meta["key"]: p for meta, p in iter_label_shard(labels, shard["name"])}
-            for raw in iter_shard(source.describe(shard["source"]),
-                                  getattr(source, "endpoint_url", None)):  # fmt: skip
+            for raw in iter_shard(
+                source.describe(shard["source"]), getattr(source, "endpoint_url", None)
+            ):
                 key = raw["__key__"]
                 if key not in preds:
                     counts["no_label"] += 1
@@ -97,7 +101,9 @@ def evaluate_masks(cfg: ExperimentConfig, masks_url: str | None = None,
                 counts["images"] += 1
                 bar.update(1)
                 if len(panels) < cfg.masks.eval_grid:
-                    panels.append((key, _panel(decode_rgb_array(raw.get("jpg", raw.get("png"))), pred, gt)))
+                    panels.append(
+                        (key, _panel(decode_rgb_array(raw.get("jpg", raw.get("png"))), pred, gt))
+                    )
     if counts["images"] == 0:
         raise StageError(
             f"none of the {manifest['samples']} labelled images of {manifest['source']['url']} "
@@ -115,12 +121,17 @@ def evaluate_masks(cfg: ExperimentConfig, masks_url: str | None = None,
         "ignore_as_bg": as_bg.to_dict(names),
         "seconds": timer(),
     }
-    out = open_storage(absolute_url(out_url) if out_url else labels.describe("eval"), endpoint_url=endpoint)
+    out = open_storage(
+        absolute_url(out_url) if out_url else labels.describe("eval"), endpoint_url=endpoint
+    )
     out.write_bytes("eval.json", json.dumps(result, indent=1).encode())
     if panels:
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_grid([cells for _, cells in panels], Path(tmp) / "overlays.png",
-                             captions=[[key, "labels", "gt"] for key, _ in panels])  # fmt: skip
+            path = save_grid(
+                [cells for _, cells in panels],
+                Path(tmp) / "overlays.png",
+                captions=[[key, "labels", "gt"] for key, _ in panels],
+            )
             out.upload_file(path, "overlays.png")
     result["out"], result["overlays"] = out.describe(), bool(panels)
     log(_report(result, names, left_out))

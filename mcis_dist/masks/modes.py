@@ -37,14 +37,28 @@ from mcis_dist.affinity.labels import confident_labels, saliency_labels
 from mcis_dist.affinity.random_walk import neighbour_offsets, propagate_to_labels, random_walk
 from mcis_dist.cams.maps import cam_labels, upsample_cams
 from mcis_dist.config import ExperimentConfig
+from mcis_dist.crf import crf_inference
+from mcis_dist.data.stream import IMAGE_EXTS
+from mcis_dist.data.transforms import decode_rgb, normalize
 from mcis_dist.errors import reason
 from mcis_dist.formats.labels import IGNORE
 from mcis_dist.models.build import build_affinity_net
 
 SALIENCY_MEMBER = "sal.png"  # shards/README.md: the image shard's saliency map (grey PNG)
 
-__all__ = ["MODES", "SALIENCY_MEMBER", "LabelMode", "RandomWalkLabeller", "Sample", "SkipSample",
-           "cams_label", "cams_on_grid", "confident_label", "make_sample", "saliency_label"]  # fmt: skip
+__all__ = [
+    "MODES",
+    "SALIENCY_MEMBER",
+    "LabelMode",
+    "RandomWalkLabeller",
+    "Sample",
+    "SkipSample",
+    "cams_label",
+    "cams_on_grid",
+    "confident_label",
+    "make_sample",
+    "saliency_label",
+]
 
 
 # ------------------------------------------------------------------------------- one image
@@ -77,13 +91,13 @@ Labeller = Callable[[Sample], np.ndarray]  # -> (H, W) uint8 label; raises SkipS
 
 def confident_label(sample: Sample, a) -> np.ndarray:
     """AffinityNet's training label (psa) with ``affinity.*`` settings ``a``."""
-    from mcis_dist.crf import crf_inference
 
     crf = crf_inference if a.crf else None
     cams, ids, rgb = sample.full_cams(), sample.class_ids, sample.rgb
     if a.label_mode == "threshold":
-        return confident_labels(cams, ids, fg_threshold=a.fg_threshold,
-                                bg_threshold=a.bg_threshold, crf=crf, image=rgb)  # fmt: skip
+        return confident_labels(
+            cams, ids, fg_threshold=a.fg_threshold, bg_threshold=a.bg_threshold, crf=crf, image=rgb
+        )
     return confident_labels(cams, ids, a.alpha_low, a.alpha_high, crf=crf, image=rgb)
 
 
@@ -102,8 +116,9 @@ def cams_label(sample: Sample, threshold: float) -> np.ndarray:
     return cam_labels(sample.full_cams(), sample.class_ids, threshold)
 
 
-def cams_on_grid(maps: np.ndarray, stride: int, size: tuple[int, int], grid: tuple[int, int],
-                 grid_stride: int) -> Tensor:  # fmt: skip
+def cams_on_grid(
+    maps: np.ndarray, stride: int, size: tuple[int, int], grid: tuple[int, int], grid_stride: int
+) -> Tensor:
     """(L, h, w) maps at ``stride`` -> (L, *grid) on the embedding's grid at ``grid_stride``:
     as they are when the strides agree, else each cell the mean of the image's pixels it covers
     (the last row and column of cells may cover fewer than grid_stride² of them)."""
@@ -138,7 +153,6 @@ class RandomWalkLabeller:
     @torch.no_grad()
     def affinities(self, rgb: np.ndarray) -> Tensor:
         """(H, W, 3) uint8 -> (O, ceil(H/8), ceil(W/8)) affinities, float32."""
-        from mcis_dist.data.transforms import normalize
 
         x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W)
         feats = self.model(normalize(x.to(self.device), self.mean, self.std))  # (1, D, h, w)
@@ -157,8 +171,12 @@ class RandomWalkLabeller:
             fg = torch.where(peak > 0, fg / peak.clamp_min(torch.finfo(fg.dtype).tiny), fg)
             walked = torch.cat([torch.full_like(fg[:1], m.bg_threshold), fg])
         h, w = cams.shape[-2:]
-        up = F.interpolate(walked[None], size=(h * self.stride, w * self.stride),
-                           mode="bilinear", align_corners=False)[0]  # fmt: skip
+        up = F.interpolate(
+            walked[None],
+            size=(h * self.stride, w * self.stride),
+            mode="bilinear",
+            align_corners=False,
+        )[0]
         return up[:, : size[0], : size[1]]
 
     def __call__(self, sample: Sample) -> np.ndarray:
@@ -171,15 +189,25 @@ class RandomWalkLabeller:
         if not ids:
             return np.zeros(size, dtype=np.uint8)
         if not m.ignore_margin and not m.crf:
-            return propagate_to_labels(
-                cams, aff, self.offsets, size, background=m.background, bg_power=m.bg_power,
-                bg_threshold=m.bg_threshold, beta=m.beta, steps=m.steps, stride=self.stride,
-                class_ids=ids,
-            ).cpu().numpy()  # fmt: skip
+            return (
+                propagate_to_labels(
+                    cams,
+                    aff,
+                    self.offsets,
+                    size,
+                    background=m.background,
+                    bg_power=m.bg_power,
+                    bg_threshold=m.bg_threshold,
+                    beta=m.beta,
+                    steps=m.steps,
+                    stride=self.stride,
+                    class_ids=ids,
+                )
+                .cpu()
+                .numpy()
+            )
         scores = self.scores(cams, aff, size).cpu().numpy()  # (1 + K, H, W)
         if m.crf:
-            from mcis_dist.crf import crf_inference
-
             probs = scores / np.maximum(scores.sum(axis=0, keepdims=True), 1e-5)
             scores = crf_inference(sample.rgb, probs.astype(np.float32))
         label = np.array([0, *ids], dtype=np.uint8)[scores.argmax(axis=0)]
@@ -201,8 +229,10 @@ def _rw_settings(cfg: ExperimentConfig) -> dict:
     keys = ("beta", "steps", "radius", "background", bg, "ignore_margin", "crf")
     out = {k: getattr(m, k) for k in keys}
     out["mean"], out["std"] = cfg.data.mean, cfg.data.std
-    out["affinity_net"] = {"backbone": cfg.affinity.backbone or cfg.model.backbone,
-                           "head_width": cfg.affinity.head_width}  # fmt: skip
+    out["affinity_net"] = {
+        "backbone": cfg.affinity.backbone or cfg.model.backbone,
+        "head_width": cfg.affinity.head_width,
+    }
     return out
 
 
@@ -225,18 +255,31 @@ class LabelMode:
     needs_saliency: bool = False
 
 
-_SALIENCY_DEFAULTS = {n: p.default for n, p in inspect.signature(saliency_labels).parameters
-                      .items() if p.kind is p.KEYWORD_ONLY}  # fmt: skip
+_SALIENCY_DEFAULTS = {
+    n: p.default
+    for n, p in inspect.signature(saliency_labels).parameters.items()
+    if p.kind is p.KEYWORD_ONLY
+}
 
 MODES: dict[str, LabelMode] = {
-    "confident": LabelMode("confident", _confident_settings,
-                           lambda cfg, state, dev: partial(confident_label, a=cfg.affinity)),
+    "confident": LabelMode(
+        "confident",
+        _confident_settings,
+        lambda cfg, state, dev: partial(confident_label, a=cfg.affinity),
+    ),
     "random_walk": LabelMode("pseudo", _rw_settings, _random_walk_labeller, needs_model=True),
-    "saliency": LabelMode("pseudo", lambda cfg: dict(_SALIENCY_DEFAULTS),
-                          lambda cfg, state, dev: saliency_label, needs_saliency=True),
-    "cams": LabelMode("pseudo", lambda cfg: {"bg_threshold": cfg.cams.bg_threshold},
-                      lambda cfg, state, dev: partial(cams_label, threshold=cfg.cams.bg_threshold)),
-}  # fmt: skip
+    "saliency": LabelMode(
+        "pseudo",
+        lambda cfg: dict(_SALIENCY_DEFAULTS),
+        lambda cfg, state, dev: saliency_label,
+        needs_saliency=True,
+    ),
+    "cams": LabelMode(
+        "pseudo",
+        lambda cfg: {"bg_threshold": cfg.cams.bg_threshold},
+        lambda cfg, state, dev: partial(cams_label, threshold=cfg.cams.bg_threshold),
+    ),
+}
 
 
 def _grey(data: bytes) -> np.ndarray:
@@ -246,8 +289,6 @@ def _grey(data: bytes) -> np.ndarray:
 
 def make_sample(raw: dict, meta: dict, maps: np.ndarray, saliency: bool = False) -> Sample:
     """Join an image shard sample with its CAM record; SkipSample for inputs that do not fit."""
-    from mcis_dist.data.stream import IMAGE_EXTS
-    from mcis_dist.data.transforms import decode_rgb
 
     key, labels = meta["key"], [int(k) for k in meta["labels"]]
     data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
@@ -262,8 +303,10 @@ def make_sample(raw: dict, meta: dict, maps: np.ndarray, saliency: bool = False)
         raise SkipSample(f"the CAM is for size {list(meta['size'])} but the image is {size}")
     grid = (math.ceil(size[0] / stride), math.ceil(size[1] / stride))
     if maps.shape != (len(labels), *grid):
-        raise SkipSample(f"CAM shape {list(maps.shape)} does not fit labels {labels} and "
-                         f"size {size} at stride {stride}")  # fmt: skip
+        raise SkipSample(
+            f"CAM shape {list(maps.shape)} does not fit labels {labels} and "
+            f"size {size} at stride {stride}"
+        )
     sal = None
     if saliency and SALIENCY_MEMBER in raw:
         try:

@@ -22,10 +22,13 @@ import json
 import os
 import time
 
+import ray
 import torch
+from tqdm import tqdm
 
 from mcis_dist.affinity.labels import is_empty
 from mcis_dist.config import ExperimentConfig, config_from_dict
+from mcis_dist.data.loader import open_manifest
 from mcis_dist.errors import reason
 from mcis_dist.formats.cams import iter_cam_shard, read_cam_manifest
 from mcis_dist.formats.labels import (
@@ -36,9 +39,17 @@ from mcis_dist.formats.labels import (
     label_shard_name,
 )
 from mcis_dist.formats.manifest import write_manifest
+from mcis_dist.formats.shards import iter_shard
 from mcis_dist.masks.modes import MODES, SkipSample, make_sample
 from mcis_dist.models.build import build_affinity_net
-from mcis_dist.runtime.paths import absolute_url, affinity_run_url, endpoint_url, labels_url
+from mcis_dist.runtime import checkpoint as ckpt
+from mcis_dist.runtime.paths import (
+    absolute_paths,
+    absolute_url,
+    affinity_run_url,
+    endpoint_url,
+    labels_url,
+)
 from mcis_dist.runtime.session import ray_session
 from mcis_dist.runtime.sharded import (
     StageError,
@@ -52,6 +63,7 @@ from mcis_dist.runtime.sharded import (
     stage_complete,
     write_part,
 )
+from mcis_dist.shards.build import ShardWriter
 from mcis_dist.storage import open_storage
 
 __all__ = ["LabelActor", "make_labels", "make_masks", "resolve_affinity_checkpoint"]
@@ -80,8 +92,9 @@ class LabelActor:
     def __init__(self, experiment: dict, spec: dict, state: dict | None) -> None:
         cfg = config_from_dict(experiment, ExperimentConfig, source="<labels config>")
         self.spec, self.mode = spec, MODES[spec["mode"]]
-        self.device = torch.device("cuda" if spec["use_gpu"] and torch.cuda.is_available()
-                                   else "cpu")  # fmt: skip
+        self.device = torch.device(
+            "cuda" if spec["use_gpu"] and torch.cuda.is_available() else "cpu"
+        )
         if self.device.type == "cpu":
             torch.set_num_threads(spec["threads"])
         self.label = self.mode.build(cfg, state, self.device)
@@ -94,8 +107,6 @@ class LabelActor:
         return os.getpid()
 
     def run(self, job: dict) -> dict:
-        from mcis_dist.formats.shards import iter_shard
-        from mcis_dist.shards.build import ShardWriter
 
         start, name = time.perf_counter(), job["name"]
         keys, skipped, empty = [], [], 0
@@ -109,10 +120,15 @@ class LabelActor:
 
         broken: list[str] = []
 
-        cams = {meta["key"]: (meta, maps) for meta, maps in
-                _until_error(iter_cam_shard(self.cams, job["cams"]), lost(job["cams"]))}  # fmt: skip
-        images = iter_shard(self.source.describe(job["source"]),
-                            getattr(self.source, "endpoint_url", None))  # fmt: skip
+        cams = {
+            meta["key"]: (meta, maps)
+            for meta, maps in _until_error(
+                iter_cam_shard(self.cams, job["cams"]), lost(job["cams"])
+            )
+        }
+        images = iter_shard(
+            self.source.describe(job["source"]), getattr(self.source, "endpoint_url", None)
+        )
         with self.out.staged(name) as staged:
             writer = ShardWriter(staged.path)
             for raw in _until_error(images, lost(job["source"])):
@@ -126,21 +142,36 @@ class LabelActor:
                     skipped.append({"key": key, "reason": str(e)})
                     continue
                 info = {"key": key, "labels": meta["labels"], "size": list(label.shape)}
-                writer.write({"__key__": key, LABEL_MEMBER: encode_label(label),
-                              "json": json.dumps(info).encode()})  # fmt: skip
+                writer.write(
+                    {
+                        "__key__": key,
+                        LABEL_MEMBER: encode_label(label),
+                        "json": json.dumps(info).encode(),
+                    }
+                )
                 keys.append(key)
                 empty += is_empty(label)
             index = writer.close().encode()
             if not keys:
                 staged.discard()
-        missing = (f"{job['source']} could not be read to its end" if job["source"] in broken
-                   else f"no image with this key in {job['source']}")  # fmt: skip
+        missing = (
+            f"{job['source']} could not be read to its end"
+            if job["source"] in broken
+            else f"no image with this key in {job['source']}"
+        )
         skipped += [{"key": k, "reason": missing} for k in cams]
         record = {
-            "name": name, "index": job["index"], "source": job["source"], "cams": job["cams"],
-            "fingerprint": job["fingerprint"], "samples": len(keys), "keys": keys,
-            "skipped": skipped, "empty": empty, "seconds": round(time.perf_counter() - start, 3),
-        }  # fmt: skip
+            "name": name,
+            "index": job["index"],
+            "source": job["source"],
+            "cams": job["cams"],
+            "fingerprint": job["fingerprint"],
+            "samples": len(keys),
+            "keys": keys,
+            "skipped": skipped,
+            "empty": empty,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
         if keys:
             idx_name = name.replace(".tar", ".idx")
             self.out.write_bytes(idx_name, index)
@@ -153,7 +184,6 @@ class LabelActor:
 def resolve_affinity_checkpoint(cfg: ExperimentConfig, checkpoint: str | None) -> tuple[dict, str]:
     """(AffinityNet state dict, where), checked against the configured AffinityNet: the given
     URL, ``masks.checkpoint``, or the newest ``checkpoint_*`` of the affinity run."""
-    from mcis_dist.runtime import checkpoint as ckpt
 
     url = checkpoint or cfg.masks.checkpoint
     if url is None:
@@ -171,20 +201,23 @@ def resolve_affinity_checkpoint(cfg: ExperimentConfig, checkpoint: str | None) -
     try:
         ckpt.load_model_state(build_affinity_net(cfg), state["model"], where=f"checkpoint {where}")
     except ckpt.CheckpointError as e:
-        net = {"backbone": cfg.affinity.backbone or cfg.model.backbone,
-               "head_width": cfg.affinity.head_width}  # fmt: skip
+        net = {
+            "backbone": cfg.affinity.backbone or cfg.model.backbone,
+            "head_width": cfg.affinity.head_width,
+        }
         raise StageError(f"{e} (affinity net: {net})") from None
     return state["model"], where
 
 
 def _resolved(cfg: ExperimentConfig) -> ExperimentConfig:
     """A copy whose local paths are absolute (the actors run in another working directory)."""
-    from mcis_dist.runtime.paths import absolute_paths
 
     cfg = absolute_paths(cfg)
-    for section, names in ((cfg.cams, ("split_url", "out_url")),
-                           (cfg.affinity, ("cams_url", "out_url")),
-                           (cfg.masks, ("cams_url", "out_url", "checkpoint"))):  # fmt: skip
+    for section, names in (
+        (cfg.cams, ("split_url", "out_url")),
+        (cfg.affinity, ("cams_url", "out_url")),
+        (cfg.masks, ("cams_url", "out_url", "checkpoint")),
+    ):
         for n in names:
             setattr(section, n, absolute_url(getattr(section, n)))
     return cfg
@@ -195,8 +228,13 @@ def make_labels(cfg: ExperimentConfig, log=print) -> dict:
     ``<affinity.out_url>/labels``; returns the manifest. Resumable and idempotent."""
     cfg = _resolved(cfg)
     a = cfg.affinity
-    actors = {"num_actors": a.num_actors, "use_gpu": False, "cpus_per_actor": a.cpus_per_actor,
-              "threads": a.cpus_per_actor, "max_failures": a.max_failures}  # fmt: skip
+    actors = {
+        "num_actors": a.num_actors,
+        "use_gpu": False,
+        "cpus_per_actor": a.cpus_per_actor,
+        "threads": a.cpus_per_actor,
+        "max_failures": a.max_failures,
+    }
     return _label_stage(cfg, "confident", a.cams_url, labels_url(cfg), actors, None, log)
 
 
@@ -205,15 +243,17 @@ def make_masks(cfg: ExperimentConfig, checkpoint: str | None = None, log=print) 
     ``masks.out_url``; returns the manifest. Resumable and idempotent."""
     cfg = _resolved(cfg)
     m = cfg.masks
-    actors = {"num_actors": m.num_actors, "use_gpu": m.use_gpu, "cpus_per_actor": m.cpus_per_actor,
-              "threads": m.torch_threads, "max_failures": m.max_failures}  # fmt: skip
+    actors = {
+        "num_actors": m.num_actors,
+        "use_gpu": m.use_gpu,
+        "cpus_per_actor": m.cpus_per_actor,
+        "threads": m.torch_threads,
+        "max_failures": m.max_failures,
+    }
     return _label_stage(cfg, m.mode, m.cams_url, m.out_url, actors, absolute_url(checkpoint), log)
 
 
 def _label_stage(cfg, mode, cams_url, out_url, actors, checkpoint, log) -> dict:
-    from tqdm import tqdm
-
-    from mcis_dist.data.loader import open_manifest
 
     what = "labels" if mode == "confident" else "masks"
     timer, endpoint = Timer(), endpoint_url(cfg)
@@ -224,8 +264,10 @@ def _label_stage(cfg, mode, cams_url, out_url, actors, checkpoint, log) -> dict:
     by_source = {s["name"]: s for s in source_manifest["shards"]}
     gone = [s["source"] for s in cam_manifest["shards"] if s["source"] not in position]
     if gone:
-        raise StageError(f"{cams_url} was made from shards that {source_url} no longer has: "
-                         f"{', '.join(gone[:5])}; recompute the CAMs")  # fmt: skip
+        raise StageError(
+            f"{cams_url} was made from shards that {source_url} no longer has: "
+            f"{', '.join(gone[:5])}; recompute the CAMs"
+        )
     state = where = None
     if MODES[mode].needs_model:
         state, where = resolve_affinity_checkpoint(cfg, checkpoint)
@@ -234,16 +276,24 @@ def _label_stage(cfg, mode, cams_url, out_url, actors, checkpoint, log) -> dict:
     settings = {"mode": mode, **MODES[mode].settings(cfg)}
     model_id = None
     if state is not None:
-        model_id = fingerprint(where, {k: list(v.shape) + [float(v.float().sum())]
-                                       for k, v in state.items()})  # fmt: skip
+        model_id = fingerprint(
+            where, {k: list(v.shape) + [float(v.float().sum())] for k, v in state.items()}
+        )
     base_fp = fingerprint(FORMAT, settings, model_id, cam_manifest.get("fingerprint"))
     planned = []
     for shard in cam_manifest["shards"]:
         i = position[shard["source"]]
         job_fp = fingerprint(base_fp, shard.get("sha256"), by_source[shard["source"]]["sha256"])
-        planned.append({"name": label_shard_name(i), "index": i, "source": shard["source"],
-                        "cams": shard["name"], "samples": shard["samples"],
-                        "fingerprint": job_fp})  # fmt: skip
+        planned.append(
+            {
+                "name": label_shard_name(i),
+                "index": i,
+                "source": shard["source"],
+                "cams": shard["name"],
+                "samples": shard["samples"],
+                "fingerprint": job_fp,
+            }
+        )
     stage_fp = fingerprint(base_fp, [job["fingerprint"] for job in planned])
     done = stage_complete(out, stage_fp)
     if done is not None:
@@ -251,42 +301,61 @@ def _label_stage(cfg, mode, cams_url, out_url, actors, checkpoint, log) -> dict:
         return done
     clean_temporaries(out)  # left by a killed earlier run
     parts = existing_parts(out)
-    kept = {j["name"]: parts[j["name"]] for j in planned
-            if parts.get(j["name"], {}).get("fingerprint") == j["fingerprint"]}  # fmt: skip
+    kept = {
+        j["name"]: parts[j["name"]]
+        for j in planned
+        if parts.get(j["name"], {}).get("fingerprint") == j["fingerprint"]
+    }
     jobs = [j for j in planned if j["name"] not in kept]
     total = cam_manifest["samples"]
-    log(f"{what}: {mode} labels of {total} images in {len(cam_manifest['shards'])} shards "
-        f"from {cams_url}" + (f", checkpoint {where}" if where else "")
-        + (f"; {len(kept)} shards already done" if kept else ""))  # fmt: skip
+    log(
+        f"{what}: {mode} labels of {total} images in {len(cam_manifest['shards'])} shards "
+        f"from {cams_url}"
+        + (f", checkpoint {where}" if where else "")
+        + (f"; {len(kept)} shards already done" if kept else "")
+    )
 
     records = list(kept.values())
     if jobs:
-        spec = {"mode": mode, "cams_url": cams_url, "source_url": source_url, "out_url": out_url,
-                "use_gpu": actors["use_gpu"], "threads": actors["threads"]}  # fmt: skip
+        spec = {
+            "mode": mode,
+            "cams_url": cams_url,
+            "source_url": source_url,
+            "out_url": out_url,
+            "use_gpu": actors["use_gpu"],
+            "threads": actors["threads"],
+        }
         todo = sum(j["samples"] for j in jobs)
         records += _run_actors(cfg, jobs, spec, actors, state, todo, what, log, tqdm)
         clean_temporaries(out)  # left by actors that died mid-shard
     manifest = assemble_manifest(
-        records, kind=MODES[mode].kind, mode=mode, fingerprint=stage_fp,
-        classes=cam_manifest["classes"], source={"url": source_url,
-        "samples": source_manifest["num_samples"]}, cams_url=cams_url, settings=settings,
+        records,
+        kind=MODES[mode].kind,
+        mode=mode,
+        fingerprint=stage_fp,
+        classes=cam_manifest["classes"],
+        source={"url": source_url, "samples": source_manifest["num_samples"]},
+        cams_url=cams_url,
+        settings=settings,
         seconds=timer(),
-    )  # fmt: skip
+    )
     if where:
         manifest["checkpoint"] = where
     write_manifest(out, manifest)
-    log(f"{what}: {manifest['samples']} labels in {len(manifest['shards'])} shards at "
+    log(
+        f"{what}: {manifest['samples']} labels in {len(manifest['shards'])} shards at "
         f"{out.describe()} ({manifest['skipped_count']} skipped, {manifest['empty']} all "
-        f"255) in {timer():.1f} s")  # fmt: skip
+        f"255) in {timer():.1f} s"
+    )
     return manifest
 
 
 def _run_actors(cfg, jobs, spec, actors, state, todo, what, log, tqdm) -> list[dict]:
-    import ray
 
     with ray_session():
-        n = plan_actors(actors["num_actors"], actors["use_gpu"], actors["cpus_per_actor"],
-                        len(jobs))  # fmt: skip
+        n = plan_actors(
+            actors["num_actors"], actors["use_gpu"], actors["cpus_per_actor"], len(jobs)
+        )
         experiment = json.loads(cfg.model_dump_json())
         state_ref = ray.put(state) if state is not None else None
         opts = actor_options(actors["use_gpu"], actors["cpus_per_actor"])
@@ -294,7 +363,11 @@ def _run_actors(cfg, jobs, spec, actors, state, todo, what, log, tqdm) -> list[d
         log(f"{what}: {len(jobs)} shards to label on {n} actors")
         with tqdm(total=todo, desc=what, unit="img", disable=None) as bar:
             return run_sharded(
-                jobs, lambda: remote.remote(experiment, spec, state_ref), n,
-                max_failures=actors["max_failures"], log=log, what="shard",
+                jobs,
+                lambda: remote.remote(experiment, spec, state_ref),
+                n,
+                max_failures=actors["max_failures"],
+                log=log,
+                what="shard",
                 progress=lambda r: bar.update(r["samples"] + len(r["skipped"])),
-            )  # fmt: skip
+            )

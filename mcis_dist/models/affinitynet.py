@@ -307,8 +307,11 @@ class AffinityNet(nn.Module):
         left out. Same keys as ``MCISClassifier.param_groups``."""
         new = {id(p) for p in self.new_parameters()}
         groups: dict[str, list[nn.Parameter]] = {
-            "pretrained_weight": [], "pretrained_bias": [], "new_weight": [], "new_bias": [],
-        }  # fmt: skip
+            "pretrained_weight": [],
+            "pretrained_bias": [],
+            "new_weight": [],
+            "new_bias": [],
+        }
         for name, p in self.named_parameters():
             if p.requires_grad:
                 kind = "bias" if name.endswith("bias") else "weight"

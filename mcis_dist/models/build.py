@@ -40,11 +40,16 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> MCISClassifier:
         else:
             weights.load_state_dict_file(backbone, cfg.model.weights)
     return MCISClassifier(
-        backbone, num_classes=num_classes, domains=cfg.model.domains,
-        shared_phi=cfg.model.shared_phi, chunk_size=cfg.model.chunk_size,
-        affinity=cfg.model.affinity, temperature=cfg.model.temperature,
-        learn_temperature=cfg.model.learn_temperature, w_p_init=cfg.model.w_p_init,
-    )  # fmt: skip
+        backbone,
+        num_classes=num_classes,
+        domains=cfg.model.domains,
+        shared_phi=cfg.model.shared_phi,
+        chunk_size=cfg.model.chunk_size,
+        affinity=cfg.model.affinity,
+        temperature=cfg.model.temperature,
+        learn_temperature=cfg.model.learn_temperature,
+        w_p_init=cfg.model.w_p_init,
+    )
 
 
 def build_affinity_net(cfg: ExperimentConfig) -> AffinityNet:
@@ -53,5 +58,8 @@ def build_affinity_net(cfg: ExperimentConfig) -> AffinityNet:
     name = cfg.affinity.backbone or cfg.model.backbone
     same = name == cfg.model.backbone  # the classifier's BatchNorm / dropout choices carry over
     backbone = build_backbone(name, **(backbone_kwargs(cfg) if same else {}))
-    return AffinityNet(backbone, width=cfg.affinity.head_width,
-                       backbone_from_classifier=cfg.affinity.init_from_classifier)  # fmt: skip
+    return AffinityNet(
+        backbone,
+        width=cfg.affinity.head_width,
+        backbone_from_classifier=cfg.affinity.init_from_classifier,
+    )

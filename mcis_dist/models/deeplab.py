@@ -199,9 +199,13 @@ def deeplabv3(
     trunk, channels = resnet_trunk(backbone, output_stride)
     head = DeepLabHead(channels, num_classes, atrous_rates=ASPP_RATES[output_stride])
     return Segmenter(
-        trunk, head, num_classes=num_classes, arch="deeplabv3", backbone_name=backbone,
+        trunk,
+        head,
+        num_classes=num_classes,
+        arch="deeplabv3",
+        backbone_name=backbone,
         output_stride=output_stride,
-    )  # fmt: skip
+    )
 
 
 def largefov(
@@ -220,9 +224,13 @@ def largefov(
     trunk, channels = resnet_trunk(backbone, output_stride=8)
     head = LargeFOVHead(channels, num_classes, channels=head_channels)
     return Segmenter(
-        trunk, head, num_classes=num_classes, arch="largefov", backbone_name=backbone,
+        trunk,
+        head,
+        num_classes=num_classes,
+        arch="largefov",
+        backbone_name=backbone,
         output_stride=8,
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,9 +23,16 @@ Eq. 4), and about the class-agnostic gate B = sigmoid(W_B F^{m∩n}) of Eq. 6.
 
 from __future__ import annotations
 
+import io
+import json
+
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
+from mcis_dist.data.transforms import decode_rgb, normalize
 from mcis_dist.models.mcis import MCISClassifier
 
 __all__ = ["attention_map", "hub_mass", "label_free", "with_masks", "w_p_drift"]
@@ -56,8 +63,9 @@ def w_p_drift(model: MCISClassifier) -> Tensor:
 
 
 @torch.no_grad()
-def label_free(model: MCISClassifier, fm: Tensor, fn: Tensor, gate: Tensor | None = None,
-               pair_type=None) -> dict[str, Tensor]:  # fmt: skip
+def label_free(
+    model: MCISClassifier, fm: Tensor, fn: Tensor, gate: Tensor | None = None, pair_type=None
+) -> dict[str, Tensor]:
     """Hub mass, row maximum, gate mean, W_P drift (and tau) for pairs (fm, fn) (B, C, H, W);
     ``gate`` (B, 1, H, W) of image m if already computed."""
     a = attention_map(model, fm, fn, pair_type)
@@ -75,8 +83,9 @@ def label_free(model: MCISClassifier, fm: Tensor, fn: Tensor, gate: Tensor | Non
 
 
 @torch.no_grad()
-def with_masks(model: MCISClassifier, fm: Tensor, fn: Tensor, mask_m: Tensor, mask_n: Tensor,
-               pair_type=None) -> dict[str, float]:  # fmt: skip
+def with_masks(
+    model: MCISClassifier, fm: Tensor, fn: Tensor, mask_m: Tensor, mask_n: Tensor, pair_type=None
+) -> dict[str, float]:
     """Sums for the mask-based diagnostics of pairs; masks (B, Hm, Wm) / (B, Hn, Wn) on the
     feature grids, 0 background, k + 1 class k, 255 ignored. Returns running sums (add them
     over batches, then ``finish``)."""
@@ -84,8 +93,22 @@ def with_masks(model: MCISClassifier, fm: Tensor, fn: Tensor, mask_m: Tensor, ma
     n_coatt = model.coattentive_features(fm, fn, pair_type)[1]  # F_n^{m∩n} (B, C, Hn, Wn)
     gate = torch.sigmoid(model.w_b(n_coatt.to(model.w_b.weight.dtype)).float()).flatten(1)  # B_n
     mm, mn = mask_m.flatten(1).long(), mask_n.flatten(1).long()
-    sums = dict.fromkeys(("bg_ratio", "bg_pairs", "fg_ratio", "fg_pairs", "gate_sum", "gate_n",
-                          "gate_inter", "gate_union", "hub_top1", "hub_top5", "pairs"), 0.0)  # fmt: skip
+    sums = dict.fromkeys(
+        (
+            "bg_ratio",
+            "bg_pairs",
+            "fg_ratio",
+            "fg_pairs",
+            "gate_sum",
+            "gate_n",
+            "gate_inter",
+            "gate_union",
+            "hub_top1",
+            "hub_top5",
+            "pairs",
+        ),
+        0.0,
+    )
     for b in range(a.shape[0]):
         valid_m, valid_n = mm[b] != 255, mn[b] != 255
         fg_m = valid_m & (mm[b] > 0)
@@ -143,19 +166,12 @@ def finish(sums: dict[str, float], model: MCISClassifier) -> dict[str, float | N
 
 
 @torch.no_grad()
-def split_report(model: MCISClassifier, sampler, size: int, mean, std, pairs: int = 64,
-                 seed: int = 0) -> dict[str, float | None]:  # fmt: skip
+def split_report(
+    model: MCISClassifier, sampler, size: int, mean, std, pairs: int = 64, seed: int = 0
+) -> dict[str, float | None]:
     """``with_masks`` over up to ``pairs`` pairs of a split with masks (``RelatedSampler``):
     image n is every k-th sample, m a seeded other sample sharing one of n's classes; both are
     resized to ``size`` x ``size`` (masks by nearest neighbour to the feature grid)."""
-    import io
-    import json
-
-    import numpy as np
-    import torch.nn.functional as F
-    from PIL import Image
-
-    from mcis_dist.data.transforms import decode_rgb, normalize
 
     def load(g):
         sample = sampler.read(g)
@@ -164,8 +180,9 @@ def split_report(model: MCISClassifier, sampler, size: int, mean, std, pairs: in
         rgb = decode_rgb(sample.get("jpg", sample.get("png")))
         with Image.open(io.BytesIO(sample["mask.png"])) as im:
             mask = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-        x = F.interpolate(normalize(rgb[None], mean, std), size=(size, size), mode="bilinear",
-                          align_corners=False)  # fmt: skip
+        x = F.interpolate(
+            normalize(rgb[None], mean, std), size=(size, size), mode="bilinear", align_corners=False
+        )
         return x, mask, json.loads(sample["json"])["labels"]
 
     device = next(model.parameters()).device
@@ -187,8 +204,10 @@ def split_report(model: MCISClassifier, sampler, size: int, mean, std, pairs: in
         feats = model.backbone(torch.cat([xm, xn]).to(device)).float()
         fm, fn = feats[:1], feats[1:]
         grid = fm.shape[-2:]
-        down = [F.interpolate(mk[None, None].float(), size=grid, mode="nearest")[0].long()
-                for mk in (mask_m, mask_n)]  # fmt: skip
+        down = [
+            F.interpolate(mk[None, None].float(), size=grid, mode="nearest")[0].long()
+            for mk in (mask_m, mask_n)
+        ]
         for key, v in with_masks(model, fm, fn, down[0], down[1]).items():
             totals[key] = totals.get(key, 0.0) + v
         done += 1

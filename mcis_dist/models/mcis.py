@@ -242,8 +242,11 @@ class MCISClassifier(nn.Module):
         the biases (no weight decay). Frozen parameters are left out."""
         new = {id(p) for p in self.new_parameters()}
         groups: dict[str, list[nn.Parameter]] = {
-            "pretrained_weight": [], "pretrained_bias": [], "new_weight": [], "new_bias": [],
-        }  # fmt: skip
+            "pretrained_weight": [],
+            "pretrained_bias": [],
+            "new_weight": [],
+            "new_bias": [],
+        }
         for name, p in self.named_parameters():
             if p.requires_grad:
                 kind = "bias" if name.endswith("bias") or p.dim() == 0 else "weight"

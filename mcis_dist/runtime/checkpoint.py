@@ -14,11 +14,16 @@ weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from mcis_dist.errors import StageError
+from mcis_dist.runtime.paths import absolute_url, classifier_run_url, endpoint_url
+from mcis_dist.storage import StorageError, open_storage
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -91,9 +96,6 @@ def newest_checkpoint(run_storage) -> str | None:
 def load_from(url: str, endpoint_url: str | None = None) -> tuple[dict, str]:
     """Load a checkpoint from a folder holding ``checkpoint.pt`` or a ``.pt`` file, local or
     s3://; returns (state, the file's URL). Plain data only, like :func:`load`."""
-    import io
-
-    from mcis_dist.storage import StorageError, open_storage
 
     url = url.rstrip("/")
     parent, name = url.rsplit("/", 1) if url.endswith(".pt") else (url, CHECKPOINT_FILE)
@@ -112,16 +114,20 @@ def load_from(url: str, endpoint_url: str | None = None) -> tuple[dict, str]:
         ) from None
 
 
-def resolve(url: str | None, run_url: str, endpoint_url: str | None, *, what: str, hint: str,
-            stage: str | None = None) -> tuple[dict, str]:
+def resolve(
+    url: str | None,
+    run_url: str,
+    endpoint_url: str | None,
+    *,
+    what: str,
+    hint: str,
+    stage: str | None = None,
+) -> tuple[dict, str]:
     """(saved checkpoint, where) of the checkpoint a stage should use: ``url`` (a folder with
     ``checkpoint.pt`` or a ``.pt`` file, local or s3://) or, when None, the newest
     ``checkpoint_*`` of the training run at ``run_url``. ``what`` names the kind ("classifier")
     and ``hint`` how to get one, both in the error; ``stage``, when given, must match the
     checkpoint's own ``stage`` entry (checkpoints without one are accepted)."""
-    from mcis_dist.errors import StageError
-    from mcis_dist.runtime.paths import absolute_url
-    from mcis_dist.storage import open_storage
 
     if url is None:
         run = open_storage(absolute_url(run_url), endpoint_url=endpoint_url)
@@ -140,10 +146,16 @@ def resolve(url: str | None, run_url: str, endpoint_url: str | None, *, what: st
 def classifier_checkpoint(cfg, url: str | None) -> tuple[dict, str]:
     """(model state dict, where) of the classifier checkpoint a stage maps with: ``url``, else
     ``cams.checkpoint``, else the newest of the experiment's classifier run."""
-    from mcis_dist.runtime.paths import classifier_run_url, endpoint_url
 
-    hint = ("run `mcis train-cls` with this config first, or name one with --checkpoint / "
-            "cams.checkpoint")  # fmt: skip
-    saved, where = resolve(url or cfg.cams.checkpoint, classifier_run_url(cfg), endpoint_url(cfg),
-                           what="classifier", hint=hint)  # fmt: skip
+    hint = (
+        "run `mcis train-cls` with this config first, or name one with --checkpoint / "
+        "cams.checkpoint"
+    )
+    saved, where = resolve(
+        url or cfg.cams.checkpoint,
+        classifier_run_url(cfg),
+        endpoint_url(cfg),
+        what="classifier",
+        hint=hint,
+    )
     return saved["model"], where

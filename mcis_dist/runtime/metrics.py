@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ray.train import UserCallback
+from tensorboardX import SummaryWriter
 
 from mcis_dist.storage import LocalStorage, open_storage
 
@@ -27,8 +28,11 @@ def combine(per_worker: list[dict], seconds: float) -> dict:
     for k in first:
         if isinstance(first[k], (int, float)) and k not in out:
             values = [w[k] for w in per_worker if k in w]
-            out[k] = sum(values) if k in ("images", "loader_bad_decode", "loader_bad_record",
-                                          "loader_shard_errors") else sum(values) / len(values)  # fmt: skip
+            out[k] = (
+                sum(values)
+                if k in ("images", "loader_bad_decode", "loader_bad_record", "loader_shard_errors")
+                else sum(values) / len(values)
+            )
     if seconds > 0 and "images" in out:
         out["images_per_s"] = out["images"] / seconds
         waits = [w.get("data_wait_s", 0.0) for w in per_worker]
@@ -38,8 +42,14 @@ def combine(per_worker: list[dict], seconds: float) -> dict:
 
 
 class MetricsCallback(UserCallback):
-    def __init__(self, run_url: str, endpoint_url: str | None = None, total_epochs: int = 0,
-                 label: str = "train-cls", terms=("single", "coattention", "contrastive")):  # fmt: skip
+    def __init__(
+        self,
+        run_url: str,
+        endpoint_url: str | None = None,
+        total_epochs: int = 0,
+        label: str = "train-cls",
+        terms=("single", "coattention", "contrastive"),
+    ):
         self.run_url, self.endpoint_url, self.total_epochs = run_url, endpoint_url, total_epochs
         self.label, self.terms = label, tuple(terms)
         self._storage = None
@@ -52,7 +62,6 @@ class MetricsCallback(UserCallback):
             self._storage = open_storage(self.run_url, endpoint_url=self.endpoint_url)
             if isinstance(self._storage, LocalStorage):
                 self._storage.root.mkdir(parents=True, exist_ok=True)
-                from tensorboardX import SummaryWriter
 
                 self._tb = SummaryWriter(str(Path(self._storage.root) / "tensorboard"))
             else:  # S3: keep the file's lines and rewrite it (objects cannot be appended to)
@@ -82,8 +91,12 @@ class MetricsCallback(UserCallback):
         print(progress_line(record, self.total_epochs, self.label, self.terms), flush=True)
 
 
-def progress_line(r: dict, total_epochs: int, label: str = "train-cls",
-                  terms=("single", "coattention", "contrastive")) -> str:  # fmt: skip
+def progress_line(
+    r: dict,
+    total_epochs: int,
+    label: str = "train-cls",
+    terms=("single", "coattention", "contrastive"),
+) -> str:
     parts = [f"[{label}] epoch {r.get('epoch', 0)}/{total_epochs} step {r.get('step', 0)}"]
     if "total" in r:
         shown = ", ".join(f"{t} {r.get(t, 0):.3f}" for t in terms)

@@ -20,8 +20,16 @@ from mcis_dist.config import ExperimentConfig
 
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
-__all__ = ["absolute_paths", "absolute_url", "affinity_run_url", "classifier_run_url",
-           "endpoint_url", "labels_url", "seg_run_url", "stage_url"]
+__all__ = [
+    "absolute_paths",
+    "absolute_url",
+    "affinity_run_url",
+    "classifier_run_url",
+    "endpoint_url",
+    "labels_url",
+    "seg_run_url",
+    "stage_url",
+]
 
 
 def endpoint_url(cfg: ExperimentConfig) -> str | None:
@@ -65,11 +73,15 @@ def seg_run_url(cfg: ExperimentConfig) -> str:
 
 
 #: every config field that holds a path or URL, by section
-_PATH_FIELDS = (("data", ("train_url",)), ("shards", ("url",)), ("model", ("weights",)),
-                ("cams", ("split_url", "out_url", "checkpoint")),
-                ("affinity", ("cams_url", "out_url", "val_cams_url")),
-                ("masks", ("cams_url", "out_url", "checkpoint")),
-                ("seg", ("masks_url", "val_url", "out_url", "weights")))  # fmt: skip
+_PATH_FIELDS = (
+    ("data", ("train_url",)),
+    ("shards", ("url",)),
+    ("model", ("weights",)),
+    ("cams", ("split_url", "out_url", "checkpoint")),
+    ("affinity", ("cams_url", "out_url", "val_cams_url")),
+    ("masks", ("cams_url", "out_url", "checkpoint")),
+    ("seg", ("masks_url", "val_url", "out_url", "weights")),
+)
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -12,6 +12,7 @@ Import-light on purpose: it runs in every Ray worker process.
 from __future__ import annotations
 
 import logging
+from importlib.util import find_spec
 
 __all__ = ["HOOK", "quiet_worker_logs"]
 
@@ -27,7 +28,6 @@ def quiet_worker_logs() -> None:
     for name, level in _LEVELS.items():
         logging.getLogger(name).setLevel(level)
     # Ray Train's worker context names its logger by file path, not by module.
-    from importlib.util import find_spec
 
     spec = find_spec("ray.train.v2._internal.execution.context")
     if spec is not None and spec.origin:

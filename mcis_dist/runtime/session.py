@@ -27,9 +27,12 @@ def ensure_ray(dashboard: bool = False) -> bool:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return False
     web = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": 0}
-    ray.init(**(web if dashboard else {"include_dashboard": False}),
-             _node_ip_address="127.0.0.1", configure_logging=False,
-             runtime_env={"worker_process_setup_hook": HOOK})  # fmt: skip
+    ray.init(
+        **(web if dashboard else {"include_dashboard": False}),
+        _node_ip_address="127.0.0.1",
+        configure_logging=False,
+        runtime_env={"worker_process_setup_hook": HOOK},
+    )
     return True
 
 

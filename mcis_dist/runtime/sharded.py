@@ -27,6 +27,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
 from mcis_dist.errors import StageError
 from mcis_dist.formats.manifest import MANIFEST_NAME, PARTS_DIR
 
@@ -101,7 +104,6 @@ def stage_complete(storage, stage_fingerprint: str) -> dict | None:
 def plan_actors(num_actors: int, use_gpu: bool, cpus_per_actor: int, jobs: int) -> int:
     """How many actors to start: the configured number, else one per GPU (``use_gpu``) or as
     many as the cluster's CPUs allow; never more than there are shards to do."""
-    import ray
 
     have = ray.cluster_resources()
     if use_gpu:
@@ -134,8 +136,6 @@ def run_sharded(
     job order. A dead actor's job is redone by a replacement actor (at most ``max_failures``
     replacements); an exception raised inside ``run`` is a bug or a bad input that the stage
     could not skip, and fails the stage with the shard named."""
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
 
     pending = deque(range(len(jobs)))
     idle = [make_actor() for _ in range(min(num_actors, len(jobs)))]
@@ -159,8 +159,10 @@ def run_sharded(
                         f"{failures} actors lost (max_failures={max_failures}); last while "
                         f"doing {what} {jobs[i].get('name', i)}: {cause}"
                     ) from None
-                log(f"actor lost while doing {what} {jobs[i].get('name', i)}; redoing it on a "
-                    f"new actor ({failures}/{max_failures})")  # fmt: skip
+                log(
+                    f"actor lost while doing {what} {jobs[i].get('name', i)}; redoing it on a "
+                    f"new actor ({failures}/{max_failures})"
+                )
                 pending.appendleft(i)
                 idle.append(make_actor())
             except RayTaskError as e:

@@ -20,14 +20,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
+from pyarrow import fs
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from mcis_dist.config import ExperimentConfig, config_from_dict, dump_config
 from mcis_dist.runtime import checkpoint as ckpt
+from mcis_dist.runtime.metrics import MetricsCallback
 from mcis_dist.runtime.optim import build_optimizer, make_scheduler
 from mcis_dist.runtime.paths import absolute_url, endpoint_url
 from mcis_dist.runtime.session import ray_session
+from mcis_dist.storage import S3RetrySettings
 
 __all__ = ["Built", "Stage", "TrainingError", "fit", "run_epoch", "train_loop_per_worker"]
 
@@ -122,8 +130,10 @@ def run_epoch(wrapped, built: Built, optimizer, scheduler, scaler, runner, epoch
             scaler.update()
         scheduler.step()
         state["step"] += 1
-        on_step({k: float(v.detach()) for k, v in terms.items()}
-                | {"lr": optimizer.param_groups[0]["lr"], "data_s": data_s, "images": images})  # fmt: skip
+        on_step(
+            {k: float(v.detach()) for k, v in terms.items()}
+            | {"lr": optimizer.param_groups[0]["lr"], "data_s": data_s, "images": images}
+        )
         wait_start = time.perf_counter()
 
 
@@ -144,8 +154,6 @@ def summarise(window: list[dict], state: dict, built: Built) -> dict:
 
 # ---------------------------------------------------------------------------- the Ray Train worker
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
 
     started = time.perf_counter()  # the worker's own time, against the driver's (benchmarks)
     stage = config["stage"]  # a Stage: its functions are pickled by reference
@@ -201,8 +209,15 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update(extra or {})  # validation: this report only
         metrics["epoch_end"] = epoch_end
         metrics["worker_s"] = round(time.perf_counter() - started, 3)
-        last.update({k: v for k, v in metrics.items() if k == "lr" or k == "total"
-                     or (window and k in window[0] and k not in ("images", "data_s"))})  # fmt: skip
+        last.update(
+            {
+                k: v
+                for k, v in metrics.items()
+                if k == "lr"
+                or k == "total"
+                or (window and k in window[0] and k not in ("images", "data_s"))
+            }
+        )
         window.clear()
         if not with_checkpoint:
             ray.train.report(metrics)
@@ -211,13 +226,21 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                ckpt.save(tmp, {
-                    "model": built.model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "extra": {n: m.state_dict() for n, m in built.extra.items()},
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "state": dict(state), "loaders": loaders, "rng": rngs,
-                    "stage": stage.name, "config": dump_config(cfg),
-                })  # fmt: skip
+                ckpt.save(
+                    tmp,
+                    {
+                        "model": built.model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "extra": {n: m.state_dict() for n, m in built.extra.items()},
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "state": dict(state),
+                        "loaders": loaders,
+                        "rng": rngs,
+                        "stage": stage.name,
+                        "config": dump_config(cfg),
+                    },
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -230,8 +253,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     val_every = runner.val_every_epochs
     if val_every and built.validate is None:
-        raise TrainingError(f"val_every_epochs={val_every}: the {stage.name} stage has no "
-                            f"per-epoch validation (set it to 0)")  # fmt: skip
+        raise TrainingError(
+            f"val_every_epochs={val_every}: the {stage.name} stage has no "
+            f"per-epoch validation (set it to 0)"
+        )
     for epoch in range(state["epoch"], runner.epochs):
         built.loader.set_epoch(epoch)
         run_epoch(wrapped, built, optimizer, scheduler, scaler, runner, epoch, state, on_step)
@@ -249,9 +274,6 @@ def run_storage(url: str, cfg: ExperimentConfig):
     root, name = url.rsplit("/", 1)
     if not root.startswith("s3://"):
         return root, name, None
-    from pyarrow import fs
-
-    from mcis_dist.storage import S3RetrySettings
 
     endpoint = endpoint_url(cfg)
     retry = S3RetrySettings.from_env()  # the MCIS_S3_* settings, as for every other S3 client
@@ -267,7 +289,6 @@ def run_storage(url: str, cfg: ExperimentConfig):
 
 
 def check_resources(runner, what: str) -> None:
-    import ray
 
     have = ray.cluster_resources()
     need_cpu = runner.num_workers * runner.cpus_per_worker
@@ -294,10 +315,6 @@ def fit(cfg: ExperimentConfig, stage: Stage, what: str, log=print, callbacks=())
 
 
 def _fit(cfg: ExperimentConfig, stage: Stage, what: str, log, callbacks=()):
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mcis_dist.runtime.metrics import MetricsCallback
 
     runner = stage.runner(cfg)
     check_resources(runner, what)
@@ -308,17 +325,30 @@ def _fit(cfg: ExperimentConfig, stage: Stage, what: str, log, callbacks=()):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": json.loads(cfg.model_dump_json()), "stage": stage},
-        scaling_config=ScalingConfig(num_workers=runner.num_workers, use_gpu=runner.use_gpu,
-                                     resources_per_worker={"CPU": runner.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=runner.num_workers,
+            use_gpu=runner.use_gpu,
+            resources_per_worker={"CPU": runner.cpus_per_worker},
+        ),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=runner.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=runner.keep_checkpoints),
-            callbacks=[MetricsCallback(url, endpoint_url(cfg), runner.epochs, label=stage.label or stage.name,
-                                       terms=stage.terms), *callbacks],
+            callbacks=[
+                MetricsCallback(
+                    url,
+                    endpoint_url(cfg),
+                    runner.epochs,
+                    label=stage.label or stage.name,
+                    terms=stage.terms,
+                ),
+                *callbacks,
+            ],
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress line suffices
         ),
-    )  # fmt: skip
+    )
     log(f"{stage.name}: {runner.num_workers} workers, {runner.epochs} epochs, run storage {url}")
     try:
         result = trainer.fit()

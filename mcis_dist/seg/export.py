@@ -16,6 +16,7 @@ deprecated; their deprecation warnings are silenced here.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from mcis_dist.seg.train import load_segmenter
 
 __all__ = ["EXPORT_FILES", "check_export", "export_all", "export_onnx", "export_torchscript"]
 
@@ -82,10 +85,15 @@ def export_onnx(
     dynamic = {0: "batch", 2: "height", 3: "width"}
     with _eval_quiet(model):
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: dynamic, OUTPUT_NAME: dynamic},
-        )  # fmt: skip
+        )
     return path
 
 
@@ -95,7 +103,7 @@ def _run_export(path: Path, kind: str, example: Tensor) -> np.ndarray:
         module.eval()
         with torch.no_grad():
             return module(example).float().cpu().numpy()
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: ONNX check only
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -152,14 +160,12 @@ def export_all(
     return result
 
 
-def export_trained(cfg, out_dir: str, checkpoint: str | None = None, size: int = 0,
-                   log=print) -> dict:  # fmt: skip
+def export_trained(
+    cfg, out_dir: str, checkpoint: str | None = None, size: int = 0, log=print
+) -> dict:
     """``mcis export``: the trained segmentation network as TorchScript and ONNX in ``out_dir``
     (local), each checked against the PyTorch model on a sample batch, plus ``export.json``
     (classes, normalisation, input layout, the checks) so it deploys without this package."""
-    import json
-
-    from mcis_dist.seg.train import load_segmenter
 
     model, classes, where = load_segmenter(cfg, checkpoint)
     side = size or cfg.seg.data.crop_size
@@ -168,13 +174,20 @@ def export_trained(cfg, out_dir: str, checkpoint: str | None = None, size: int =
     out.mkdir(parents=True, exist_ok=True)
     result = export_all(model, out, example, opset=cfg.seg.export_opset)
     info = {
-        "checkpoint": where, "classes": ["background", *classes], "arch": cfg.seg.arch,
-        "backbone": cfg.seg.backbone, "input": "float32 (B, 3, H, W), RGB in [0, 1] minus mean, "
-        "divided by std", "mean": cfg.data.mean, "std": cfg.data.std,
+        "checkpoint": where,
+        "classes": ["background", *classes],
+        "arch": cfg.seg.arch,
+        "backbone": cfg.seg.backbone,
+        "input": "float32 (B, 3, H, W), RGB in [0, 1] minus mean, divided by std",
+        "mean": cfg.data.mean,
+        "std": cfg.data.std,
         "output": "logits (B, C, H, W); argmax over C gives the label (0 = background)",
-        "opset": cfg.seg.export_opset, "exports": {k: {"path": str(v["path"]),
-        "max_abs_diff": v["max_abs_diff"]} for k, v in result.items()},
-    }  # fmt: skip
+        "opset": cfg.seg.export_opset,
+        "exports": {
+            k: {"path": str(v["path"]), "max_abs_diff": v["max_abs_diff"]}
+            for k, v in result.items()
+        },
+    }
     (out / "export.json").write_text(json.dumps(info, indent=1))
     for kind, v in result.items():
         log(f"export: {kind} {v['path']} (max |diff| vs PyTorch {v['max_abs_diff']:.2e})")

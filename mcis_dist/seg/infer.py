@@ -70,9 +70,9 @@ def predict_scores(
         ):
             for s in scales:
                 size = (max(1, round(h * s)), max(1, round(w * s)))
-                x = image if size == (h, w) else F.interpolate(
-                    image, size=size, mode="bilinear", align_corners=False
-                )  # fmt: skip  # (1, 3, hs, ws)
+                x = image  # (1, 3, hs, ws)
+                if size != (h, w):
+                    x = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
                 if flip:
                     x = torch.cat([x, x.flip(-1)])  # (2, 3, hs, ws)
                 logits = model(x).float()  # (V, C, h', w')

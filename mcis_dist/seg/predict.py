@@ -21,9 +21,16 @@ import time
 from pathlib import PurePosixPath
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from mcis_dist.config import ExperimentConfig
+from mcis_dist.data.loader import open_manifest
+from mcis_dist.data.stream import IMAGE_EXTS, iter_shard
+from mcis_dist.data.transforms import decode_rgb
+from mcis_dist.evaluation import palette
 from mcis_dist.formats.shards import MANIFEST_NAME
+from mcis_dist.runtime.paths import absolute_url
 from mcis_dist.runtime.sharded import StageError, Timer
 from mcis_dist.seg.evaluate import SegActor, eval_settings, prepare, run_pool
 from mcis_dist.storage import open_storage
@@ -38,9 +45,6 @@ MAX_LISTED = 1000  # failed images listed in the summary (all are counted)
 
 def encode_prediction(labels: np.ndarray) -> bytes:
     """(H, W) labels in 0..255 → PNG bytes, mode "P" with the VOC palette."""
-    from PIL import Image
-
-    from mcis_dist.evaluation import palette
 
     a = np.asarray(labels)
     if a.ndim != 2 or a.size and (a.min() < 0 or a.max() > 255):
@@ -67,7 +71,6 @@ class PredictActor(SegActor):
 
     def _one(self, what: str, stem: str, data: bytes | None, failed: list) -> int:
         """Label one image into ``<stem>.png``; 1 if written, 0 if skipped (and listed)."""
-        from mcis_dist.data.transforms import decode_rgb
 
         try:
             if data is None:
@@ -80,7 +83,6 @@ class PredictActor(SegActor):
         return 1
 
     def run(self, job: dict) -> dict:
-        from mcis_dist.data.stream import IMAGE_EXTS, iter_shard
 
         start, written, failed = time.perf_counter(), 0, []
         if job["kind"] == "files":
@@ -104,14 +106,17 @@ class PredictActor(SegActor):
             except Exception as e:  # an unreadable or truncated shard: keep what was done
                 failed.append({"input": f"{job['name']}:*", "reason": f"shard: {_reason(e)}"})
             failed += [{"input": k, "reason": f"not found in {job['name']}"} for k in sorted(todo)]
-        return {"name": job["name"], "written": written, "failed": failed,
-                "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+        return {
+            "name": job["name"],
+            "written": written,
+            "failed": failed,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
 
 
 # ---------------------------------------------------------------------------------- the driver
 def _plan(source, inputs: str, existing: set[str], endpoint, chunk_size: int):
     """(kind, jobs, images in all, images already done)."""
-    from mcis_dist.data.loader import open_manifest
 
     if source.exists(MANIFEST_NAME):
         manifest, _ = open_manifest(inputs, endpoint)
@@ -124,29 +129,42 @@ def _plan(source, inputs: str, existing: set[str], endpoint, chunk_size: int):
         return "split", jobs, total, total - sum(len(j["keys"]) for j in jobs)
     files = [n for n in source.list("") if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES]
     if not files:
-        raise StageError(f"{source.describe()} holds no images ({', '.join(IMAGE_SUFFIXES)}) and "
-                         f"no {MANIFEST_NAME} (an image split)")  # fmt: skip
+        raise StageError(
+            f"{source.describe()} holds no images ({', '.join(IMAGE_SUFFIXES)}) and "
+            f"no {MANIFEST_NAME} (an image split)"
+        )
     by_stem: dict[str, list[str]] = {}
     for f in files:
         by_stem.setdefault(PurePosixPath(f).stem, []).append(f)
     clash = [names for names in by_stem.values() if len(names) > 1]
     if clash:
-        raise StageError(f"{source.describe()}: images with the same name would write the same "
-                         f"PNG: {'; '.join(', '.join(c) for c in clash[:5])}; rename them")  # fmt: skip
+        raise StageError(
+            f"{source.describe()}: images with the same name would write the same "
+            f"PNG: {'; '.join(', '.join(c) for c in clash[:5])}; rename them"
+        )
     todo = [f for f in files if f"{PurePosixPath(f).stem}.png" not in existing]
-    jobs = [{"name": f"files {i}-{min(i + chunk_size, len(todo)) - 1}", "kind": "files",
-             "files": todo[i : i + chunk_size]} for i in range(0, len(todo), chunk_size)]  # fmt: skip
+    jobs = [
+        {
+            "name": f"files {i}-{min(i + chunk_size, len(todo)) - 1}",
+            "kind": "files",
+            "files": todo[i : i + chunk_size],
+        }
+        for i in range(0, len(todo), chunk_size)
+    ]
     return "folder", jobs, len(files), len(files) - len(todo)
 
 
-def predict(cfg: ExperimentConfig, inputs: str, out_url: str, checkpoint: str | None = None,
-            log=print, chunk_size: int = 16) -> dict:  # fmt: skip
+def predict(
+    cfg: ExperimentConfig,
+    inputs: str,
+    out_url: str,
+    checkpoint: str | None = None,
+    log=print,
+    chunk_size: int = 16,
+) -> dict:
     """Palette PNGs of every image of ``inputs`` (a folder of images or an image split) into
     ``out_url`` with the trained network (``checkpoint``, default the newest of
     ``<seg.out_url>/run``); returns the summary also written to ``<out_url>/predictions.json``."""
-    from tqdm import tqdm
-
-    from mcis_dist.runtime.paths import absolute_url
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -164,30 +182,54 @@ def predict(cfg: ExperimentConfig, inputs: str, out_url: str, checkpoint: str | 
     existing = set(out.list(""))
     kind, jobs, total, done = _plan(source, inputs, existing, endpoint, chunk_size)
     todo = total - done
-    log(f"predict: {total} images in {source.describe()} ({kind}), checkpoint {where}"
-        + (f"; {done} already have a PNG in {out.describe()}" if done else ""))  # fmt: skip
+    log(
+        f"predict: {total} images in {source.describe()} ({kind}), checkpoint {where}"
+        + (f"; {done} already have a PNG in {out.describe()}" if done else "")
+    )
     records, actors = [], 0
     if jobs:
-        spec = {"source_url": source.describe(), "out_url": out.describe(),
-                "endpoint_url": endpoint}  # fmt: skip
+        spec = {
+            "source_url": source.describe(),
+            "out_url": out.describe(),
+            "endpoint_url": endpoint,
+        }
         with tqdm(total=todo, desc="predict", unit="img", disable=None) as bar:
             records, actors = run_pool(
-                cfg, PredictActor, jobs, model.state_dict(), len(classes) + 1, spec, "predict",
-                log, lambda r: bar.update(r["written"] + len(r["failed"])),
-            )  # fmt: skip
+                cfg,
+                PredictActor,
+                jobs,
+                model.state_dict(),
+                len(classes) + 1,
+                spec,
+                "predict",
+                log,
+                lambda r: bar.update(r["written"] + len(r["failed"])),
+            )
     written = sum(r["written"] for r in records)
     failed = [f for r in records for f in r["failed"]]
     seconds = timer()
     summary = {
-        "format": FORMAT, "inputs": source.describe(), "kind": kind, "out": out.describe(),
-        "checkpoint": where, "classes": ["background", *classes],
-        "settings": eval_settings(cfg), "images": total, "written": written, "existing": done,
-        "failed_count": len(failed), "failed": failed[:MAX_LISTED], "actors": actors,
-        "seconds": seconds, "images_per_s": round(written / seconds, 3) if seconds else None,
-    }  # fmt: skip
+        "format": FORMAT,
+        "inputs": source.describe(),
+        "kind": kind,
+        "out": out.describe(),
+        "checkpoint": where,
+        "classes": ["background", *classes],
+        "settings": eval_settings(cfg),
+        "images": total,
+        "written": written,
+        "existing": done,
+        "failed_count": len(failed),
+        "failed": failed[:MAX_LISTED],
+        "actors": actors,
+        "seconds": seconds,
+        "images_per_s": round(written / seconds, 3) if seconds else None,
+    }
     out.write_bytes(SUMMARY, json.dumps(summary, indent=1).encode())
     for f in failed[:5]:
         log(f"predict: skipped {f['input']}: {f['reason']}")
-    log(f"predict: {written} PNGs written to {out.describe()} ({done} already there, "
-        f"{len(failed)} failed) in {seconds:.1f} s")  # fmt: skip
+    log(
+        f"predict: {written} PNGs written to {out.describe()} ({done} already there, "
+        f"{len(failed)} failed) in {seconds:.1f} s"
+    )
     return summary

@@ -17,14 +17,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import yaml
 
-from mcis_dist.config import ExperimentConfig
-from mcis_dist.formats.labels import IGNORE
-from mcis_dist.runtime.paths import endpoint_url
+from mcis_dist.config import ExperimentConfig, config_from_dict, write_run_config
+from mcis_dist.data.joint import JointLoader
+from mcis_dist.data.loader import LoaderError, open_manifest
+from mcis_dist.formats.labels import IGNORE, read_label_manifest
+from mcis_dist.models.deeplab import build_segmenter
+from mcis_dist.runtime import checkpoint as ckpt
+from mcis_dist.runtime.paths import absolute_paths, absolute_url, endpoint_url
+from mcis_dist.runtime.sharded import StageError
 from mcis_dist.runtime.trainer import Built, Stage, TrainingError, fit
+from mcis_dist.storage import StorageError, open_storage
 
-__all__ = ["check_seg", "load_segmenter", "run_url", "seg_data_config", "seg_stage",
-           "seg_step_loss", "train_seg"]  # fmt: skip
+__all__ = [
+    "check_seg",
+    "load_segmenter",
+    "run_url",
+    "seg_data_config",
+    "seg_stage",
+    "seg_step_loss",
+    "train_seg",
+]
 
 
 # ------------------------------------------------------------------------------------ the loss
@@ -35,8 +49,7 @@ def seg_step_loss(model, images: torch.Tensor, labels: torch.Tensor):
     still all-reduces), not the NaN of an empty mean."""
     logits = model(images)  # (B, C, H, W)
     if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
-                               align_corners=False)  # fmt: skip
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
     loss = total / (labels != IGNORE).sum().clamp(min=1)
     return {"total": loss, "ce": loss}, images.shape[0]
@@ -59,8 +72,6 @@ def seg_data_config(cfg: ExperimentConfig, world: int):
 
 def _masks(cfg: ExperimentConfig) -> tuple[dict, str]:
     """(manifest, where) of the pseudo-mask folder."""
-    from mcis_dist.formats.labels import read_label_manifest
-    from mcis_dist.runtime.sharded import StageError
 
     try:
         manifest, storage = read_label_manifest(cfg.seg.masks_url, endpoint_url(cfg))
@@ -71,15 +82,19 @@ def _masks(cfg: ExperimentConfig) -> tuple[dict, str]:
 
 def seg_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Built:
     """DeepLab's pieces on one Ray Train worker."""
-    from mcis_dist.data.joint import JointLoader
-    from mcis_dist.models.deeplab import build_segmenter
 
     manifest, _ = _masks(cfg)
     loader = JointLoader(
-        manifest["source"]["url"], cfg.seg.masks_url, seg_data_config(cfg, world),
-        mean=cfg.data.mean, std=cfg.data.std, rank=rank, world_size=world, device=device,
+        manifest["source"]["url"],
+        cfg.seg.masks_url,
+        seg_data_config(cfg, world),
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        rank=rank,
+        world_size=world,
+        device=device,
         endpoint_url=endpoint_url(cfg),
-    )  # fmt: skip
+    )
     try:
         model = build_segmenter(cfg, num_classes=len(loader.classes) + 1).to(device)
     except ValueError as e:  # a bad arch/backbone combination, weights for another backbone
@@ -100,8 +115,6 @@ def seg_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Built:
 def check_seg(cfg: ExperimentConfig) -> None:
     """Before any worker starts: the masks exist, their classes are the val split's (when there
     is one), and the global batch splits over the workers."""
-    from mcis_dist.data.loader import LoaderError, open_manifest
-    from mcis_dist.storage import StorageError, open_storage
 
     manifest, where = _masks(cfg)
     seg_data_config(cfg, cfg.seg.train.num_workers)
@@ -130,9 +143,6 @@ STAGE = Stage("seg", lambda cfg: cfg.seg.train, run_url, seg_stage, check_seg, t
 
 def train_seg(cfg: ExperimentConfig, log=print):
     """Train (or resume) the segmentation network; returns Ray's ``Result``."""
-    from mcis_dist.config import write_run_config
-    from mcis_dist.runtime.paths import absolute_paths
-    from mcis_dist.storage import open_storage
 
     cfg = absolute_paths(cfg)  # Ray workers run in another working directory
     check_seg(cfg)  # before the run folder is made
@@ -144,7 +154,6 @@ def train_seg(cfg: ExperimentConfig, log=print):
 
 # ------------------------------------------------------------------------------- the trained net
 def _abs(url: str | None) -> str | None:
-    from mcis_dist.runtime.paths import absolute_url
 
     return url if url is None else absolute_url(url)
 
@@ -155,10 +164,6 @@ def load_segmenter(cfg: ExperimentConfig, checkpoint: str | None = None):
     :func:`run_url`. The network is built from ``cfg.seg`` (no pretrained weights: the
     checkpoint has them all); the classes come from the pseudo masks the checkpoint was trained
     on (its own config), else from ``seg.masks_url``."""
-    from mcis_dist.models.deeplab import build_segmenter
-    from mcis_dist.runtime import checkpoint as ckpt
-    from mcis_dist.runtime.sharded import StageError
-    from mcis_dist.storage import open_storage
 
     endpoint = endpoint_url(cfg)
     url = _abs(checkpoint)
@@ -189,16 +194,15 @@ def load_segmenter(cfg: ExperimentConfig, checkpoint: str | None = None):
     except ckpt.CheckpointError as e:
         mine = {k: getattr(cfg.seg, k) for k in ("arch", "backbone")}
         theirs = {k: trained.seg.model_dump().get(k) for k in mine} if trained else "unknown"
-        raise StageError(f"{e} (this config's seg: {mine}; the checkpoint's: {theirs}; "
-                         f"{len(classes)} classes + background)") from None  # fmt: skip
+        raise StageError(
+            f"{e} (this config's seg: {mine}; the checkpoint's: {theirs}; "
+            f"{len(classes)} classes + background)"
+        ) from None
     return model.eval(), classes, where
 
 
 def _checkpoint_config(saved: dict) -> ExperimentConfig | None:
     """The experiment config a checkpoint was trained with (None if it has none)."""
-    import yaml
-
-    from mcis_dist.config import config_from_dict
 
     text = saved.get("config")
     if not text:
@@ -210,8 +214,6 @@ def _checkpoint_config(saved: dict) -> ExperimentConfig | None:
 
 
 def _classes(cfg: ExperimentConfig, trained: ExperimentConfig | None, where: str) -> list[str]:
-    from mcis_dist.formats.labels import read_label_manifest
-    from mcis_dist.runtime.sharded import StageError
 
     tried = []
     for c in (trained, cfg):

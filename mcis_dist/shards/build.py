@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from mcis_dist import __version__
 from mcis_dist.config import ExperimentConfig
@@ -46,6 +47,7 @@ from mcis_dist.formats.shards import (
     part_name,
     shard_name,
 )
+from mcis_dist.shards import sources
 from mcis_dist.shards.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -55,7 +57,7 @@ from mcis_dist.shards.images import (
     encode_png,
     mask_labels,
 )
-from mcis_dist.shards.sources import PlannedSample, SourcePlan
+from mcis_dist.shards.sources import DOMAINS, PlannedSample, SourceError, SourcePlan
 from mcis_dist.shards.synthetic import SyntheticSpec, synthetic_sample
 from mcis_dist.storage import Storage
 
@@ -340,13 +342,19 @@ def _existing_parts(storage: Storage) -> dict[str, dict]:
 
 
 def _run_tasks(tasks: list[_ShardTask], opts: BuildOptions, total: int, done: int, desc: str):
-    from tqdm.auto import tqdm
 
     workers = opts.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(tasks)))
     records = []
-    bar = tqdm(total=total, initial=done, desc=desc, unit="img", disable=not opts.progress,
-               mininterval=0.5, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=total,
+        initial=done,
+        desc=desc,
+        unit="img",
+        disable=not opts.progress,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    )
     try:
         if workers == 1:
             for t in tasks:
@@ -354,8 +362,9 @@ def _run_tasks(tasks: list[_ShardTask], opts: BuildOptions, total: int, done: in
             return records
         ctx = mp.get_context("spawn")  # boto3 clients and threads are not fork-safe
         counter = ctx.Value("q", 0)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(counter,)) as pool:  # fmt: skip
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)
+        ) as pool:
             pending = {pool.submit(write_shard, t) for t in tasks}
             try:
                 while pending:
@@ -420,7 +429,7 @@ def build_split(plan: SourcePlan, storage: Storage, opts: BuildOptions, log=prin
                 opts.verify,
                 opts.max_pixels,
                 plan.synthetic,
-            )  # fmt: skip
+            )
         )
     total = len(plan.samples)
     done = sum(len(shards[i]) for i in records)
@@ -457,37 +466,47 @@ def build_split(plan: SourcePlan, storage: Storage, opts: BuildOptions, log=prin
     return manifest
 
 
-DEFAULT_SPLITS = {"synthetic": ("train", "val"), "voc": ("train", "val"), "list": ("train",),
-                  "folder": ("train",)}  # fmt: skip
+DEFAULT_SPLITS = {
+    "synthetic": ("train", "val"),
+    "voc": ("train", "val"),
+    "list": ("train",),
+    "folder": ("train",),
+}
 
 
 def plan_source(source: str, split: str, args: dict) -> SourcePlan:
     """Plan one split of a source; ``args`` are the source's own options (paths, domain...)."""
-    from mcis_dist.shards import sources
 
     if source == "synthetic":
         return sources.plan_synthetic(args.get("spec") or SyntheticSpec(), split)
     if source == "list":
         return sources.plan_list(
-            args.get("list_file") or _missing("--list", source), args.get("image_root"),
-            args.get("classes") or _missing("--classes", source), args.get("mask_root"),
-            split=split, domain=args.get("domain") or "target",
-        )  # fmt: skip
+            args.get("list_file") or _missing("--list", source),
+            args.get("image_root"),
+            args.get("classes") or _missing("--classes", source),
+            args.get("mask_root"),
+            split=split,
+            domain=args.get("domain") or "target",
+        )
     if source == "voc":
         return sources.plan_voc(
-            args.get("voc_root"), split, seg_aug=args.get("seg_aug"),
-            saliency=args.get("saliency"), labels_from=args.get("labels_from") or "auto",
-        )  # fmt: skip
+            args.get("voc_root"),
+            split,
+            seg_aug=args.get("seg_aug"),
+            saliency=args.get("saliency"),
+            labels_from=args.get("labels_from") or "auto",
+        )
     if source == "folder":
         return sources.plan_folder(
-            args.get("folder_root"), args.get("classes"), split=split,
+            args.get("folder_root"),
+            args.get("classes"),
+            split=split,
             domain=args.get("domain") or "web",
-        )  # fmt: skip
+        )
     raise sources.SourceError(f"unknown source {source!r} (valid: {', '.join(DEFAULT_SPLITS)})")
 
 
 def _missing(flag: str, source: str):
-    from mcis_dist.shards.sources import SourceError
 
     raise SourceError(f"{flag} is required for --source {source}")
 
@@ -505,7 +524,6 @@ def build_dataset(
     All splits are planned and the output is checked for writing before any shard is written,
     so a bad path, split name or bucket fails at once.
     """
-    from mcis_dist.shards.sources import DOMAINS, SourceError
 
     opts.validate()
     args = dict(source_args or {})

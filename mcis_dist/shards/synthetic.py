@@ -33,8 +33,15 @@ from PIL import Image, ImageDraw
 from mcis_dist.config import ExperimentConfig
 
 SYNTHETIC_CLASSES: tuple[str, ...] = (
-    "disc", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent",
-)  # fmt: skip
+    "disc",
+    "square",
+    "triangle",
+    "star",
+    "ring",
+    "cross",
+    "hexagon",
+    "crescent",
+)
 SYNTHETIC_SPLITS: tuple[str, ...] = ("train", "val")
 # Context groups (class indices): round things, boxy things, pointy things.
 CONTEXT_GROUPS: tuple[tuple[int, ...], ...] = ((0, 4, 7), (1, 5, 6), (2, 3))
@@ -43,14 +50,26 @@ _GROUP_OF = {c: g for g, group in enumerate(CONTEXT_GROUPS) for c in group}
 
 # Heads: saturated class colour alternating with near-black in a class-specific pattern.
 _HEAD_RGB = (
-    (230, 40, 40), (245, 140, 20), (240, 220, 40), (40, 200, 60),
-    (30, 200, 220), (40, 70, 235), (220, 50, 200), (255, 150, 190),
-)  # fmt: skip
+    (230, 40, 40),
+    (245, 140, 20),
+    (240, 220, 40),
+    (40, 200, 60),
+    (30, 200, 220),
+    (40, 70, 235),
+    (220, 50, 200),
+    (255, 150, 190),
+)
 _HEAD_DARK = (25, 25, 25)
 _HEAD_PATTERN = (  # (kind, period in px, angle in degrees)
-    ("stripes", 6, 0), ("checker", 6, 0), ("stripes", 5, 45), ("dots", 7, 0),
-    ("stripes", 4, 90), ("stripes", 6, 135), ("checker", 4, 45), ("rings", 5, 0),
-)  # fmt: skip
+    ("stripes", 6, 0),
+    ("checker", 6, 0),
+    ("stripes", 5, 45),
+    ("dots", 7, 0),
+    ("stripes", 4, 90),
+    ("stripes", 6, 135),
+    ("checker", 4, 45),
+    ("rings", 5, 0),
+)
 # Bodies: muted group colour alternating with a darker shade (factor _BODY_DARK) in a group pattern.
 _BODY_RGB = ((165, 135, 100), (105, 120, 140), (120, 130, 75))
 _BODY_DARK = 0.78

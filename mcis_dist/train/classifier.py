@@ -17,20 +17,24 @@ import dataclasses
 import torch
 
 from mcis_dist.config import ExperimentConfig
-from mcis_dist.data.loader import PairLoader
-from mcis_dist.losses import LossWeights, mcis_loss
+from mcis_dist.data.loader import LoaderError, PairLoader, open_manifest
+from mcis_dist.losses import LossWeights, mcis_loss, self_pair_loss, self_pair_views
 from mcis_dist.models.build import build_model
+from mcis_dist.models.diagnostics import label_free
 from mcis_dist.models.mcis import MCISClassifier
+from mcis_dist.models.seam import PixelCorrelationModule, seam_cams, seam_losses, seam_view
 from mcis_dist.runtime.paths import absolute_paths, endpoint_url, stage_url
 from mcis_dist.runtime.trainer import Built, Stage, TrainingError, fit, run_epoch
+from mcis_dist.train.validate import classifier_validator
 
 RUN_SUBDIR = "cls"
+
+
 # ------------------------------------------------------------------------------- building blocks
 def build_pcm(cfg: ExperimentConfig, backbone) -> torch.nn.Module | None:
     """SEAM's PCM on the backbone's conv4/conv5 taps (ResNet-38 family), when train.seam."""
     if not cfg.train.seam:
         return None
-    from mcis_dist.models.seam import PixelCorrelationModule
 
     channels = getattr(backbone, "feature_channels", {})
     if not {"conv4", "conv5"} <= set(channels):
@@ -58,8 +62,9 @@ class _Trainable(torch.nn.Module):
 
 def loss_weights(cfg: ExperimentConfig) -> LossWeights:
     t = cfg.train
-    return LossWeights(single=t.loss_single, coattention=t.loss_coattention,
-                       contrastive=t.loss_contrastive)  # fmt: skip
+    return LossWeights(
+        single=t.loss_single, coattention=t.loss_coattention, contrastive=t.loss_contrastive
+    )
 
 
 def _view(model) -> LossView:
@@ -86,39 +91,47 @@ class LossView(torch.nn.Module):
         self.last = None
         self.seam = None
 
-    def forward(self, xm, xn, pair_type=None, self_pairs: tuple | None = None,
-                self_scales: tuple[float, ...] = (0.75, 2.0)):  # fmt: skip
+    def forward(
+        self,
+        xm,
+        xn,
+        pair_type=None,
+        self_pairs: tuple | None = None,
+        self_scales: tuple[float, ...] = (0.75, 2.0),
+    ):
         self.last = self.net(xm, xn, pair_type)
         self.main_pair = self.net.last_pair  # the first pair, for the attention diagnostics
         outputs = tuple(getattr(self.last, name) for name in self.active)
         self.self_pairs = []
         if self_pairs is not None:  # authors' extra terms: (I, flip I), (I, 0.75x I), (I, 2x I)
-            from mcis_dist.losses import self_pair_views
-
             for x, same_domain in zip((xm, xn), self_pairs, strict=True):  # an image's own type
                 for view in self_pair_views(x, self_scales):
                     out = self.net(x, view, same_domain)
                     self.self_pairs.append(out)
                     outputs += (out.single_m, out.single_n, out.coatt_m, out.coatt_n)
         if self.pcm is not None:  # SEAM on image m: itself and a 0.3x view, CAMs and PCM maps
-            from mcis_dist.models.seam import seam_cams, seam_view
-
-            self.seam = (*seam_cams(self.net.phi, self.net.backbone, self.pcm, xm),
-                         *seam_cams(self.net.phi, self.net.backbone, self.pcm, seam_view(xm)))  # fmt: skip
+            self.seam = (
+                *seam_cams(self.net.phi, self.net.backbone, self.pcm, xm),
+                *seam_cams(self.net.phi, self.net.backbone, self.pcm, seam_view(xm)),
+            )
             outputs += self.seam
         return outputs
 
 
 def active_outputs(cfg: ExperimentConfig, epoch: int) -> tuple[str, ...]:
     t = cfg.train
-    on = {"single": t.loss_single > 0, "coatt": t.loss_coattention > 0,
-          "contrast": t.loss_contrastive > 0 and epoch >= t.contrastive_from_epoch}  # fmt: skip
+    on = {
+        "single": t.loss_single > 0,
+        "coatt": t.loss_coattention > 0,
+        "contrast": t.loss_contrastive > 0 and epoch >= t.contrastive_from_epoch,
+    }
     return tuple(o for o in OUTPUTS if on[o.rsplit("_", 1)[0]])
 
 
 def _float(out):
-    return dataclasses.replace(out, **{f.name: getattr(out, f.name).float()
-                                       for f in dataclasses.fields(out)})  # fmt: skip
+    return dataclasses.replace(
+        out, **{f.name: getattr(out, f.name).float() for f in dataclasses.fields(out)}
+    )
 
 
 def classifier_loss(cfg: ExperimentConfig):
@@ -134,32 +147,37 @@ def classifier_loss(cfg: ExperimentConfig):
         self_types = None  # a self-pair is target–target (0) or extra–extra (1)
         if cfg.train.self_pair_terms:
             self_types = tuple((batch[f"domain_{s}"] > 0).long() if multi else None for s in "mn")
-        wrapped(xm, xn, batch["pair_type"] if multi else None, self_pairs=self_types,
-                self_scales=tuple(cfg.train.self_pair_scales))  # fmt: skip
+        wrapped(
+            xm,
+            xn,
+            batch["pair_type"] if multi else None,
+            self_pairs=self_types,
+            self_scales=tuple(cfg.train.self_pair_scales),
+        )
         terms = mcis_loss(
-            _float(view.last), batch["labels_m"], batch["labels_n"],
-            epoch=epoch, weights=weights, contrastive_from_epoch=cfg.train.contrastive_from_epoch,
+            _float(view.last),
+            batch["labels_m"],
+            batch["labels_n"],
+            epoch=epoch,
+            weights=weights,
+            contrastive_from_epoch=cfg.train.contrastive_from_epoch,
             reduction=cfg.train.loss_reduction,
-        )  # fmt: skip
+        )
         if cfg.train.diagnostics:  # attention diagnostics of the batch's first pair
-            from mcis_dist.models.diagnostics import label_free
-
             fm, fn, gate, pt = view.main_pair
             with torch.autocast(fm.device.type, enabled=False):
                 diag = label_free(view.net, fm.float(), fn.float(), gate, pt)
             terms.update({f"attn_{k}": v for k, v in diag.items()})
         if cfg.train.self_pair_terms:
-            from mcis_dist.losses import self_pair_loss
-
             views = 1 + len(cfg.train.self_pair_scales)  # the flip, then each rescaled copy
             own = [batch["labels_m"]] * views + [batch["labels_n"]] * views  # m's, then n's
-            extra = sum(self_pair_loss(_float(o), y, reduction=cfg.train.loss_reduction)["total"]
-                        for o, y in zip(view.self_pairs, own, strict=True))  # fmt: skip
+            extra = sum(
+                self_pair_loss(_float(o), y, reduction=cfg.train.loss_reduction)["total"]
+                for o, y in zip(view.self_pairs, own, strict=True)
+            )
             terms["self_pairs"] = extra
             terms["total"] = terms["total"] + extra
         if cfg.train.seam:
-            from mcis_dist.models.seam import seam_losses
-
             cam1, rv1, cam2, rv2 = (x.float() for x in view.seam)
             seam = seam_losses(cam1, rv1, cam2, rv2, batch["labels_m"])
             terms["seam_er"], terms["seam_ecr"] = seam["er"], seam["ecr"]
@@ -178,8 +196,12 @@ def _before_epoch(cfg: ExperimentConfig, view: LossView):
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, state, on_step):
     """One epoch of Eq. 10 on pairs outside Ray (``model``: a ``LossView``, maybe DDP-wrapped)."""
-    built = Built(model=_view(model), loader=loader, loss=classifier_loss(cfg),
-                  before_epoch=_before_epoch(cfg, _view(model)))  # fmt: skip
+    built = Built(
+        model=_view(model),
+        loader=loader,
+        loss=classifier_loss(cfg),
+        before_epoch=_before_epoch(cfg, _view(model)),
+    )
     run_epoch(model, built, optimizer, scheduler, scaler, cfg.train, epoch, state, on_step)
 
 
@@ -199,16 +221,21 @@ def classifier_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Bu
 
     validate = None
     if cfg.train.val_every_epochs:  # CAM mIoU on seg.val_url (mcis_dist.train.validate)
-        from mcis_dist.train.validate import classifier_validator
-
-        validate = classifier_validator(cfg, model, rank, world, device,
-                                        num_classes=len(loader.manifest["classes"]))  # fmt: skip
+        validate = classifier_validator(
+            cfg, model, rank, world, device, num_classes=len(loader.manifest["classes"])
+        )
     return Built(
-        model=model, loader=loader, loss=classifier_loss(cfg), forward=view,
-        extra={"pcm": pcm} if pcm is not None else {}, optimised=_Trainable(model, pcm),
-        find_unused_parameters=partial, before_epoch=_before_epoch(cfg, view),
-        loader_metrics=loader_metrics, validate=validate,
-    )  # fmt: skip
+        model=model,
+        loader=loader,
+        loss=classifier_loss(cfg),
+        forward=view,
+        extra={"pcm": pcm} if pcm is not None else {},
+        optimised=_Trainable(model, pcm),
+        find_unused_parameters=partial,
+        before_epoch=_before_epoch(cfg, view),
+        loader_metrics=loader_metrics,
+        validate=validate,
+    )
 
 
 def check_classifier(cfg: ExperimentConfig) -> None:
@@ -218,13 +245,12 @@ def check_classifier(cfg: ExperimentConfig) -> None:
             f"not {cfg.model.backbone!r}"
         )
     if cfg.train.val_every_epochs:  # the validation split must exist before workers start
-        from mcis_dist.data.loader import LoaderError, open_manifest
-
         try:
             open_manifest(cfg.seg.val_url, endpoint_url(cfg), check_shards=False)
         except LoaderError as e:
-            raise TrainingError(f"train.val_every_epochs needs a split with masks at "
-                                f"seg.val_url: {e}") from None  # fmt: skip
+            raise TrainingError(
+                f"train.val_every_epochs needs a split with masks at seg.val_url: {e}"
+            ) from None
 
 
 # ------------------------------------------------------------------------------------ the driver
@@ -233,15 +259,20 @@ def run_url(cfg: ExperimentConfig) -> str:
     return stage_url(cfg, RUN_SUBDIR)
 
 
-STAGE = Stage("cls", lambda cfg: cfg.train, run_url, classifier_stage, check_classifier,
-              terms=("single", "coattention", "contrastive"), label="train-cls")  # fmt: skip
+STAGE = Stage(
+    "cls",
+    lambda cfg: cfg.train,
+    run_url,
+    classifier_stage,
+    check_classifier,
+    terms=("single", "coattention", "contrastive"),
+    label="train-cls",
+)
 
 
 def train_classifier(cfg: ExperimentConfig, log=print):
     """Validate, then run (or resume) the training; returns Ray's ``Result``."""
     cfg = absolute_paths(cfg)  # Ray workers run in another working directory
-
-    from mcis_dist.data.loader import open_manifest
 
     for url in [cfg.data.train_url, *cfg.data.extra_urls]:  # fails fast on missing shards
         open_manifest(url, endpoint_url(cfg))

@@ -25,13 +25,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mcis_dist.cams.infer import CamEngine, CamSettings
+from mcis_dist.cams.maps import cam_labels, upsample_cams
 from mcis_dist.config import ExperimentConfig
+from mcis_dist.data.loader import open_manifest
+from mcis_dist.data.stream import parse_record
+from mcis_dist.data.transforms import decode_mask, decode_rgb
 from mcis_dist.evaluation import ConfusionMatrix
+from mcis_dist.formats.cams import iter_cam_shard, read_cam_manifest
+from mcis_dist.formats.shards import iter_shard
+from mcis_dist.masks.evaluate import count_labels
+from mcis_dist.masks.modes import RandomWalkLabeller, SkipSample, make_sample
 from mcis_dist.runtime.paths import endpoint_url
 from mcis_dist.runtime.trainer import TrainingError, gather
 
-__all__ = ["ValImage", "read_val_images", "classifier_validator", "affinity_validator",
-           "summed_metrics"]  # fmt: skip
+__all__ = [
+    "ValImage",
+    "read_val_images",
+    "classifier_validator",
+    "affinity_validator",
+    "summed_metrics",
+]
 
 
 @dataclass
@@ -42,23 +56,23 @@ class ValImage:
     mask: np.ndarray  # (H, W) uint8: 0 background, k + 1 class k, 255 ignore
 
 
-def read_val_images(url: str, endpoint: str | None, rank: int, world: int,
-                    num_classes: int) -> tuple[list[ValImage], list[str]]:  # fmt: skip
+def read_val_images(
+    url: str, endpoint: str | None, rank: int, world: int, num_classes: int
+) -> tuple[list[ValImage], list[str]]:
     """This rank's share (every ``world``-th sample) of the images with masks of a split, and
     the split's class names."""
-    from mcis_dist.data.loader import open_manifest
-    from mcis_dist.data.stream import parse_record
-    from mcis_dist.data.transforms import decode_mask, decode_rgb
-    from mcis_dist.formats.shards import iter_shard
 
     manifest, storage = open_manifest(url, endpoint, check_shards=False)
     if len(manifest["classes"]) != num_classes:
-        raise TrainingError(f"validation split {url} has {len(manifest['classes'])} classes, "
-                            f"the model {num_classes}")  # fmt: skip
+        raise TrainingError(
+            f"validation split {url} has {len(manifest['classes'])} classes, "
+            f"the model {num_classes}"
+        )
     out, index = [], 0
     for shard in manifest["shards"]:
-        for raw in iter_shard(storage.describe(shard["name"]), getattr(storage, "endpoint_url",
-                                                                        None)):  # fmt: skip
+        for raw in iter_shard(
+            storage.describe(shard["name"]), getattr(storage, "endpoint_url", None)
+        ):
             mine, index = index % world == rank, index + 1
             if not mine or "mask.png" not in raw:
                 continue
@@ -71,8 +85,7 @@ def summed_metrics(matrices: dict[str, ConfusionMatrix], images: int, seconds: f
     """Sum every rank's raw counts: ``{name: mIoU}`` for each matrix, ``val_pixel_accuracy``
     (of the first), ``val_images`` and ``val_seconds`` (the slowest rank): the same on every
     rank."""
-    everyone = gather({"m": {k: m.matrix for k, m in matrices.items()}, "n": images,
-                       "s": seconds})  # fmt: skip
+    everyone = gather({"m": {k: m.matrix for k, m in matrices.items()}, "n": images, "s": seconds})
     out: dict = {}
     for i, name in enumerate(matrices):
         total = ConfusionMatrix.from_matrix(sum(e["m"][name] for e in everyone))
@@ -86,23 +99,29 @@ def summed_metrics(matrices: dict[str, ConfusionMatrix], images: int, seconds: f
     return out
 
 
-def classifier_validator(cfg: ExperimentConfig, model, rank: int, world: int, device,
-                         num_classes: int) -> Callable[[int], dict]:  # fmt: skip
+def classifier_validator(
+    cfg: ExperimentConfig, model, rank: int, world: int, device, num_classes: int
+) -> Callable[[int], dict]:
     """``validate(epoch)``: the CAM mIoU of single-round maps at scale 1 on ``seg.val_url``."""
-    from mcis_dist.cams.infer import CamEngine, CamSettings
-    from mcis_dist.cams.maps import cam_labels, upsample_cams
 
-    settings = CamSettings(mode="single", scales=(1.0,), flip=cfg.cams.flip,
-                           out_stride=cfg.cams.out_stride, mean=tuple(cfg.data.mean),
-                           std=tuple(cfg.data.std), amp=cfg.cams.amp)  # fmt: skip
+    settings = CamSettings(
+        mode="single",
+        scales=(1.0,),
+        flip=cfg.cams.flip,
+        out_stride=cfg.cams.out_stride,
+        mean=tuple(cfg.data.mean),
+        std=tuple(cfg.data.std),
+        amp=cfg.cams.amp,
+    )
     images: list[ValImage] | None = None
 
     def validate(epoch: int) -> dict:
         nonlocal images
         start = time.perf_counter()
         if images is None:  # read once, kept for the run (150 small images: a few MB)
-            images, _ = read_val_images(cfg.seg.val_url, endpoint_url(cfg), rank, world,
-                                        num_classes)  # fmt: skip
+            images, _ = read_val_images(
+                cfg.seg.val_url, endpoint_url(cfg), rank, world, num_classes
+            )
         engine = CamEngine(model, settings, None, device)
         matrix = ConfusionMatrix(num_classes + 1)
         was_training = model.training
@@ -119,12 +138,11 @@ def classifier_validator(cfg: ExperimentConfig, model, rank: int, world: int, de
     return validate
 
 
-def affinity_validator(cfg: ExperimentConfig, net, rank: int, world: int,
-                       device) -> Callable[[int], dict]:  # fmt: skip
+def affinity_validator(
+    cfg: ExperimentConfig, net, rank: int, world: int, device
+) -> Callable[[int], dict]:
     """``validate(epoch)``: the pseudo-mask mIoU of the random walk (``masks.*``) of the CAMs
     in ``affinity.val_cams_url`` with the current AffinityNet."""
-    from mcis_dist.masks.evaluate import count_labels
-    from mcis_dist.masks.modes import RandomWalkLabeller
 
     samples: list | None = None
     classes: list[str] = []
@@ -143,8 +161,11 @@ def affinity_validator(cfg: ExperimentConfig, net, rank: int, world: int,
                 count_labels(left_out, as_bg, mask, labeller(sample))
         finally:
             net.train(was_training)
-        return summed_metrics({"val_miou": left_out, "val_miou_ignore_as_bg": as_bg}, len(samples),
-                              time.perf_counter() - start)  # fmt: skip
+        return summed_metrics(
+            {"val_miou": left_out, "val_miou_ignore_as_bg": as_bg},
+            len(samples),
+            time.perf_counter() - start,
+        )
 
     return validate
 
@@ -152,11 +173,6 @@ def affinity_validator(cfg: ExperimentConfig, net, rank: int, world: int,
 def read_val_cams(cfg: ExperimentConfig, rank: int, world: int) -> tuple[list, list[str]]:
     """This rank's share of (``Sample``, mask) of the CAM folder ``affinity.val_cams_url``
     joined with its images, and the class names."""
-    from mcis_dist.data.loader import open_manifest
-    from mcis_dist.data.transforms import decode_mask
-    from mcis_dist.formats.cams import iter_cam_shard, read_cam_manifest
-    from mcis_dist.formats.shards import iter_shard
-    from mcis_dist.masks.modes import SkipSample, make_sample
 
     endpoint = endpoint_url(cfg)
     manifest, cams = read_cam_manifest(cfg.affinity.val_cams_url, endpoint)
@@ -164,8 +180,9 @@ def read_val_cams(cfg: ExperimentConfig, rank: int, world: int) -> tuple[list, l
     out, index = [], 0
     for shard in manifest["shards"]:
         maps = {meta["key"]: (meta, m) for meta, m in iter_cam_shard(cams, shard["name"])}
-        for raw in iter_shard(source.describe(shard["source"]), getattr(source, "endpoint_url",
-                                                                         None)):  # fmt: skip
+        for raw in iter_shard(
+            source.describe(shard["source"]), getattr(source, "endpoint_url", None)
+        ):
             key = raw["__key__"]
             if key not in maps or "mask.png" not in raw:
                 continue
