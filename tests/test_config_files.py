@@ -186,12 +186,12 @@ def test_header_says_what_it_reproduces_and_how_to_run_it(name: str):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_header_commands_parse_with_the_mcis_cli(name: str):
-    from mcis_dist.cli import _build_parser
+    from mcis_dist.cli.parser import build_parser
 
     commands = _commented_commands(REPO / "configs" / f"{name}.yaml", "mcis ")
     assert {tuple(c[1:3]) for c in commands} >= {("shards", "build")}
     for args in commands:
-        _build_parser().parse_args(args[1:])  # SystemExit on an unknown flag or choice
+        build_parser().parse_args(args[1:])  # SystemExit on an unknown flag or choice
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

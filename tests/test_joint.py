@@ -16,13 +16,9 @@ from PIL import Image
 
 from mcis_dist.cli import main
 from mcis_dist.config import JointDataConfig
-from mcis_dist.data.joint import (
-    JointAugmentSpec,
-    JointLoader,
-    augment_with_box,
-    joint_augment,
-    open_label_folder,
-)
+from mcis_dist.data.join import open_label_folder
+from mcis_dist.data.joint import JointLoader
+from mcis_dist.data.joint_augment import JointAugmentSpec, augment_with_box, joint_augment
 from mcis_dist.data.loader import LoaderError
 from mcis_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, sample_seed
 from mcis_dist.formats.labels import decode_label

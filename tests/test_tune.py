@@ -18,7 +18,7 @@ from mcis_dist.config import ConfigError, load_config
 from mcis_dist.shards.build import BuildOptions, build_dataset
 from mcis_dist.shards.synthetic import SyntheticSpec
 from mcis_dist.storage import LocalStorage
-from mcis_dist.tune import load_sweep, search_space
+from mcis_dist.tune.sweep import load_sweep, search_space
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"

@@ -16,6 +16,8 @@ target-target, 1 extra-extra, 2 cross-domain.
 Because phi is a 1x1 convolution (affine), GAP(phi(F)) = phi(GAP(F)): scores are computed on
 pooled features, which is exact and cheaper; the dense maps phi(F) are the localization maps
 (``single_round_cam``, ``coattentive_cam``).
+
+Over 400 lines because the head of Eq. 1-9 and its tested variants are one model.
 """
 
 from __future__ import annotations

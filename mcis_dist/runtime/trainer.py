@@ -30,6 +30,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from mcis_dist.config import ExperimentConfig, config_from_dict, dump_config
+from mcis_dist.models.batchnorm import batchnorms
 from mcis_dist.runtime import checkpoint as ckpt
 from mcis_dist.runtime.metrics import MetricsCallback
 from mcis_dist.runtime.optim import build_optimizer, make_scheduler
@@ -190,10 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
             )
         built.loader.load_state_dict(saved["loaders"][rank])
     forward = built.forward or built.model
-    if device.type == "cuda" and any(
-        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-        for m in forward.modules()
-    ):
+    if device.type == "cuda" and any(m.training for m in batchnorms(forward)):
         forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(forward)  # GPU only
     wrapped = ray.train.torch.prepare_model(
         forward, parallel_strategy_kwargs={"find_unused_parameters": built.find_unused_parameters}

@@ -16,6 +16,9 @@ How a build goes, and why:
 4. **Manifest**: once every shard has a part record, ``manifest.json`` is assembled from them
    and written last. No manifest means "not finished"; a re-run skips the shards whose part
    record matches their plan hash and finishes only what is missing.
+
+Over 400 lines because the four steps share one task record and one process pool, and read in
+order here; the formats they write live in :mod:`mcis_dist.formats.shards`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Sources and their domains (the trainer picks a domain-specific W_P from it, pape
 * ``voc``       - a PASCAL VOC2012 devkit folder (+ SegmentationClassAug, saliency maps); target
 * ``folder``    - one sub-folder per class (web-crawled or single-label data); web or single
 * ``synthetic`` - the built-in generated dataset (``mcis_dist.shards.synthetic``); target
+
+Over 400 lines because the four planners share the rejection bookkeeping and are short each.
 """
 
 from __future__ import annotations
