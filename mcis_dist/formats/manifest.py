@@ -23,7 +23,9 @@ def read_manifest(storage: Storage, fmt: str, *, what: str, missing: str, error=
     where = storage.describe(MANIFEST_NAME)
     try:
         if not storage.exists(MANIFEST_NAME):
-            raise error(f"{storage.describe()} has no {MANIFEST_NAME}: {missing}")
+            raise error(
+                f"{where} does not exist ({storage.describe()} has no {MANIFEST_NAME}): {missing}"
+            )
         raw = storage.read_bytes(MANIFEST_NAME)
     except StorageError as e:
         raise error(str(e)) from None
