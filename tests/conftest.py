@@ -88,3 +88,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: where Ray Train would have put a run's first checkpoint (the folder name sorts as a date)
+CHECKPOINT_DIR = "checkpoint_2026-01-01_00-00-00.000000"
+
+
+def build_synthetic(out, *, num_train: int, num_val: int, per_shard: int):
+    """``mcis shards build --source synthetic`` into ``out`` (in this process); returns ``out``."""
+    from mcis_dist.cli import main
+
+    argv = ["shards", "build", "--source", "synthetic", "--num-train", str(num_train)]
+    argv += ["--num-val", str(num_val), "--max-samples-per-shard", str(per_shard)]
+    assert main([*argv, "--workers", "1", "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def save_checkpoint(model, run_dir):
+    """``model``'s weights as a Ray Train run's checkpoint: ``<run_dir>/checkpoint_*/checkpoint.pt``."""
+    import torch
+
+    folder = run_dir / CHECKPOINT_DIR
+    folder.mkdir(parents=True)
+    torch.save({"model": model.state_dict()}, folder / "checkpoint.pt")
+    return folder

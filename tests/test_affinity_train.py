@@ -19,6 +19,8 @@ from mcis_dist.config import load_config
 from mcis_dist.models.build import build_model
 from mcis_dist.runtime.checkpoint import load as load_checkpoint
 
+from conftest import build_synthetic, save_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
 pytestmark = pytest.mark.slow
@@ -28,35 +30,12 @@ pytestmark = pytest.mark.slow
 def exp(tmp_path_factory):
     root = tmp_path_factory.mktemp("affinity")
     shards = root / "shards"
-    assert (
-        main(
-            [
-                "shards",
-                "build",
-                "--source",
-                "synthetic",
-                "--num-train",
-                "32",
-                "--num-val",
-                "2",
-                "--max-samples-per-shard",
-                "8",
-                "--workers",
-                "1",
-                "--no-progress",
-                "--out",
-                str(shards),
-            ]
-        )
-        == 0
-    )
+    build_synthetic(str(shards), num_train=32, num_val=2, per_shard=8)
     base = [f"shards.url={shards}", f"run_root={root / 'runs'}"]
     cfg = load_config(CONFIG, base)
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=8)
-    ckpt = root / "runs" / "demo" / "cls" / "checkpoint_2026-01-01_00-00-00.000000"
-    ckpt.mkdir(parents=True)
-    torch.save({"model": model.state_dict()}, ckpt / "checkpoint.pt")
+    save_checkpoint(model, root / "runs" / "demo" / "cls")
     assert (
         main(
             [

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from mcis_dist.cams.infer import CamEngine, CamSettings, FeatureCache, resize_long
 from mcis_dist.cams.maps import cam_labels, upsample_cams
-from mcis_dist.cli import main
 from mcis_dist.data.loader import open_manifest
 from mcis_dist.data.related import RelatedSampler
 from mcis_dist.data.transforms import decode_rgb, normalize
@@ -26,34 +25,15 @@ from mcis_dist.models.mcis import (
     single_round_cam,
 )
 
+from conftest import build_synthetic
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     out = tmp_path_factory.mktemp("cams") / "shards"
-    assert (
-        main(
-            [
-                "shards",
-                "build",
-                "--source",
-                "synthetic",
-                "--num-train",
-                "16",
-                "--num-val",
-                "2",
-                "--max-samples-per-shard",
-                "8",
-                "--workers",
-                "1",
-                "--no-progress",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    build_synthetic(str(out), num_train=16, num_val=2, per_shard=8)
     manifest, storage = open_manifest(str(out / "train"))
     return manifest, storage
 

@@ -30,6 +30,8 @@ from mcis_dist.models.build import build_model
 from mcis_dist.shards.build import ShardWriter
 from mcis_dist.storage import open_storage
 
+from conftest import build_synthetic, save_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
 pytestmark = pytest.mark.slow
@@ -49,37 +51,14 @@ def setup(tmp_path_factory):
     it (<run_root>/demo/cls/checkpoint_*/checkpoint.pt); random weights are enough here."""
     root = tmp_path_factory.mktemp("cams_stage")
     shards = root / "shards"
-    assert (
-        main(
-            [
-                "shards",
-                "build",
-                "--source",
-                "synthetic",
-                "--num-train",
-                "24",
-                "--num-val",
-                "2",
-                "--max-samples-per-shard",
-                "4",
-                "--workers",
-                "1",
-                "--no-progress",
-                "--out",
-                str(shards),
-            ]
-        )
-        == 0
-    )
+    build_synthetic(str(shards), num_train=24, num_val=2, per_shard=4)
     cfg = load_config(CONFIG, [f"shards.url={shards}"])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=8)
     with torch.no_grad():
         model.phi_coatt.weight.normal_(0, 0.5)
         model.w_p.add_(0.05 * torch.randn_like(model.w_p))  # as if trained away from W_P = I
-    ckpt = root / "runs" / "demo" / "cls" / "checkpoint_2026-01-01_00-00-00.000000"
-    ckpt.mkdir(parents=True)
-    torch.save({"model": model.state_dict()}, ckpt / "checkpoint.pt")
+    save_checkpoint(model, root / "runs" / "demo" / "cls")
     return {"root": root, "shards": shards, "run_root": root / "runs", "model": model}
 
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mcis_dist.cli import main
 from mcis_dist.config import JointDataConfig
 from mcis_dist.data.join import open_label_folder
 from mcis_dist.data.joint import JointLoader
@@ -24,6 +23,8 @@ from mcis_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, s
 from mcis_dist.formats.labels import decode_label
 from mcis_dist.formats.shards import iter_shard
 from mcis_dist.shards.build import ShardWriter
+
+from conftest import build_synthetic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -434,28 +435,7 @@ def test_synthetic_split_with_labels_from_its_masks(tmp_path):
     """Real `mcis shards build` output (JPEG images, a full manifest) joined with label shards
     cut from the samples' own exact masks, one in three left unlabelled."""
     out = tmp_path / "ds"
-    assert (
-        main(
-            [
-                "shards",
-                "build",
-                "--source",
-                "synthetic",
-                "--num-train",
-                "24",
-                "--num-val",
-                "2",
-                "--max-samples-per-shard",
-                "6",
-                "--workers",
-                "1",
-                "--no-progress",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    build_synthetic(str(out), num_train=24, num_val=2, per_shard=6)
     manifest = json.loads((out / "train" / "manifest.json").read_text())
     masks, picks = {}, []
     for i, shard in enumerate(manifest["shards"]):

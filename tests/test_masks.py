@@ -37,6 +37,8 @@ from mcis_dist.runtime.sharded import StageError
 from mcis_dist.shards.build import ShardWriter
 from mcis_dist.storage import open_storage
 
+from conftest import save_checkpoint
+
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
@@ -381,10 +383,8 @@ def test_affinity_checkpoint_missing_or_for_another_net(tmp_path):
     cfg = cfg_with(f"run_root={tmp_path}")
     with pytest.raises(StageError, match="no AffinityNet checkpoint under"):
         resolve_affinity_checkpoint(cfg, None)
-    ckpt = Path(affinity_run_url(cfg)) / "checkpoint_2026-01-01_00-00-00.000000"
-    ckpt.mkdir(parents=True)
     other = cfg_with("affinity.head_width=0.5")
-    torch.save({"model": build_affinity_net(other).state_dict()}, ckpt / "checkpoint.pt")
+    ckpt = save_checkpoint(build_affinity_net(other), Path(affinity_run_url(cfg)))
     with pytest.raises(StageError, match=r"does not match.*shape: fuse.weight.*head_width"):
         resolve_affinity_checkpoint(cfg, None)
     state, where = resolve_affinity_checkpoint(other, str(ckpt))

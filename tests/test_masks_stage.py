@@ -27,6 +27,8 @@ from mcis_dist.runtime.paths import affinity_run_url, labels_url
 from mcis_dist.shards.build import ShardWriter
 from mcis_dist.storage import open_storage
 
+from conftest import build_synthetic, save_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
 pytestmark = pytest.mark.slow
@@ -70,42 +72,17 @@ def setup(tmp_path_factory, ray_session):
     random AffinityNet checkpoint where AffinityNet training puts its checkpoints."""
     root = tmp_path_factory.mktemp("masks_stage")
     shards = root / "shards"
-    assert (
-        main(
-            [
-                "shards",
-                "build",
-                "--source",
-                "synthetic",
-                "--num-train",
-                "24",
-                "--num-val",
-                "2",
-                "--max-samples-per-shard",
-                "4",
-                "--workers",
-                "1",
-                "--no-progress",
-                "--out",
-                str(shards),
-            ]
-        )
-        == 0
-    )
+    build_synthetic(str(shards), num_train=24, num_val=2, per_shard=4)
     overrides = [f"shards.url={shards}", f"run_root={root / 'runs'}", *FAST]
     cfg = load_config(CONFIG, overrides)
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=8)
     with torch.no_grad():
         model.phi_coatt.weight.normal_(0, 0.5)
-    ckpt = root / "runs" / "demo" / "cls" / "checkpoint_2026-01-01_00-00-00.000000"
-    ckpt.mkdir(parents=True)
-    torch.save({"model": model.state_dict()}, ckpt / "checkpoint.pt")
+    save_checkpoint(model, root / "runs" / "demo" / "cls")
     assert main(["cams", "--config", CONFIG, *overrides]) == 0
     net = build_affinity_net(cfg)
-    ckpt = Path(affinity_run_url(cfg)) / "checkpoint_2026-01-01_00-00-00.000000"
-    ckpt.mkdir(parents=True)
-    torch.save({"model": net.state_dict()}, ckpt / "checkpoint.pt")
+    save_checkpoint(net, Path(affinity_run_url(cfg)))
     return {"root": root, "overrides": overrides, "cams": Path(cfg.cams.out_url), "net": net}
 
 

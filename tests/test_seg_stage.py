@@ -31,6 +31,8 @@ from mcis_dist.seg.predict import predict
 from mcis_dist.seg.train import check_seg, load_segmenter, run_url, train_seg
 from mcis_dist.shards.build import ShardWriter
 
+from conftest import build_synthetic
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
 pytestmark = pytest.mark.slow
@@ -126,28 +128,7 @@ def write_masks_from_ground_truth(split: Path, out: Path) -> dict:
 def exp(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("seg")
     shards = root / "shards"
-    assert (
-        main(
-            [
-                "shards",
-                "build",
-                "--source",
-                "synthetic",
-                "--num-train",
-                "24",
-                "--num-val",
-                "8",
-                "--max-samples-per-shard",
-                "6",
-                "--workers",
-                "1",
-                "--no-progress",
-                "--out",
-                str(shards),
-            ]
-        )
-        == 0
-    )
+    build_synthetic(str(shards), num_train=24, num_val=8, per_shard=6)
     overrides = [f"shards.url={shards}", f"run_root={root / 'runs'}", *FAST]
     cfg = load_config(CONFIG, overrides)
     write_masks_from_ground_truth(shards / "train", Path(cfg.seg.masks_url))

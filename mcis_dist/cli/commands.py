@@ -148,6 +148,15 @@ def cmd_weights_convert(args) -> int:
     return EXIT_OK
 
 
+def _print_trained(stage: str, result) -> None:
+    """One line on a finished Ray Train run: its last epoch, step and loss, and checkpoint."""
+    m = result.metrics or {}
+    print(
+        f"{stage}: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
+        f"checkpoint {result.checkpoint.path if result.checkpoint else None}"
+    )
+
+
 def cmd_train_cls(args) -> int:
     from mcis_dist.config import load_config, write_run_config  # lazy: per command
     from mcis_dist.runtime.paths import endpoint_url  # lazy: per command
@@ -159,11 +168,7 @@ def cmd_train_cls(args) -> int:
     run.check_writable()
     write_run_config(cfg, run)
     result = train_classifier(cfg)
-    m = result.metrics or {}
-    print(
-        f"train-cls: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
-        f"checkpoint {result.checkpoint.path if result.checkpoint else None}"
-    )
+    _print_trained("train-cls", result)
     return EXIT_OK
 
 
@@ -180,11 +185,7 @@ def cmd_affinity(args) -> int:
     from mcis_dist.config import load_config  # lazy: per command
 
     result = train_affinity(load_config(args.config, args.overrides))
-    m = result.metrics or {}
-    print(
-        f"affinity: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
-        f"checkpoint {result.checkpoint.path if result.checkpoint else None}"
-    )
+    _print_trained("affinity", result)
     return EXIT_OK
 
 
@@ -209,11 +210,7 @@ def cmd_seg(args) -> int:
     from mcis_dist.seg.train import train_seg  # lazy: per command
 
     result = train_seg(load_config(args.config, args.overrides))
-    m = result.metrics or {}
-    print(
-        f"seg: done, epoch {m.get('epoch')} step {m.get('step')}, loss {m.get('total')}; "
-        f"checkpoint {result.checkpoint.path if result.checkpoint else None}"
-    )
+    _print_trained("seg", result)
     return EXIT_OK
 
 

@@ -22,6 +22,18 @@ def _add_storage_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _config_command(
+    sub, name: str, *, config_help: str = "experiment YAML", **kwargs
+) -> argparse.ArgumentParser:
+    """A sub-command that reads a config (``--config``) and ``a.b=c`` overrides; callers add the
+    rest (argparse lists options and positionals separately, so the order of adding does not
+    show in the help)."""
+    p = sub.add_parser(name, **kwargs)
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcis",
@@ -98,17 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("url", help="a split folder (OUT/train) or a dataset folder (OUT)")
     _add_storage_args(v)
 
-    t = sub.add_parser(
+    _config_command(
+        sub,
         "train-cls",
         help="train the co-attention classifier on Ray Train",
         description="Train (or resume) the co-attention classifier with Ray Train: an embedded "
         "local Ray, or the cluster in RAY_ADDRESS / the one `ray job submit` runs in. Re-running "
         "the same command (same name and run_root) resumes from the newest checkpoint.",
     )
-    t.add_argument("--config", required=True, help="experiment YAML")
-    t.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
-    m = sub.add_parser(
+    m = _config_command(
+        sub,
         "cams",
         help="localization maps of a split, sharded over Ray actors",
         description="Compute localization maps (single-round or co-attentive, multi-scale x "
@@ -116,26 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
         "input shard, on a pool of Ray actors. Re-running skips finished shards; a lost actor's "
         "shard is redone by another.",
     )
-    m.add_argument("--config", required=True, help="experiment YAML")
     m.add_argument(
         "--checkpoint",
         default=None,
         help="classifier checkpoint folder or .pt, local or s3:// (default: the "
         "newest of <run_root>/<name>/cls)",
     )
-    m.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
-    a = sub.add_parser(
+    _config_command(
+        sub,
         "affinity",
         help="confident labels from the CAMs, then AffinityNet training on Ray Train",
         description="Turn the CAMs into confident labels (label shards in "
         "<affinity.out_url>/labels, on Ray actors, resumable), then train AffinityNet on them with "
         "Ray Train (checkpoints in <affinity.out_url>/run; re-running resumes).",
     )
-    a.add_argument("--config", required=True, help="experiment YAML")
-    a.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
-    k = sub.add_parser(
+    k = _config_command(
+        sub,
         "masks",
         help="pseudo masks of a split from its CAMs, sharded over Ray actors",
         description="Turn the CAMs of masks.cams_url into pseudo masks (masks.mode: random_walk "
@@ -143,26 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
         "pool of Ray actors. Re-running skips finished shards; a lost actor's shard is redone by "
         "another.",
     )
-    k.add_argument("--config", required=True, help="experiment YAML")
     k.add_argument(
         "--checkpoint",
         default=None,
         help="AffinityNet checkpoint folder or .pt, local or s3:// (random_walk; "
         "default: masks.checkpoint, else the newest of <affinity.out_url>/run)",
     )
-    k.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
-    g = sub.add_parser(
+    g = _config_command(
+        sub,
         "seg",
         help="train the segmentation network (DeepLab) on the pseudo masks with Ray Train",
         description="Train (or resume) DeepLab (seg.arch) on the images of the pseudo masks' "
         "split joined with the masks of seg.masks_url, with Ray Train (checkpoints in "
         "<seg.out_url>/run; re-running resumes).",
     )
-    g.add_argument("--config", required=True, help="experiment YAML")
-    g.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
-    pr = sub.add_parser(
+    pr = _config_command(
+        sub,
         "predict",
         help="label maps (palette PNGs) of a folder of images or an image split",
         description="Label every image of --input (a folder of .jpg/.png images, or an image "
@@ -170,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
         "seg.eval_scales x seg.eval_flip (+ CRF with seg.crf), on Ray actors: one palette PNG per "
         "image in --out, and predictions.json. Re-running skips images whose PNG exists.",
     )
-    pr.add_argument("--config", required=True, help="experiment YAML")
     pr.add_argument(
         "--input", required=True, help="folder of images or image split, local or s3://"
     )
@@ -181,22 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="segmentation checkpoint folder or .pt, local or s3:// (default: the "
         "newest of <seg.out_url>/run)",
     )
-    pr.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
-    ex = sub.add_parser(
+    ex = _config_command(
+        sub,
         "export",
         help="the trained segmentation network as TorchScript and ONNX, checked against PyTorch",
         description="Write model.torchscript.pt, model.onnx (opset seg.export_opset, dynamic batch "
         "and size) and export.json (classes, normalisation) to --out; each export's output is "
         "compared with the PyTorch model on a sample batch and refused above tolerance.",
     )
-    ex.add_argument("--config", required=True, help="experiment YAML")
     ex.add_argument("--out", required=True, help="local folder for the exported files")
     ex.add_argument("--checkpoint", default=None, help="segmentation checkpoint (default: newest)")
     ex.add_argument("--size", type=int, default=0, help="sample input side (default: crop size)")
-    ex.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
-    pl = sub.add_parser(
+    _config_command(
+        sub,
         "pipeline",
         help="every stage, from shards to an evaluated segmentation network",
         description="Run train-cls -> cams -> affinity -> masks -> seg -> eval (building the "
@@ -204,8 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
         "output is complete is skipped, so a killed pipeline started again goes on where it "
         "stopped. Writes report.json, report.md and figures to <run_root>/<name>/.",
     )
-    pl.add_argument("--config", required=True, help="experiment YAML")
-    pl.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
     tn = sub.add_parser(
         "tune",
@@ -232,14 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a stage's outputs against masks")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
-    ec = esub.add_parser(
+    ec = _config_command(
+        esub,
         "cams",
         help="CAM mIoU with a background-threshold sweep, per-class IoU and an overlay grid",
         description="CAM mIoU on the mapped split's masks at cams.bg_threshold, plus the sweep "
         "over cams.eval_thresholds (the sweep's best threshold looks at ground truth: reported, "
         "never used by a later stage). Writes eval.json and overlays.png.",
     )
-    ec.add_argument("--config", required=True, help="experiment YAML")
     ec.add_argument("--cams", default=None, help="CAM folder (default: cams.out_url)")
     ec.add_argument(
         "--thresholds",
@@ -247,28 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep, e.g. 0:0.6:0.05 or 0.1,0.2 (default: cams.eval_thresholds)",
     )
     ec.add_argument("--out", default=None, help="where eval.json goes (default: <cams>/eval)")
-    ec.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
-    em = esub.add_parser(
+    em = _config_command(
+        esub,
         "masks",
         help="pseudo-mask (or confident-label) mIoU, per-class IoU and an overlay grid",
         description="mIoU of a label folder against its split's masks: pixels the labels ignore "
         "(255) are left out (their share is reported), and also counted as background. Writes "
         "eval.json and overlays.png.",
     )
-    em.add_argument("--config", required=True, help="experiment YAML")
     em.add_argument("--masks", default=None, help="label folder (default: masks.out_url)")
     em.add_argument("--out", default=None, help="where eval.json goes (default: <masks>/eval)")
-    em.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
-    es = esub.add_parser(
+    es = _config_command(
+        esub,
         "seg",
         help="segmentation mIoU on a split with masks, per-class IoU and an overlay grid",
         description="mIoU of the trained segmentation network on seg.val_url (or --split) at "
         "seg.eval_scales x seg.eval_flip (+ dense CRF with seg.crf), sharded over Ray actors; one "
         "confusion matrix summed over every shard. Writes eval.json and overlays.png.",
     )
-    es.add_argument("--config", required=True, help="experiment YAML")
     es.add_argument(
         "--checkpoint",
         default=None,
@@ -279,7 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument(
         "--out", default=None, help="where eval.json goes (default: <seg.out_url>/eval)"
     )
-    es.add_argument("overrides", nargs="*", help="config overrides, a.b=c")
 
     w = sub.add_parser("weights", help="convert pretrained weights")
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")

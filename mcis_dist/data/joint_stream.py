@@ -17,13 +17,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mcis_dist.data.joint_augment import JointAugmentSpec, augment_with_box
-from mcis_dist.data.sharding import (
-    Unit,
-    assign,
-    batches_per_rank,
-    consumed_by_worker,
-    worker_quota,
-)
+from mcis_dist.data.sharding import Unit, assign, batches_per_rank, worker_plan
 from mcis_dist.data.stream import IMAGE_EXTS, iter_shard
 from mcis_dist.data.transforms import decode_rgb, sample_seed
 from mcis_dist.formats.labels import IGNORE, LABEL_MEMBER, decode_label
@@ -172,24 +166,19 @@ class JointStream(IterableDataset):
 
     def __iter__(self):
         spec = self.spec
-        info = get_worker_info()
-        physical, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        if num_workers != spec.num_workers:
-            raise RuntimeError(
-                f"spec says {spec.num_workers} loader workers, running {num_workers}"
-            )
-        rank_batches = spec.batches_per_rank
-        done = min(self.skip_batches, rank_batches)
-        # The DataLoader always starts its round-robin at worker 0, but after ``done`` batches
-        # the next batch is due from logical worker ``done % W``: shift the roles to match.
-        worker = (physical + done) % num_workers
-        unit = Unit(spec.rank, spec.world_size, worker, num_workers)
-        quota = worker_quota(rank_batches, worker, num_workers)
-        emitted = consumed_by_worker(done, worker, num_workers)
+        plan = worker_plan(
+            spec.rank,
+            spec.world_size,
+            spec.num_workers,
+            spec.batches_per_rank,
+            self.skip_batches,
+            get_worker_info(),
+        )
+        unit, quota, emitted = plan.unit, plan.quota, plan.emitted
         to_skip = emitted * spec.batch_size  # samples already in consumed batches: replay only
-        stats, pending = WorkerStats(worker=worker), []
+        stats, pending = WorkerStats(worker=unit.worker), []
         usable, this_pass = 0, 0
-        if emitted >= quota:
+        if plan.finished:
             return
         for key, image, label, cycle in self._samples(unit, stats):
             if cycle != this_pass:

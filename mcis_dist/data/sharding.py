@@ -75,6 +75,45 @@ def consumed_by_worker(rank_batches_consumed: int, worker: int, num_workers: int
     return worker_quota(rank_batches_consumed, worker, num_workers)
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One loader worker's part of a rank's epoch, resumed after ``done`` rank batches."""
+
+    unit: Unit
+    quota: int  # batches this worker yields in the whole epoch
+    emitted: int  # of which already consumed before the resume point
+
+    @property
+    def finished(self) -> bool:
+        return self.emitted >= self.quota
+
+
+def worker_plan(
+    rank: int,
+    world_size: int,
+    expected_workers: int,
+    rank_batches: int,
+    skip_batches: int,
+    worker_info=None,
+) -> WorkerPlan:
+    """The plan of the calling DataLoader worker (``worker_info``: ``get_worker_info()``).
+
+    The DataLoader always starts its round-robin at worker 0, but after ``done`` batches the
+    next batch is due from logical worker ``done % W``: the roles are shifted to match, so a
+    resumed epoch yields exactly the batches an uninterrupted one would have yielded next.
+    """
+    physical, num_workers = (worker_info.id, worker_info.num_workers) if worker_info else (0, 1)
+    if num_workers != expected_workers:
+        raise RuntimeError(f"spec says {expected_workers} loader workers, running {num_workers}")
+    done = min(skip_batches, rank_batches)
+    worker = (physical + done) % num_workers
+    return WorkerPlan(
+        Unit(rank, world_size, worker, num_workers),
+        worker_quota(rank_batches, worker, num_workers),
+        consumed_by_worker(done, worker, num_workers),
+    )
+
+
 def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     """The epoch's shard permutation, identical on every rank."""
     return [int(i) for i in np.random.default_rng([seed, epoch, 0x5A4D]).permutation(num_shards)]

@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen_schemes
 
 from mcis_dist.data.pairs import DOMAIN_IDS, PairPool, PoolItem, pair_type
-from mcis_dist.data.sharding import Unit, assign, batches_per_rank, consumed_by_worker, worker_quota
+from mcis_dist.data.sharding import Unit, assign, batches_per_rank, worker_plan
 from mcis_dist.data.transforms import AugmentSpec, augment, decode_rgb, sample_seed
 from mcis_dist.formats.shards import iter_shard
 from mcis_dist.storage import open_url
@@ -167,31 +167,25 @@ class PairStream(IterableDataset):
 
     def __iter__(self):
         spec = self.spec
-        info = get_worker_info()
-        physical, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        if num_workers != spec.num_workers:
-            raise RuntimeError(
-                f"spec says {spec.num_workers} loader workers, running {num_workers}"
-            )
-        rank_batches = spec.batches_per_rank
-        done = min(self.skip_batches, rank_batches)
-        # The DataLoader always starts its round-robin at worker 0, but after ``done`` batches
-        # the next batch is due from logical worker ``done % W``: shift the roles to match.
-        worker = (physical + done) % num_workers
-        unit = Unit(spec.rank, spec.world_size, worker, num_workers)
-        quota = worker_quota(rank_batches, worker, num_workers)
-        to_skip = consumed_by_worker(done, worker, num_workers)
-        stats = WorkerStats(worker=worker)
+        plan = worker_plan(
+            spec.rank,
+            spec.world_size,
+            spec.num_workers,
+            spec.batches_per_rank,
+            self.skip_batches,
+            get_worker_info(),
+        )
+        unit, quota, emitted = plan.unit, plan.quota, plan.emitted
+        stats = WorkerStats(worker=unit.worker)
         pool = PairPool(
             spec.pool_size,
             spec.max_wait,
             spec.cross_domain_share,
             np.random.default_rng([spec.seed, self.epoch, unit.index, 1]),
         )
-        pairs_to_skip = to_skip * spec.batch_size
-        emitted = to_skip
+        pairs_to_skip = emitted * spec.batch_size
         pending = []
-        if emitted >= quota:
+        if plan.finished:
             return
         for raw, cycle in self._raw_samples(unit, stats):
             try:
