@@ -34,7 +34,7 @@ from mcis_dist.formats.cams import (
     cam_shard_name,
     encode_cam,
 )
-from mcis_dist.formats.manifest import write_manifest
+from mcis_dist.formats.manifest import shard_entries, write_manifest
 from mcis_dist.formats.shards import iter_shard
 from mcis_dist.models.build import build_model
 from mcis_dist.runtime import checkpoint as ckpt
@@ -309,20 +309,7 @@ def assemble_manifest(cfg, records, source_manifest, stage_fp, where, seconds) -
         "checkpoint": where,
         "classes": source_manifest["classes"],
         "settings": stage_settings(cfg),
-        "shards": [
-            {
-                "name": r["name"],
-                "index": r["index"],
-                "source": r["source"],
-                "samples": r["samples"],
-                "keys": r["keys"],
-                "bytes": r.get("bytes", 0),
-                "sha256": r.get("sha256"),
-                "index_name": r.get("index_name"),
-            }
-            for r in records
-            if r["samples"]
-        ],
+        "shards": shard_entries(records),
         "samples": samples,
         "skipped_count": len(skipped),
         "skipped": skipped[:MAX_LISTED],

@@ -30,12 +30,11 @@ augmentation in ``joint_augment.py``, and the per-worker stream in ``joint_strea
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
 
 from mcis_dist.data.join import check_classes, open_label_folder, plan_join
 from mcis_dist.data.joint_augment import JointAugmentSpec
 from mcis_dist.data.joint_stream import COUNTS, JointSpec, JointStream
-from mcis_dist.data.loader import LoaderError, open_manifest
+from mcis_dist.data.loader import LoaderError, epoch_dataloader, open_manifest
 from mcis_dist.data.sharding import rank_and_world
 from mcis_dist.data.stream import MAX_LISTED
 from mcis_dist.data.transforms import normalize
@@ -208,18 +207,7 @@ class JointLoader:
         self._worker_stats.clear()
         stream = JointStream(self.spec)
         stream.set_position(self.epoch, self.position, self._bad_keys)
-        workers = self.cfg.num_workers
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            multiprocessing_context=self.cfg.mp_context if workers else None,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            # its own generator: creating the iterator must not draw from the global RNG
-            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch),
-        )
-        for batch in loader:
+        for batch in epoch_dataloader(stream, self.cfg, self.epoch, self.device):
             if self.position >= self._len:
                 break
             batch = self._finish(batch)

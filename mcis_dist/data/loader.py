@@ -32,6 +32,23 @@ from mcis_dist.storage import StorageError, open_storage
 BACKENDS = ("auto", "webdataset", "dali")
 
 
+def epoch_dataloader(stream, cfg, epoch: int, device: torch.device) -> DataLoader:
+    """The DataLoader over an iterable stream that batches in its workers (``cfg``: the
+    ``data`` config section: ``num_workers``, ``mp_context``, ``seed``)."""
+    workers = cfg.num_workers
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        multiprocessing_context=cfg.mp_context if workers else None,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        # its own generator: creating the iterator must not draw from the global RNG, or a run
+        # resumed mid-epoch would see different dropout masks than an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
+    )
+
+
 class LoaderError(ValueError):
     """The loader cannot start: a missing or inconsistent manifest, a bad option."""
 
@@ -214,19 +231,7 @@ class PairLoader:
     def _webdataset_batches(self):
         stream = PairStream(self.spec)
         stream.set_position(self.epoch, self.position, self._bad_keys)
-        workers = self.cfg.num_workers
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            multiprocessing_context=self.cfg.mp_context if workers else None,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            # its own generator: creating the iterator must not draw from the global RNG, or a
-            # run resumed mid-epoch would see different dropout masks than an uninterrupted one
-            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch),
-        )
-        yield from loader
+        yield from epoch_dataloader(stream, self.cfg, self.epoch, self.device)
 
     def _dali_batches(self):
 

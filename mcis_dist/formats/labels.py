@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from mcis_dist.errors import StageError
-from mcis_dist.formats.manifest import read_manifest
+from mcis_dist.formats.manifest import read_manifest, shard_entries
 from mcis_dist.formats.shards import iter_shard
 from mcis_dist.storage import open_storage
 
@@ -127,21 +127,7 @@ def assemble_manifest(
         "source": source,
         "cams": cams_url,
         "settings": settings,
-        "shards": [
-            {
-                "name": r["name"],
-                "index": r["index"],
-                "source": r["source"],
-                "cams": r["cams"],
-                "samples": r["samples"],
-                "keys": r["keys"],
-                "bytes": r.get("bytes", 0),
-                "sha256": r.get("sha256"),
-                "index_name": r.get("index_name"),
-            }
-            for r in records
-            if r["samples"]
-        ],
+        "shards": shard_entries(records, "cams"),
         "samples": samples,
         "skipped_count": len(skipped),
         "skipped": skipped[:MAX_LISTED],

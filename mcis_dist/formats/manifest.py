@@ -42,3 +42,20 @@ def read_manifest(storage: Storage, fmt: str, *, what: str, missing: str, error=
 def write_manifest(storage: Storage, manifest: dict) -> None:
     """Write a folder's manifest, last: the write that makes the folder count as finished."""
     storage.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+
+
+def shard_entries(records: list[dict], *extra: str) -> list[dict]:
+    """The ``shards`` list of a derived manifest (CAMs, labels) from the stage's part records:
+    one entry per shard that holds samples, with its name, index, source, counts and hashes,
+    and the ``extra`` fields a format adds (e.g. ``cams``)."""
+    names = ("name", "index", "source", *extra, "samples", "keys")
+    return [
+        {
+            **{k: r[k] for k in names},
+            "bytes": r.get("bytes", 0),
+            "sha256": r.get("sha256"),
+            "index_name": r.get("index_name"),
+        }
+        for r in records
+        if r["samples"]
+    ]

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mcis_dist.models.params import lr_groups
+
 __all__ = [
     "AffinityNet",
     "DEFAULT_HEAD_CHANNELS",
@@ -305,15 +307,4 @@ class AffinityNet(nn.Module):
         """Trainable parameters for psa's lr multipliers: pretrained weights (x1) and biases
         (x2), new weights (x10) and biases (x20). Frozen ones (BatchNorm, frozen stages) are
         left out. Same keys as ``MCISClassifier.param_groups``."""
-        new = {id(p) for p in self.new_parameters()}
-        groups: dict[str, list[nn.Parameter]] = {
-            "pretrained_weight": [],
-            "pretrained_bias": [],
-            "new_weight": [],
-            "new_bias": [],
-        }
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                kind = "bias" if name.endswith("bias") else "weight"
-                groups[f"{'new' if id(p) in new else 'pretrained'}_{kind}"].append(p)
-        return groups
+        return lr_groups(self.named_parameters(), {id(p) for p in self.new_parameters()})

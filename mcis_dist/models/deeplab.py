@@ -37,6 +37,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
+from mcis_dist.models.params import lr_groups
 from mcis_dist.models.weights import WeightsError, _listing, _torch_load
 
 __all__ = [
@@ -54,7 +55,6 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 ARCHS = ("deeplabv3", "largefov")
 OUTPUT_STRIDES = (8, 16)
 ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}  # DeepLab-V3 paper, Table 2 / §4.3
-GROUP_NAMES = ("pretrained_weight", "pretrained_bias", "new_weight", "new_bias")
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,13 +169,8 @@ class Segmenter(nn.Module):
         """Trainable parameters for the lr multipliers (``build_optimizer``): backbone weights
         and biases ("pretrained_*") and head weights and biases ("new_*"). BatchNorm scales
         count as weights. Frozen parameters are left out."""
-        groups: dict[str, list[nn.Parameter]] = {k: [] for k in GROUP_NAMES}
-        for part, module in (("pretrained", self.backbone), ("new", self.head)):
-            for name, p in module.named_parameters():
-                if p.requires_grad:
-                    kind = "bias" if name.endswith("bias") else "weight"
-                    groups[f"{part}_{kind}"].append(p)
-        return groups
+        named = [*self.backbone.named_parameters(), *self.head.named_parameters()]
+        return lr_groups(named, {id(p) for p in self.head.parameters()})
 
 
 def _check_classes(num_classes: int) -> None:

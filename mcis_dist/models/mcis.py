@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcis_dist.models.coattention import Backend, coattention, coattention_cosine
+from mcis_dist.models.params import lr_groups
 
 PAIR_TARGET, PAIR_EXTRA, PAIR_CROSS = 0, 1, 2  # pair types when domains == 3 (§3.2)
 AFFINITIES = ("bilinear", "cosine")  # Eq. 2 as the paper; its normalised variant
@@ -242,18 +243,7 @@ class MCISClassifier(nn.Module):
         """Trainable parameters split for the authors' lr multipliers: pretrained weights (x1)
         and biases (x2), new weights (x10) and biases (x20); 0-d parameters (log tau) go with
         the biases (no weight decay). Frozen parameters are left out."""
-        new = {id(p) for p in self.new_parameters()}
-        groups: dict[str, list[nn.Parameter]] = {
-            "pretrained_weight": [],
-            "pretrained_bias": [],
-            "new_weight": [],
-            "new_bias": [],
-        }
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                kind = "bias" if name.endswith("bias") or p.dim() == 0 else "weight"
-                groups[f"{'new' if id(p) in new else 'pretrained'}_{kind}"].append(p)
-        return groups
+        return lr_groups(self.named_parameters(), {id(p) for p in self.new_parameters()})
 
 
 def _scores(phi: nn.Conv2d, feats: Tensor) -> Tensor:

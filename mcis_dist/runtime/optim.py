@@ -20,11 +20,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from mcis_dist.config import TrainConfig
+from mcis_dist.models.params import GROUP_NAMES
 
 __all__ = ["GROUP_NAMES", "build_optimizer", "lr_factor", "make_scheduler", "sgd_kernel"]
 
 #: ``MCISClassifier.param_groups()`` keys, in the order of ``TrainConfig.lr_mult``.
-GROUP_NAMES = ("pretrained_weight", "pretrained_bias", "new_weight", "new_bias")
 
 
 def _named_groups(model: nn.Module, lr_mult: list[float]) -> list[tuple[str, float, list]]:
