@@ -17,8 +17,6 @@ Two numbers are reported, and kept apart on purpose:
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -29,7 +27,7 @@ from mcis_dist.data.loader import open_manifest
 from mcis_dist.data.related import RelatedSampler
 from mcis_dist.data.transforms import decode_mask, decode_rgb_array
 from mcis_dist.evaluation import ConfusionMatrix, ThresholdSweep, format_table
-from mcis_dist.evaluation.overlay import cam_panel, save_grid
+from mcis_dist.evaluation.overlay import cam_panel, upload_grid
 from mcis_dist.formats.cams import iter_cam_shard, read_cam_manifest
 from mcis_dist.formats.shards import iter_shard
 from mcis_dist.models.build import build_model
@@ -139,13 +137,12 @@ def evaluate_cams(
     )
     out.write_bytes("eval.json", json.dumps(result, indent=1).encode())
     if panels:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_grid(
-                [cells for _, (cells, _c) in panels],
-                Path(tmp) / "overlays.png",
-                captions=[caps for _, (_x, caps) in panels],
-            )
-            out.upload_file(path, "overlays.png")
+        upload_grid(
+            out,
+            "overlays.png",
+            [cells for _, (cells, _c) in panels],
+            [caps for _, (_x, caps) in panels],
+        )
     result["out"] = out.describe()
     log(_report(result, sweep_t, names, at_fixed))
     return result

@@ -13,6 +13,7 @@ from mcis_dist.evaluation.overlay import (
     heatmap,
     palette,
     save_grid,
+    upload_grid,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "palette",
     "parse_thresholds",
     "save_grid",
+    "upload_grid",
 ]

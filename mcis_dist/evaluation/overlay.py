@@ -206,3 +206,12 @@ def cam_panel(
             cells.append(blend(img, col, alpha))
             caps.append(cap)
     return cells, caps
+
+
+def upload_grid(
+    storage, name: str, rows: Sequence[Sequence[Cell | None]], captions: Sequence[Sequence[str]]
+) -> None:
+    """:func:`save_grid` into ``storage`` (a local folder or S3 prefix) as ``name``: written
+    to a temporary folder first, then uploaded whole."""
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.upload_file(save_grid(rows, Path(tmp) / name, captions=captions), name)

@@ -16,8 +16,6 @@ are reported two ways, kept apart on purpose:
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -25,7 +23,7 @@ from tqdm import tqdm
 from mcis_dist.config import ExperimentConfig
 from mcis_dist.data.loader import open_manifest
 from mcis_dist.data.transforms import decode_mask, decode_rgb_array
-from mcis_dist.evaluation import ConfusionMatrix, blend, colorize, format_table, save_grid
+from mcis_dist.evaluation import ConfusionMatrix, blend, colorize, format_table, upload_grid
 from mcis_dist.formats.labels import IGNORE, iter_label_shard, read_label_manifest
 from mcis_dist.formats.shards import iter_shard
 from mcis_dist.runtime.paths import absolute_url, endpoint_url
@@ -126,13 +124,12 @@ def evaluate_masks(
     )
     out.write_bytes("eval.json", json.dumps(result, indent=1).encode())
     if panels:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_grid(
-                [cells for _, cells in panels],
-                Path(tmp) / "overlays.png",
-                captions=[[key, "labels", "gt"] for key, _ in panels],
-            )
-            out.upload_file(path, "overlays.png")
+        upload_grid(
+            out,
+            "overlays.png",
+            [cells for _, cells in panels],
+            [[key, "labels", "gt"] for key, _ in panels],
+        )
     result["out"], result["overlays"] = out.describe(), bool(panels)
     log(_report(result, names, left_out))
     return result

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -32,7 +30,7 @@ from mcis_dist.crf import crf_inference
 from mcis_dist.data.loader import open_manifest
 from mcis_dist.data.stream import IMAGE_EXTS, iter_shard
 from mcis_dist.data.transforms import decode_rgb, normalize
-from mcis_dist.evaluation import ConfusionMatrix, blend, colorize, format_table, save_grid
+from mcis_dist.evaluation import ConfusionMatrix, blend, colorize, format_table, upload_grid
 from mcis_dist.formats.labels import decode_label
 from mcis_dist.models.deeplab import build_segmenter
 from mcis_dist.runtime.paths import absolute_paths, absolute_url, endpoint_url
@@ -287,13 +285,12 @@ def evaluate_seg(
     out.write_bytes("eval.json", json.dumps(result, indent=1).encode())
     panels = [p for r in records for p in r["panels"]][: cfg.seg.eval_grid]
     if panels:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_grid(
-                [cells for _, cells in panels],
-                Path(tmp) / "overlays.png",
-                captions=[[key, "prediction", "gt"] for key, _ in panels],
-            )
-            out.upload_file(path, "overlays.png")
+        upload_grid(
+            out,
+            "overlays.png",
+            [cells for _, cells in panels],
+            [[key, "prediction", "gt"] for key, _ in panels],
+        )
     result["out"], result["overlays"] = out.describe(), bool(panels)
     log(_report(result, names, cm))
     return result
