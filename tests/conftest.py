@@ -31,6 +31,41 @@ def s3_endpoint():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint_process():
+    """A real S3 endpoint in its own process (moto's server): for clients that hold the GIL
+    while they wait on the network (DALI's S3 reader, while a pipeline builds), which a server
+    thread in the test process could not answer."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto's server did not start on {url}") from None
+            time.sleep(0.1)
+    yield url
+    server.terminate()
+    server.wait(10)
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint, monkeypatch):
     """A fresh bucket; dummy credentials in the environment, as users set real ones."""

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["KINDS", "Fault", "Rule", "S3FaultProxy", "s3_operation"]
+__all__ = ["KINDS", "Fault", "ProxyProcess", "Rule", "S3FaultProxy", "s3_operation"]
 
 KINDS = ("500", "503", "reset", "slow", "stall", "stall_headers", "corrupt")
 HOP_BY_HOP = {
@@ -478,3 +478,79 @@ class S3FaultProxy:
         by = Counter(f"{f.kind}/{f.op}" for f in self.faults)
         faults = ", ".join(f"{k} x{n}" for k, n in sorted(by.items())) or "none"
         return f"faults injected: {faults}; requests: {sum(self.requests.values())}"
+
+
+def _serve_in_child(conn, upstream: str, kwargs: dict) -> None:
+    """The child side of :class:`ProxyProcess`: a proxy, driven by messages on ``conn``."""
+    with S3FaultProxy(upstream, **kwargs) as proxy:
+        conn.send(proxy.endpoint)
+        while True:
+            cmd, args = conn.recv()
+            if cmd == "stop":
+                conn.send(None)
+                return
+            if cmd == "arm":
+                proxy.arm(*args[0], **args[1])
+                conn.send(None)
+            elif cmd == "disarm":
+                proxy.disarm()
+                conn.send(None)
+            elif cmd == "records":
+                conn.send((proxy.faults, proxy.requests))
+
+
+class ProxyProcess:
+    """:class:`S3FaultProxy` in a child process, for clients that hold the GIL while they wait
+    on the network (DALI's S3 reader does, while a pipeline builds), so that a proxy thread in
+    the same process could not answer them. Same ``arm``/``disarm``/``faults``/``summary``."""
+
+    def __init__(self, upstream: str, **kwargs):
+        import multiprocessing
+
+        self._upstream, self._kwargs = upstream, kwargs
+        self._ctx = multiprocessing.get_context("spawn")
+        self._conn = self._process = None
+        self.endpoint = ""
+
+    def __enter__(self) -> ProxyProcess:
+        ours, theirs = self._ctx.Pipe()
+        self._process = self._ctx.Process(
+            target=_serve_in_child, args=(theirs, self._upstream, self._kwargs), daemon=True
+        )
+        self._process.start()
+        self._conn = ours
+        if not ours.poll(60):
+            raise RuntimeError("the proxy process did not start within 60 s")
+        self.endpoint = ours.recv()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with contextlib.suppress(Exception):
+            self._call("stop")
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def _call(self, cmd: str, *args, **kwargs):
+        self._conn.send((cmd, (args, kwargs)))
+        return self._conn.recv()
+
+    def arm(self, rules: list[Rule], **kwargs) -> None:
+        self._call("arm", rules, **kwargs)
+
+    def disarm(self) -> None:
+        self._call("disarm")
+
+    @property
+    def faults(self) -> list[Fault]:
+        return self._call("records")[0]
+
+    @property
+    def requests(self) -> Counter:
+        return self._call("records")[1]
+
+    def fault_counts(self) -> Counter:
+        return Counter(f.kind for f in self.faults)
+
+    def summary(self) -> str:
+        return S3FaultProxy.summary(self)

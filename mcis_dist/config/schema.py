@@ -123,6 +123,12 @@ class DataConfig(ConfigSection):
     index_cache: str = Field(
         "~/.cache/mcis/idx", description="Local folder for the .idx files of s3:// shards (DALI)."
     )
+    dali_restarts: int = Field(
+        3,
+        ge=0,
+        description="DALI: times an epoch's pipeline is rebuilt after a read error (its S3 "
+        "reader does not resume a reset connection), replaying to the batch it stopped at.",
+    )
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint for train_url.")
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +79,36 @@ def local_index_paths(loader) -> list[str]:
     return paths
 
 
+#: the S3 endpoint DALI's reader was first given in this process ("" for AWS itself)
+_DALI_S3_ENDPOINT: list[str] = []
+
+
+def use_s3_endpoint(endpoint_url: str | None) -> None:
+    """Point DALI's S3 reader at the run's endpoint (None: AWS itself, or the environment's).
+
+    DALI takes the endpoint from ``AWS_ENDPOINT_URL`` only, and its S3 client keeps the one it
+    met first for the life of the process, so a later pipeline with another endpoint would read
+    from the first one; that is refused here instead."""
+    wanted = endpoint_url or os.environ.get("AWS_ENDPOINT_URL", "")
+    if _DALI_S3_ENDPOINT and _DALI_S3_ENDPOINT[0] != wanted:
+        raise ValueError(
+            f"DALI's S3 reader in this process already reads from "
+            f"{_DALI_S3_ENDPOINT[0] or 'AWS'}; it keeps that endpoint for the life of the "
+            f"process and cannot read from {wanted or 'AWS'}: read the second split in another "
+            "process, or with data.backend=webdataset"
+        )
+    if endpoint_url:  # the run's endpoint (config first) wins over the environment's
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
+    _DALI_S3_ENDPOINT[:] = [wanted]
+
+
 def build_pipeline(loader, epoch: int):
     from nvidia.dali import fn, pipeline_def, types  # lazy: loads CUDA libraries
 
     spec, aug, cfg = loader.spec, loader.augment, loader.cfg
     gpu = loader.device.type == "cuda"
-    if spec.endpoint_url and is_s3_url(spec.shard_urls[0]):
-        os.environ.setdefault("AWS_ENDPOINT_URL", spec.endpoint_url)
+    if is_s3_url(spec.shard_urls[0]):
+        use_s3_endpoint(spec.endpoint_url)
     lo, hi = aug.resize_long
     b, c, s, hue = aug.color_jitter
     size = aug.crop_size
@@ -156,29 +180,75 @@ def _to_torch(images, device: torch.device) -> torch.Tensor:
     return out
 
 
+class DaliReadError(RuntimeError):
+    """DALI's reader could not read a shard (a network or storage error, not a bad image)."""
+
+
+def _reader_failed(e: Exception) -> bool:
+    """Whether a DALI pipeline error came from the shard reader (its message names the operator
+    that failed) rather than from the decoder or another operator."""
+    return "readers.webdataset" in str(e)
+
+
+def _last_line(e: Exception) -> str:
+    lines = [ln.strip(" :") for ln in str(e).splitlines() if ln.strip(" :")]
+    lines = [ln for ln in lines if ln != "Current pipeline object is no longer valid."]
+    return lines[-1] if lines else type(e).__name__
+
+
 def dali_pair_batches(loader, epoch: int, skip: int):
-    """Yield the epoch's batches (from batch ``skip`` on), in the loader's raw batch format."""
+    """Yield the epoch's batches (from batch ``skip`` on), in the loader's raw batch format.
+
+    DALI's S3 reader stops the whole pipeline when a connection breaks mid-object (it retries
+    refused and throttled requests, but does not resume a broken body). Such a read error
+    rebuilds the pipeline, which replays the epoch to the batch it stopped at (the same pairs on
+    the CPU), up to ``data.dali_restarts`` times with a growing pause; the restarts are counted
+    in ``shard_errors``."""
+    done, restarts, last = skip, 0, ""
+    while True:
+        try:
+            for batch in _epoch_batches(loader, epoch, done, restarts, last):
+                done += 1
+                yield batch
+            return
+        except DaliReadError as e:
+            restarts, last = restarts + 1, str(e)
+            if restarts > loader.cfg.dali_restarts:
+                raise DaliReadError(
+                    f"DALI could not read the shards of {loader.storage.describe()} "
+                    f"({e.__cause__ and _last_line(e.__cause__)}), {restarts} times in this "
+                    f"epoch (data.dali_restarts={loader.cfg.dali_restarts})"
+                ) from e.__cause__
+            time.sleep(min(30.0, 0.5 * 2 ** (restarts - 1)))
+
+
+def _epoch_batches(loader, epoch: int, skip: int, restarts: int, last_error: str):
     spec = loader.spec
+    where = loader.storage.describe()
     try:
         pipe = build_pipeline(loader, epoch)
     except Exception as e:
-        raise RuntimeError(f"DALI pipeline for {loader.storage.describe()} failed: {e}") from e
+        if _reader_failed(e):
+            raise DaliReadError(f"{where}: {_last_line(e)}") from e
+        raise RuntimeError(f"DALI pipeline for {where} failed: {e}") from e
     pool = PairPool(
         spec.pool_size,
         spec.max_wait,
         spec.cross_domain_share,
         np.random.default_rng([spec.seed, epoch, spec.rank, 1]),
     )
-    stats = WorkerStats(worker=0)
+    stats = WorkerStats(worker=0, shard_errors=restarts, last_error=last_error)
     pending, emitted, total = [], 0, len(loader)
     while emitted < total:
         try:
             images, metas, oks = pipe.run()
         except Exception as e:
+            if _reader_failed(e):
+                raise DaliReadError(f"{where}: {_last_line(e)}") from e
             raise RuntimeError(
-                f"DALI stopped on an image it could not decode in {loader.storage.describe()} "
-                f"({str(e).splitlines()[-1] if str(e) else type(e).__name__}); rebuild the shards "
-                "with `mcis shards build --verify full` or set data.dali_guard=full"
+                f"DALI stopped on an image it could not decode in {where} ({_last_line(e)}); "
+                "rebuild the shards with `mcis shards build --verify full` or set "
+                "data.dali_guard=full"
             ) from e
         batch = _to_torch(images, loader.device)  # (B, 3, S, S) float32
         for i in range(len(metas)):

@@ -208,6 +208,8 @@ class PairLoader:
         out.update(pairs.summary())
         bad = {k for w in self._worker_stats.values() for k in w["worker"]["bad_keys"]}
         out["bad_keys"] = sorted(bad)[:MAX_LISTED]
+        last = [w["worker"]["last_error"] for w in self._worker_stats.values()]
+        out["last_error"] = next((e for e in reversed(last) if e), "")
         return out
 
     def _note(self, stats: dict) -> None:
