@@ -412,6 +412,42 @@ def test_checkpoint_survives_a_flaky_upload_and_download(
         assert torch.equal(a, b), f"{k} differs after a resumed step; {down}"
 
 
+@pytest.mark.parametrize(
+    "kind, op",
+    [
+        ("reset", "create_multipart"),  # forwarded, answer lost: a second upload is started
+        ("reset", "upload_part"),
+        ("503", "complete_multipart"),
+        ("reset", "complete_multipart"),  # completed upstream, answer lost: completed again
+        ("stall_headers", "complete_multipart"),
+    ],
+)
+def test_a_multipart_upload_survives_a_fault_on_each_step(
+    proxy, bucket, s3_endpoint, tmp_path, monkeypatch, kind, op
+):
+    """A 12 MB upload in 5 MB parts through one fault on one step of the multipart protocol:
+    the stored object is the file, in 3 parts, and no unfinished upload is left on the key
+    (one whose CreateMultipartUpload answer was lost is aborted)."""
+    monkeypatch.setenv("MCIS_S3_MULTIPART_MB", "5")
+    blob = torch.randint(
+        0, 256, (12 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    local = tmp_path / "big.bin"
+    local.write_bytes(blob.numpy().tobytes())
+    proxy.arm([Rule(kind, ops=(op,), max_count=1)])
+    S3Storage(f"s3://{bucket}/multipart-{kind}-{op}", endpoint_url=proxy.endpoint).upload_file(
+        local, "big.bin"
+    )
+    summary = assert_faults(proxy, kind)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    key = f"multipart-{kind}-{op}/big.bin"
+    obj = s3.get_object(Bucket=bucket, Key=key)
+    assert sha(obj["Body"].read()) == sha(local.read_bytes()), summary
+    assert obj["ETag"].strip('"').endswith("-3"), f"not a 3-part upload: {obj['ETag']}"
+    open_uploads = s3.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
+    assert open_uploads == [], summary
+
+
 # ------------------------------------------------------------------------ e. faults that last
 def test_a_put_that_always_fails_names_the_url_and_leaves_nothing_finished(
     proxy, bucket, s3_endpoint, reference, capsys, monkeypatch

@@ -32,6 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from mcis_dist.errors import StageError
 from mcis_dist.formats.manifest import MANIFEST_NAME, PARTS_DIR
+from mcis_dist.storage import ENV_VARS as S3_ENV_VARS
 
 __all__ = [
     "StageError",
@@ -190,13 +191,7 @@ def actor_options(use_gpu: bool, cpus_per_actor: int) -> dict:
     opts = {"num_cpus": cpus_per_actor, "max_restarts": 0}
     if use_gpu:
         opts["num_gpus"] = 1
-    forwarded = (
-        "AWS_ENDPOINT_URL",
-        "MCIS_S3_MAX_ATTEMPTS",
-        "MCIS_S3_RETRY_MODE",
-        "MCIS_S3_CONNECT_TIMEOUT",
-        "MCIS_S3_READ_TIMEOUT",
-    )  # to actors on any node
+    forwarded = ("AWS_ENDPOINT_URL", *S3_ENV_VARS)  # to actors on any node
     env = {k: os.environ[k] for k in forwarded if k in os.environ}
     if env:
         opts["runtime_env"] = {"env_vars": env}

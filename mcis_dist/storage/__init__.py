@@ -31,6 +31,7 @@ from mcis_dist.storage.retry import (
     ENV_MAX_ATTEMPTS,
     ENV_READ_TIMEOUT,
     ENV_RETRY_MODE,
+    ENV_VARS,
     RETRY_MODES,
     S3RetrySettings,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ENV_MAX_ATTEMPTS",
     "ENV_READ_TIMEOUT",
     "ENV_RETRY_MODE",
+    "ENV_VARS",
     "RETRY_MODES",
     "LocalStorage",
     "S3RetrySettings",

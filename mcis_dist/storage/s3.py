@@ -224,14 +224,37 @@ class S3Storage:
             raise self._error(e, f"cannot write {self.describe(name)}") from None
 
     def upload_file(self, local_path: str | os.PathLike, name: str) -> None:
-        """Upload (multipart above 64 MB); the object is visible only once complete."""
+        """Upload (multipart above ``MCIS_S3_MULTIPART_MB``, 64 by default); the object is
+        visible only once complete."""
         from boto3.s3.transfer import TransferConfig  # lazy: S3 only
 
-        cfg = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
+        part = self.retry_settings.multipart_mb << 20
+        cfg = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
+        key = self._key(name)
         try:
-            self.client.upload_file(str(local_path), self.loc.bucket, self._key(name), Config=cfg)
+            self.client.upload_file(str(local_path), self.loc.bucket, key, Config=cfg)
         except Exception as e:
             raise self._error(e, f"cannot upload to {self.describe(name)}") from None
+        if os.path.getsize(local_path) >= part:
+            self._abort_orphans(key)
+
+    def _abort_orphans(self, key: str) -> None:
+        """Abort the unfinished multipart uploads left on ``key`` once the object is complete.
+
+        A CreateMultipartUpload whose answer is lost (a reset connection) is retried and
+        starts a second upload; the first stays open, unseen, and billed, until aborted. Any
+        upload still open on the key now is such an orphan or a stale writer's, whose object
+        this one supersedes. Best effort: a failure here leaves the (complete) object as it is.
+        """
+        try:
+            listing = self.client.list_multipart_uploads(Bucket=self.loc.bucket, Prefix=key)
+            for up in listing.get("Uploads", []):
+                if up["Key"] == key:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.loc.bucket, Key=key, UploadId=up["UploadId"]
+                    )
+        except Exception:  # the object is complete; an orphan costs storage, not correctness
+            pass
 
     @contextmanager
     def staged(self, name: str) -> Iterator[Staged]:
