@@ -566,7 +566,7 @@ def test_retry_settings_come_from_the_environment(monkeypatch):
     assert (config.read_timeout, config.connect_timeout) == (7.5, 3.0)
     monkeypatch.delenv("MCIS_S3_RETRY_MODE")
     monkeypatch.delenv("MCIS_S3_READ_TIMEOUT")
-    assert S3RetrySettings.from_env() == S3RetrySettings(11, "standard", 3.0, 60.0)
+    assert S3RetrySettings.from_env() == S3RetrySettings(11, "standard", 3.0, 60.0, 64)
     monkeypatch.setenv("MCIS_S3_MAX_ATTEMPTS", "zero")
     with pytest.raises(StorageError, match="MCIS_S3_MAX_ATTEMPTS='zero': expected a number >= 1"):
         S3RetrySettings.from_env()
@@ -574,6 +574,29 @@ def test_retry_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("MCIS_S3_RETRY_MODE", "legacy")
     with pytest.raises(StorageError, match="MCIS_S3_RETRY_MODE='legacy'"):
         S3RetrySettings.from_env()
+    monkeypatch.setenv("MCIS_S3_RETRY_MODE", "standard")
+    monkeypatch.setenv("MCIS_S3_MULTIPART_MB", "4")
+    with pytest.raises(StorageError, match="MCIS_S3_MULTIPART_MB='4': expected a number >= 5"):
+        S3RetrySettings.from_env()
+
+
+def test_stage_actors_get_the_s3_settings_of_the_driver(monkeypatch):
+    """Ray actors may run on other nodes: every MCIS_S3_* knob set here, and the endpoint,
+    travel in their runtime environment; unset ones do not."""
+    from mcis_dist.runtime.sharded import actor_options
+
+    for k in ("MCIS_S3_MAX_ATTEMPTS", "MCIS_S3_RETRY_MODE", "MCIS_S3_CONNECT_TIMEOUT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("MCIS_S3_READ_TIMEOUT", "7.5")
+    monkeypatch.setenv("MCIS_S3_MULTIPART_MB", "16")
+    opts = actor_options(use_gpu=False, cpus_per_actor=2)
+    assert opts["runtime_env"]["env_vars"] == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "MCIS_S3_READ_TIMEOUT": "7.5",
+        "MCIS_S3_MULTIPART_MB": "16",
+    }
+    assert opts["num_cpus"] == 2 and "num_gpus" not in opts
 
 
 # ------------------------------------------------------------------------- d. a sharded stage
