@@ -212,9 +212,17 @@ class RandomBatches:
         return len(self.batches)
 
 
-def baseline(shards: Path, tmp: Path, num_classes: int, steps: int, repeat: int) -> dict:
+def baseline(
+    shards: Path,
+    tmp: Path,
+    num_classes: int,
+    steps: int,
+    repeat: int,
+    case: str = "plain_torch_1thread",
+    extra: tuple[str, ...] = (),
+) -> dict:
     """The training step without Ray, DDP or loader: 1 thread, random tensors, same code."""
-    cfg = load_config(CONFIG, [*overrides(shards, tmp, 1, 1, 1), *CPU])
+    cfg = load_config(CONFIG, [*overrides(shards, tmp, 1, 1, 1), *CPU, *extra])
     torch.manual_seed(cfg.train.seed)
     model = LossView(build_model(cfg, num_classes))
     loader = RandomBatches(steps, BATCH, CROP, num_classes)
@@ -242,7 +250,7 @@ def baseline(shards: Path, tmp: Path, num_classes: int, steps: int, repeat: int)
     assert all(math.isfinite(v) for v in losses), losses
     images = 2 * BATCH * steps
     return {
-        "case": "plain_torch_1thread",
+        "case": case,
         "workers": 1,
         "steps": steps * repeat,
         "images": images * repeat,
@@ -361,6 +369,15 @@ def main():
         sizes = (8, 3) if args.quick else (16, 5)  # baseline steps per epoch, timed epochs
         rows = [
             baseline(shards, tmp, num_classes, *sizes),
+            # the attention diagnostics (one pair per step) cost, against the same loop without
+            baseline(
+                shards,
+                tmp,
+                num_classes,
+                *sizes,
+                case="plain_torch_no_diagnostics",
+                extra=("train.diagnostics=false",),
+            ),
             baseline_concurrent(2, shards, tmp, num_classes, *sizes),
         ]
         for workers in (1, 2):
@@ -426,6 +443,8 @@ def main():
         / plain_scaling,
         "ray_2w_vs_1w": two["images_per_s"] / one["images_per_s"],
         "ray_1w_vs_plain_torch": one["images_per_s"] / base["images_per_s"],
+        "diagnostics_on_vs_off": base["images_per_s"]
+        / by["plain_torch_no_diagnostics"]["images_per_s"],
         "ray_2w_per_worker_vs_plain_torch": two["per_worker_images_per_s"] / base["images_per_s"],
         "ray_1w_end_to_end_vs_plain_torch": one["end_to_end_images_per_s"] / base["images_per_s"],
         **gpu_ratios,
