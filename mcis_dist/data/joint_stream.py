@@ -166,14 +166,7 @@ class JointStream(IterableDataset):
 
     def __iter__(self):
         spec = self.spec
-        plan = worker_plan(
-            spec.rank,
-            spec.world_size,
-            spec.num_workers,
-            spec.batches_per_rank,
-            self.skip_batches,
-            get_worker_info(),
-        )
+        plan = worker_plan(spec, self.skip_batches, get_worker_info())
         unit, quota, emitted = plan.unit, plan.quota, plan.emitted
         to_skip = emitted * spec.batch_size  # samples already in consumed batches: replay only
         stats, pending = WorkerStats(worker=unit.worker), []

@@ -88,27 +88,22 @@ class WorkerPlan:
         return self.emitted >= self.quota
 
 
-def worker_plan(
-    rank: int,
-    world_size: int,
-    expected_workers: int,
-    rank_batches: int,
-    skip_batches: int,
-    worker_info=None,
-) -> WorkerPlan:
-    """The plan of the calling DataLoader worker (``worker_info``: ``get_worker_info()``).
+def worker_plan(spec, skip_batches: int, worker_info=None) -> WorkerPlan:
+    """The plan of the calling DataLoader worker (``worker_info``: ``get_worker_info()``) for a
+    stream spec with ``rank``, ``world_size``, ``num_workers`` and ``batches_per_rank``.
 
     The DataLoader always starts its round-robin at worker 0, but after ``done`` batches the
     next batch is due from logical worker ``done % W``: the roles are shifted to match, so a
     resumed epoch yields exactly the batches an uninterrupted one would have yielded next.
     """
     physical, num_workers = (worker_info.id, worker_info.num_workers) if worker_info else (0, 1)
-    if num_workers != expected_workers:
-        raise RuntimeError(f"spec says {expected_workers} loader workers, running {num_workers}")
+    if num_workers != spec.num_workers:
+        raise RuntimeError(f"spec says {spec.num_workers} loader workers, running {num_workers}")
+    rank_batches = spec.batches_per_rank
     done = min(skip_batches, rank_batches)
     worker = (physical + done) % num_workers
     return WorkerPlan(
-        Unit(rank, world_size, worker, num_workers),
+        Unit(spec.rank, spec.world_size, worker, num_workers),
         worker_quota(rank_batches, worker, num_workers),
         consumed_by_worker(done, worker, num_workers),
     )
