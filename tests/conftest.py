@@ -147,3 +147,19 @@ def save_checkpoint(model, run_dir):
     folder.mkdir(parents=True)
     torch.save({"model": model.state_dict()}, folder / "checkpoint.pt")
     return folder
+
+
+def small_data_config(url, **overrides):
+    """The pair loader's config at test sizes (48-pixel crops, batches of 4, small pools)."""
+    from mcis_dist.config import DataConfig
+
+    base = dict(
+        train_url=str(url),
+        batch_size=4,
+        crop_size=48,
+        resize_long=[48, 80],
+        pool_size=32,
+        max_wait=16,
+        shuffle_buffer=8,
+    )
+    return DataConfig(**{**base, **overrides})

@@ -22,7 +22,7 @@ from mcis_dist.config import DataConfig
 from mcis_dist.data.dali import DaliReadError
 from mcis_dist.data.loader import PairLoader
 
-from conftest import S3_ENV, build_synthetic
+from conftest import S3_ENV, build_synthetic, small_data_config
 
 pytestmark = pytest.mark.slow
 BUCKET = "dali-bucket"
@@ -54,18 +54,8 @@ def split(tmp_path_factory, s3_endpoint_process, s3env) -> tuple[Path, str]:
 
 
 def cfg(url, cache: Path, endpoint: str | None = None) -> DataConfig:
-    return DataConfig(
-        train_url=str(url),
-        endpoint_url=endpoint,
-        backend="dali",
-        index_cache=str(cache),
-        batch_size=4,
-        num_workers=1,
-        crop_size=48,
-        resize_long=[48, 80],
-        pool_size=32,
-        max_wait=16,
-        shuffle_buffer=8,
+    return small_data_config(
+        url, endpoint_url=endpoint, backend="dali", index_cache=str(cache), num_workers=1
     )
 
 

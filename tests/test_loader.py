@@ -19,6 +19,8 @@ from mcis_dist.shards.build import BuildOptions, ShardWriter, build_dataset
 from mcis_dist.shards.synthetic import SyntheticSpec
 from mcis_dist.storage import LocalStorage, S3Storage
 
+from conftest import small_data_config
+
 SPEC = SyntheticSpec(num_train=90, num_val=6)
 
 
@@ -43,18 +45,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def cfg(url, **kw) -> DataConfig:
-    base = dict(
-        train_url=str(url),
-        batch_size=4,
-        num_workers=2,
-        mp_context="fork",
-        crop_size=48,
-        resize_long=[48, 80],
-        pool_size=32,
-        max_wait=16,
-        shuffle_buffer=8,
-    )
-    return DataConfig(**{**base, **kw})
+    return small_data_config(url, **{"num_workers": 2, "mp_context": "fork", **kw})
 
 
 def epoch(loader, n=None):

@@ -22,7 +22,7 @@ from s3_faults import Rule, S3FaultProxy, s3_operation
 from mcis_dist.cli import main
 from mcis_dist.storage import S3Storage, StorageError, open_url
 
-from conftest import S3_ENV
+from conftest import S3_ENV, small_data_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "demo.yaml")
@@ -274,21 +274,9 @@ def first_pass(shard_urls: tuple[str, ...], endpoint: str) -> tuple[list, object
 
 
 def loader_epoch(url: str, endpoint: str) -> tuple[list, dict]:
-    from mcis_dist.config import DataConfig
     from mcis_dist.data.loader import PairLoader
 
-    cfg = DataConfig(
-        train_url=url,
-        endpoint_url=endpoint,
-        backend="webdataset",
-        num_workers=0,
-        batch_size=4,
-        crop_size=48,
-        resize_long=[48, 80],
-        pool_size=32,
-        max_wait=16,
-        shuffle_buffer=8,
-    )
+    cfg = small_data_config(url, endpoint_url=endpoint, backend="webdataset", num_workers=0)
     loader = PairLoader(cfg, rank=0, world_size=1, device="cpu")
     batches = [(b["key_m"], b["key_n"], b["image_m"], b["image_n"]) for b in loader]
     return batches, loader.stats

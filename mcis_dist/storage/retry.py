@@ -5,9 +5,9 @@ pool workers and Ray actors started on the same machine): ``MCIS_S3_MAX_ATTEMPTS
 ``MCIS_S3_RETRY_MODE`` (``standard`` or ``adaptive``), ``MCIS_S3_CONNECT_TIMEOUT`` (seconds,
 default 10), ``MCIS_S3_READ_TIMEOUT`` (seconds without a byte before an attempt counts as
 failed, default 60) and ``MCIS_S3_MULTIPART_MB`` (uploads above this size go in parts of this
-size, default 64; S3's smallest part is 5). ``check_readable`` uses at most 2 attempts, to fail fast on a wrong
-endpoint, bucket or key; only if those end in a 5xx, a reset or a timeout does it retry with the
-full ``max_attempts``. How the settings are used: see :mod:`mcis_dist.storage.s3`.
+size, default 64; S3's smallest part is 5). ``check_readable`` uses at most 2 attempts, to fail
+fast on a wrong endpoint, bucket or key; only if those end in a 5xx, a reset or a timeout does it
+retry with the full ``max_attempts``. How the settings are used: see :mod:`mcis_dist.storage.s3`.
 """
 
 from __future__ import annotations
