@@ -14,6 +14,10 @@ the single and co-attention losses instead of adding them (the authors concatena
 into one batch) and adds each contrastive direction only when some pair of the batch has a
 non-empty difference; ``self_pair_loss`` / ``self_pair_views`` are their extra terms pairing
 an image with its own flip, 0.75x and 2x copies.
+
+``contrastive_classes="pair"`` (not in the paper) restricts Eq. 9's L_CE to the classes of the
+pair, l_m ∪ l_n (``pair_classification_loss``): classes neither image holds contribute nothing,
+so phi_co is not trained to call absent classes negative on the contrastive features.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import Tensor
 from mcis_dist.models.mcis import MCISOutput
 
 Reduction = Literal["paper", "authors"]
+ContrastiveClasses = Literal["all", "pair"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,24 @@ def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.multilabel_soft_margin_loss(logits, targets.to(logits.dtype))
 
 
+def union_classes(labels_m: Tensor, labels_n: Tensor) -> Tensor:
+    """l_m ∪ l_n, the classes one of the two images holds: (B, K) {0, 1} -> (B, K) float."""
+    _check_labels(labels_m, labels_n)
+    return ((labels_m > 0.5) | (labels_n > 0.5)).to(_float(labels_m))
+
+
+def pair_classification_loss(logits: Tensor, targets: Tensor, classes: Tensor) -> Tensor:
+    """L_CE over the classes a pair holds only: per pair, the mean over the classes with
+    ``classes`` = 1 of the sigmoid cross entropy (0 for a pair without any), then the mean over
+    pairs. logits, targets, classes (B, K) -> 0-d."""
+    per_class = F.binary_cross_entropy_with_logits(
+        logits, targets.to(logits.dtype), reduction="none"
+    )  # (B, K)
+    mask = classes.to(logits.dtype)  # (B, K)
+    count = mask.sum(dim=1).clamp(min=1)  # (B,)
+    return ((per_class * mask).sum(dim=1) / count).mean()
+
+
 def mcis_loss(
     output: MCISOutput,
     labels_m: Tensor,
@@ -65,6 +88,7 @@ def mcis_loss(
     weights: LossWeights | None = None,
     contrastive_from_epoch: int = 2,
     reduction: Reduction = "paper",
+    contrastive_classes: ContrastiveClasses = "all",
 ) -> dict[str, Tensor]:
     """Eq. 10 for a batch of pairs; returns every named term and ``total``.
 
@@ -75,6 +99,8 @@ def mcis_loss(
             ``contrastive_from_epoch`` on.
         weights: weight per term (default ``LossWeights()``: all 1, as the paper).
         reduction: "paper" adds the m and n terms; "authors" as described in the module.
+        contrastive_classes: the classes Eq. 9's L_CE averages over: "all" K (the paper), or
+            "pair", the pair's classes l_m ∪ l_n only (``pair_classification_loss``).
     Returns:
         ``single_m, single_n, single, coattention_m, coattention_n, coattention,
         contrastive_m, contrastive_n, contrastive, total``. Terms that do not count (weight
@@ -82,16 +108,27 @@ def mcis_loss(
     """
     if reduction not in ("paper", "authors"):
         raise ValueError(f"reduction must be one of 'paper', 'authors', got {reduction!r}")
+    if contrastive_classes not in ("all", "pair"):
+        raise ValueError(
+            f"contrastive_classes must be one of 'all', 'pair', got {contrastive_classes!r}"
+        )
     weights = LossWeights() if weights is None else weights
     inter = intersection_targets(labels_m, labels_n)
     diff_m, diff_n = difference_targets(labels_m, labels_n), difference_targets(labels_n, labels_m)
+    if contrastive_classes == "pair":  # Eq. 9 over l_m ∪ l_n only
+        union = union_classes(labels_m, labels_n)  # (B, K)
+        contrast_m = pair_classification_loss(output.contrast_m, diff_m, union)
+        contrast_n = pair_classification_loss(output.contrast_n, diff_n, union)
+    else:  # Eq. 9 over all K classes
+        contrast_m = classification_loss(output.contrast_m, diff_m)
+        contrast_n = classification_loss(output.contrast_n, diff_n)
     terms = {
         "single_m": classification_loss(output.single_m, labels_m),
         "single_n": classification_loss(output.single_n, labels_n),
         "coattention_m": classification_loss(output.coatt_m, inter),
         "coattention_n": classification_loss(output.coatt_n, inter),
-        "contrastive_m": classification_loss(output.contrast_m, diff_m),
-        "contrastive_n": classification_loss(output.contrast_n, diff_n),
+        "contrastive_m": contrast_m,
+        "contrastive_n": contrast_n,
     }
     half = 0.5 if reduction == "authors" else 1.0
     terms["single"] = half * (terms["single_m"] + terms["single_n"])

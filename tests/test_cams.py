@@ -137,6 +137,40 @@ def test_coattentive_maps_equal_direct_calls(split, model, cache_mb):
     assert engine.cache.hits - first_hits == (draws if cache_mb else 0)
 
 
+def test_wrong_class_control_reads_images_sharing_no_class(split, model):
+    """related_classes="other": the same co-attentive maps, but every related image holds none
+    of the query's classes (drawn per class with draw_unrelated)."""
+    manifest, storage = split
+    sampler = RelatedSampler(manifest, storage, seed=5)
+    key, labels, rgb = sample(split, 6)
+    settings = CamSettings(
+        mode="coattentive",
+        related=2,
+        scales=(1.0,),
+        flip=False,
+        related_size=96,
+        related_classes="other",
+    )
+    got, fell = CamEngine(model, settings, sampler).cams(rgb, labels, key)
+    drawn = {k: sampler.draw_unrelated(labels, 2, key, salt=k) for k in labels}
+    for g_list in drawn.values():
+        assert g_list and all(not set(sampler.read_image(g)[1]) & set(labels) for g in g_list)
+    rel = {k: related_images(split, drawn[k], 96) for k in labels}
+
+    def per_view(v):
+        return torch.stack(
+            [torch.stack([coattentive_cam(model, v, r, k) for r in rel[k]]).mean(0) for k in labels]
+        )
+
+    want = compose(per_view, prep(rgb), (1.0,), False, out_size_of(rgb), len(labels))
+    assert fell == []
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    same, _ = CamEngine(
+        model, CamSettings(**{**settings.__dict__, "related_classes": "same"}), sampler
+    ).cams(rgb, labels, key)
+    assert not torch.allclose(same, got)  # other images: other maps
+
+
 def contrastive_reference(model, v, others, k):
     """Eq. 6-8 written out: mask the query's features by 1 - sigmoid(W_B F^{q∩o}), phi_co[k]."""
     fq = model.backbone(v)

@@ -248,6 +248,39 @@ def _png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def test_validation_maps_with_related_images_from_the_training_split(setup, tmp_path, capsys):
+    """cams.related_url: the val split's images are mapped with related images drawn from the
+    train split (so validation images never read each other), equal to a direct CamEngine
+    call with a sampler over train; a related split with another class list is refused."""
+    out = tmp_path / "val_cams"
+    train, val = setup["shards"] / "train", setup["shards"] / "val"
+    extra = [f"cams.split_url={val}", f"cams.related_url={train}", f"cams.out_url={out}"]
+    assert main(["cams", *args(setup, *extra, "cams.num_actors=1")]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 2 and manifest["settings"]["related_url"] == str(train)
+    assert manifest["fallback"]["classes"] == 0
+    source, storage = open_manifest(str(val))
+    related, related_storage = open_manifest(str(train))
+    sampler = RelatedSampler(related, related_storage, seed=0)
+    key, labels, data = RelatedSampler(source, storage).read_image(0)
+    settings = CamSettings(
+        mode="coattentive", related=2, scales=(1.0,), related_size=64, readout="contribution"
+    )
+    want, _ = CamEngine(setup["model"].eval(), settings, sampler).cams(
+        decode_rgb(data), labels, key
+    )
+    got = {m["key"]: c for m, c in iter_cam_shard(open_storage(out), "cams-000000.tar")}
+    np.testing.assert_allclose(got[key].astype(np.float32), want.numpy(), atol=2e-3)
+    other = tmp_path / "other"
+    build = ["shards", "build", "--source", "synthetic", "--num-train", "4", "--num-val", "0"]
+    build += ["--num-classes", "3", "--workers", "1", "--no-progress", "--out", str(other)]
+    assert main(build) == 0
+    bad = [f"cams.split_url={val}", f"cams.related_url={other / 'train'}"]
+    capsys.readouterr()
+    assert main(["cams", *args(setup, *bad, f"cams.out_url={tmp_path / 'x'}")]) == 2
+    assert "same class list" in capsys.readouterr().err
+
+
 def test_evaluation_against_a_hand_computed_confusion_matrix(setup, tmp_path):
     """Two 2x4 images with known masks and stride-1 maps: the label maps at threshold 0.5 are
     written out by hand, and so are the confusion matrix and the IoUs."""
@@ -334,3 +367,13 @@ def test_evaluation_against_a_hand_computed_confusion_matrix(setup, tmp_path):
     assert result["at_threshold"]["miou"] == pytest.approx(np.mean(iou))
     assert result["miou"][1] == pytest.approx(np.mean(iou), abs=1e-6)
     assert result["images"] == 2 and (cams / "eval" / "overlays.png").exists()
+    # held-out: each image at the threshold best on the other half (img0 / img1 are in
+    # different halves), so the headline never exceeds the oracle
+    from mcis_dist.evaluation.heldout import fold_of
+
+    assert {fold_of("img0"), fold_of("img1")} == {0, 1}
+    assert set(result["heldout"]["thresholds"].values()) <= {0.0, 0.5}
+    assert result["heldout"]["images"] == [1, 1]
+    assert result["miou_heldout"] <= result["best"]["miou"] + 1e-12
+    saved = json.loads((cams / "eval" / "eval.json").read_text())
+    assert saved["miou_heldout"] == pytest.approx(result["miou_heldout"])

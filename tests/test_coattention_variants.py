@@ -1,23 +1,27 @@
 """The cosine co-attention variant, the classifier's affinity / temperature / W_P-init options,
-contribution maps, the authors' five-map aggregation, draws with replacement and the attention
+contribution maps, the authors' test-time maps, draws with replacement and the attention
 diagnostics, each against a slow reference written out position by position."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcis_dist.cams.infer import authors_maps
+from mcis_dist.cams.infer import CamEngine, CamSettings, authors_maps, resize_long
 from mcis_dist.config import TrainConfig
 from mcis_dist.data.related import RelatedSampler
+from mcis_dist.data.transforms import normalize
 from mcis_dist.models import diagnostics
 from mcis_dist.models.coattention import coattention_cosine, coattention_dense
 from mcis_dist.models.mcis import MCISClassifier, contribution_map
 from mcis_dist.runtime.optim import build_optimizer
+from mcis_dist.shards.images import encode_png
 
 F64 = torch.float64
 C = 6  # channels of the tiny backbone
@@ -106,7 +110,7 @@ def _model(seed=0, dtype=F64, channels=C, perturb=0.0, **kwargs):
 
 def _class_row(model, k):
     w = model.phi_co.weight[k, :, 0, 0].detach().to(F64)
-    b = 0.0 if model.phi_co.bias is None else float(model.phi_co.bias[k])
+    b = 0.0 if model.phi_co.bias is None else float(model.phi_co.bias[k].detach())
     return w, b
 
 
@@ -419,104 +423,263 @@ def test_contribution_map_sums_to_the_related_coattentive_score(affinity, shared
     assert not torch.allclose(maps.to(F64).sum(dim=(2, 3)) / 12, out.coatt_m, atol=1e-3)
 
 
-# =============================================================================================
-# 4. authors_maps
-# =============================================================================================
-def _phi_k(model, x, k):
-    """phi_co[k] on (1, C, h, w), position by position -> (h, w) float64."""
-    w, bias = _class_row(model, k)
-    x = x[0].to(F64)
-    out = torch.empty(x.shape[1:], dtype=F64)
-    for yy in range(x.shape[1]):
-        for xx in range(x.shape[2]):
-            out[yy, xx] = w @ x[:, yy, xx] + bias
-    return out
-
-
-def _norm(m):
-    m = m.clamp(min=0)
-    return m / (m.max() + 1e-5)
-
-
-def _ref_raw_maps(model, feats, copies, related, k):
-    flip, small, big = copies
-    raw = [
-        _phi_k(model, model.coattentive_features(feats, flip)[0], k),
-        _phi_k(model, model.coattentive_features(feats, flip)[1], k).flip(-1),
-        _phi_k(model, model.coattentive_features(feats, small)[0], k),
-        _phi_k(model, model.coattentive_features(feats, big)[0], k),
-    ]
-    rel = [_phi_k(model, model.coattentive_features(feats, r)[0], k) for r in related.get(k, [])]
-    raw.append(sum(rel) / len(rel) if rel else torch.zeros_like(raw[0]))
-    return raw
-
-
-def _ref_authors(raws, gate):
-    out = []
-    for raw in raws:
-        total = _norm(raw[0])
-        for m in raw[1:]:
-            if torch.sigmoid(m.mean()) > gate:
-                total = total + _norm(m)
-        out.append(total / 5)
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("affinity, shared_phi", [("bilinear", False), ("cosine", True)])
-@pytest.mark.parametrize("case", ["all", "none", "some"])
-def test_authors_maps_match_the_reference(affinity, shared_phi, case):
-    model = _model(affinity=affinity, shared_phi=shared_phi, perturb=1.0).eval()
-    if shared_phi:
-        with torch.no_grad():
-            model.phi.bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0], dtype=F64))
-    feats = _rand(1, C, 4, 5, seed=20, scale=2.0)
-    copies = [
-        _rand(1, C, 4, 5, seed=21, scale=2.0),  # mirror image: same size
-        _rand(1, C, 3, 4, seed=22, scale=2.0),  # 0.75x
-        _rand(1, C, 8, 10, seed=23, scale=2.0),
-    ]  # 2x
-    related = {
-        0: [_rand(1, C, 3, 3, seed=24, scale=2.0), _rand(1, C, 5, 4, seed=25, scale=2.0)],
-        2: [_rand(1, C, 2, 6, seed=26, scale=2.0)],
-    }
-    labels = [0, 2, 3]  # class 3 has no related image: map 5 is 0
+@pytest.mark.parametrize("affinity", ["bilinear", "cosine"])
+def test_contribution_map_weights_phi_co_bias_by_the_received_attention(affinity):
+    """phi_co with a bias (phi_co_bias): each position contributes received * (w·f_i + b), the
+    loop reference; its mean over positions is still the related image's Eq. 5 score, and the
+    bias adds received * b (not b everywhere: unattended positions contribute nothing)."""
+    model = _model(affinity=affinity, phi_co_bias=True, perturb=1.0).eval()
     with torch.no_grad():
-        raws = [_ref_raw_maps(model, feats, copies, related, k) for k in labels]
-    for raw in raws:
-        assert raw[0].clamp(min=0).max() > 1e-3  # map 1 is not trivially 0
-    assert torch.equal(raws[2][4], torch.zeros(4, 5, dtype=F64))
-    scores = sorted(float(torch.sigmoid(m.mean())) for raw in raws for m in raw[1:4])
-    if case == "all":
-        gate = 0.0
-    elif case == "none":
-        gate = 0.999
-        assert scores[-1] < 0.99
-    else:  # between two gate scores of maps 2-4, so some are kept and some dropped
-        mid = len(scores) // 2
-        assert scores[mid] - scores[mid - 1] > 1e-4
-        gate = (scores[mid] + scores[mid - 1]) / 2
-    got = authors_maps(model, feats, copies, related, labels, gate=gate)
-    assert got.shape == (3, 4, 5)
-    want = _ref_authors(raws, gate)
-    torch.testing.assert_close(got.to(F64), want, rtol=1e-5, atol=1e-6)
-    if case == "none":  # only map 1 counts
-        torch.testing.assert_close(
-            got.to(F64), torch.stack([_norm(r[0]) / 5 for r in raws]), rtol=1e-5, atol=1e-6
-        )
-        assert float(got.max()) <= 0.2 + 1e-6
-    if case == "all":  # every map counts: the gate changes the result
-        fewer = authors_maps(model, feats, copies, related, labels, gate=0.999)
-        assert (got - fewer).abs().max() > 1e-3
-        torch.testing.assert_close(
-            got.to(F64),
-            torch.stack([sum(_norm(m) for m in r) / 5 for r in raws]),
-            rtol=1e-5,
-            atol=1e-6,
-        )
-    if case == "some":
-        lo = authors_maps(model, feats, copies, related, labels, gate=0.0)
-        hi = authors_maps(model, feats, copies, related, labels, gate=0.999)
-        assert (got - lo).abs().max() > 1e-4 and (got - hi).abs().max() > 1e-4
+        model.phi_co.bias.copy_(torch.linspace(-1, 1, K, dtype=F64))
+    feats, related = _rand(2, C, 3, 4, seed=17), _rand(1, C, 4, 2, seed=18)
+    with torch.no_grad():
+        out = model.forward_features(fm=feats, fn=related.expand(2, -1, -1, -1))
+    unbiased = _model(affinity=affinity, perturb=1.0).eval()  # the same weights, no bias
+    unbiased.load_state_dict({k: v for k, v in model.state_dict().items() if k != "phi_coatt.bias"})
+    received = _received(model, feats, related)  # (2, 3, 4)
+    for k in (0, 3):
+        got = contribution_map(model, feats, related, k).to(F64)
+        tol = {"rtol": 1e-5, "atol": 1e-6}  # the map's affinity is float32
+        torch.testing.assert_close(got, _ref_contribution(model, feats, related, k), **tol)
+        torch.testing.assert_close(got.mean(dim=(1, 2)), out.coatt_n[:, k], **tol)
+        without = contribution_map(unbiased, feats, related, k).to(F64)
+        want = received * model.phi_co.bias[k].detach()
+        torch.testing.assert_close(got - without, want, **tol)
+
+
+def _received(model, feats, related):
+    """L_m * mean_j softmax_i(P[:, j])[i] per query position, averaged over the related images."""
+    tau = model.temperature if model.affinity == "cosine" else None
+    b, _, h, wd = feats.shape
+    out = torch.zeros(b, h * wd, dtype=F64)
+    for q in range(b):
+        for r in range(related.shape[0]):
+            p = _ref_logits(feats[q : q + 1], related[r : r + 1], model.w_p[0], tau)[0]
+            out[q] += h * wd * torch.softmax(p, 0).mean(dim=1) / related.shape[0]
+    return out.view(b, h, wd)
+
+
+# =============================================================================================
+# 4. the authors' test-time maps (authors_maps, CamEngine in authors mode)
+# =============================================================================================
+# The reference follows the authors' test-time procedure (infer.py's docstring, ``authors``),
+# not our implementation: one forward of their model per pair (input1, input2) computes
+# A2 = F1^T W F2 (L1 x L2), A = softmax over L1, B = softmax of A2^T over L2,
+# feature2_att = F1 A (input2's grid, read from input1), feature1_att = F2 B (input1's grid,
+# read from input2), co_map1 = phi_co(feature1_att), co_map2 = phi_co(feature2_att).
+LOGIT_GATE = math.log(0.1 / 0.9)  # sigmoid(m) > 0.1  <=>  m > logit(0.1)
+
+
+def _ref_pair_forward(model, f1, f2):
+    """(feature1_att (C, h1, w1), feature2_att (C, h2, w2)) of the pair (input1, input2), from
+    raw features (1, C, h, w) with plain matrix products."""
+    c = f1.shape[1]
+    x1, x2 = f1[0].reshape(c, -1).to(F64), f2[0].reshape(c, -1).to(F64)  # (C, L1), (C, L2)
+    keys = model.w_p[0].detach().to(F64).t() @ x1  # (C, L1): keys[:, i] . f = f1_i^T W_P f
+    queries = x2
+    if model.affinity == "cosine":  # the normalised variant: unit keys and queries, / tau
+        keys = keys / keys.norm(dim=0).clamp(min=1e-6)
+        queries = x2 / x2.norm(dim=0).clamp(min=1e-6) / model.temperature.detach().to(F64)
+    a2 = keys.t() @ queries  # (L1, L2)
+    a = torch.softmax(a2, dim=0)  # (L1, L2), each column sums to 1 over input1's positions
+    b = torch.softmax(a2.t(), dim=0)  # (L2, L1), each column sums to 1 over input2's positions
+    feature2_att = x1 @ a  # (C, L2)
+    feature1_att = x2 @ b  # (C, L1)
+    return feature1_att.view(c, *f1.shape[-2:]), feature2_att.view(c, *f2.shape[-2:])
+
+
+def _ref_co_maps(model, f1, f2, k):
+    """(co_map1[k] (h1, w1), co_map2[k] (h2, w2)) of the pair (input1, input2)."""
+    w, bias = _class_row(model, k)
+    att1, att2 = _ref_pair_forward(model, f1, f2)
+    return (w[:, None, None] * att1).sum(0) + bias, (w[:, None, None] * att2).sum(0) + bias
+
+
+def _ref_five_maps(model, x, flip, small, big, rel, k):
+    """The five raw maps of class k on x's grid, as numpy (their save_feature_maps_all list)."""
+    grid = tuple(x.shape[-2:])
+
+    def bicubic(m):  # (h', w') -> x's grid, their F.upsample(..., mode="bicubic")
+        return F.interpolate(m[None, None], size=grid, mode="bicubic", align_corners=False)[0, 0]
+
+    map1, map2 = _ref_co_maps(model, x, flip, k)  # pair (x, flip(x))
+    map3 = bicubic(_ref_co_maps(model, x, small, k)[1])  # pair (x, 0.75x): the copy's co_map2
+    map4 = bicubic(_ref_co_maps(model, x, big, k)[1])  # pair (x, 2x): the copy's co_map2
+    if rel:  # pairs (x, related): the mean of x's co_map1
+        map5 = sum(_ref_co_maps(model, x, r, k)[0] for r in rel) / len(rel)
+    else:
+        map5 = torch.zeros(grid, dtype=F64)
+    return [m.numpy() for m in (map1, map2.flip(-1), map3, map4, map5)]
+
+
+def _ref_aggregate(maps, gate=0.1):
+    """Their ``aggregate`` without the x255 and uint8 steps: (map (h, w), kept flags 2-5)."""
+    att = np.maximum(maps[0], 0)
+    att = att / (att.max() + 1e-8)
+    kept = []
+    for m in maps[1:]:
+        kept.append(bool(1 / (1 + np.exp(-np.mean(m))) > gate))
+        if kept[-1]:
+            more = np.maximum(m, 0)
+            att = att + more / (more.max() + 1e-8)
+    return att / len(maps), kept
+
+
+def _feats(shape, seed):
+    """Random features (1, C, h, w) whose channel 0 is 1 everywhere: co-attentive features are
+    convex combinations, so their channel 0 is 1 too and phi_co's weight on it acts as a bias
+    that shifts every map of the class (bicubic resizing keeps a constant)."""
+    f = _rand(1, C, *shape, seed=seed)
+    f[:, 0] = 1.0
+    return f
+
+
+def _affine_class(model, k, scale, shift):
+    """phi_co[k] -> scale * phi_co[k] + shift on the features of ``_feats`` (weight on channel
+    0 was 0; the bias, if any, stays)."""
+    with torch.no_grad():
+        w, b = model.phi_co.weight[k, :, 0, 0], _class_row(model, k)[1]
+        assert float(w[0]) == 0.0
+        w[1:] *= scale
+        w[0] = (scale - 1) * b + shift
+
+
+@pytest.mark.parametrize(
+    "affinity, shared_phi, domains",
+    [("bilinear", False, 1), ("cosine", False, 1), ("cosine", True, 1), ("bilinear", False, 3)],
+)
+@pytest.mark.parametrize(
+    "grids", [((8, 8), (6, 6), (16, 16)), ((6, 8), (4, 6), (12, 16))], ids=["square", "wide"]
+)
+def test_authors_maps_follow_the_authors_test_procedure(affinity, shared_phi, domains, grids):
+    model = _model(affinity=affinity, shared_phi=shared_phi, domains=domains, perturb=0.5).eval()
+    with torch.no_grad():
+        model.phi_co.weight[:, 0] = 0.0
+        if shared_phi:
+            model.phi.bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.4], dtype=F64))
+    x_grid, small_grid, big_grid = grids
+    x, flip = _feats(x_grid, 40), _feats(x_grid, 41)
+    small, big = _feats(small_grid, 42), _feats(big_grid, 43)
+    r1, r2 = _feats((5, 7), 44), _feats((8, 8), 45)
+    # K = 3 draws with replacement, x itself allowed; class 0 has none (map 5 is 0)
+    related = {3: [r1, x, r1], 1: [r2, _feats((3, 9), 46), r2], 0: []}
+    some, keep = 3, 1  # the gate drops some of maps 2-5 of class 3, keeps all of class 1
+    raw = _ref_five_maps(model, x, flip, small, big, related[some], some)
+    means = sorted(float(m.mean()) for m in raw[1:])
+    gaps = [(means[i + 1] - means[i], i) for i in range(3)]
+    gap, i = max(g for g in gaps if (means[g[1]] + means[g[1] + 1]) / 2 < raw[0].max())
+    mid = (means[i] + means[i + 1]) / 2
+    assert gap > 1e-3
+    scale = 8 / gap  # kept maps: mean >= +4; dropped: <= -4 (sigmoid 0.018)
+    _affine_class(model, some, scale, -scale * mid)
+    raw = _ref_five_maps(model, x, flip, small, big, related[keep], keep)
+    _affine_class(model, keep, 1.0, max(0.0, LOGIT_GATE + 1.0 - min(m.mean() for m in raw[1:])))
+
+    labels = [some, keep, 0]
+    want, kept = [], []
+    for k in labels:
+        maps = _ref_five_maps(model, x, flip, small, big, related[k], k)
+        assert maps[0].max() > 0.05 and maps[2].shape == maps[3].shape == x_grid
+        agg, flags = _ref_aggregate(maps)
+        want.append(agg)
+        kept.append(flags)
+    assert 1 <= kept[0].count(False) <= 3 and all(kept[1])
+    got = authors_maps(model, x, [flip, small, big], related, labels)  # the authors' gate 0.1
+    assert got.shape == (3, *x_grid)
+    torch.testing.assert_close(got.to(F64), torch.from_numpy(np.stack(want)), rtol=1e-5, atol=1e-5)
+    assert authors_maps(model, x, [flip, small, big], related, []).shape == (0, *x_grid)
+
+
+class _RecordingBackbone(_Backbone):
+    """The stride-8 backbone, recording the shape of every input it gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return super().forward(x)
+
+
+class _PngSampler:
+    """``draw`` and ``read`` of a RelatedSampler over in-memory PNGs (the engine's wiring)."""
+
+    def __init__(self, images):
+        self.images = images  # g -> (H, W, 3) uint8
+
+    def draw(self, k, n, exclude_key=None, *, replace=False):
+        assert replace  # the authors' draw
+        return [(k + i) % len(self.images) for i in range(n)]
+
+    def read(self, g):
+        return {"json": json.dumps({"labels": [0]}).encode(), "png": encode_png(self.images[g])}
+
+
+@pytest.mark.parametrize("square", [32, None])
+def test_cam_engine_authors_mode_sizes_and_maps(square):
+    torch.manual_seed(0)
+    model = MCISClassifier(_RecordingBackbone(), num_classes=K).eval()
+    gen = np.random.default_rng(0)
+    images = [gen.integers(0, 256, size=s, dtype=np.uint8) for s in [(24, 36, 3), (40, 16, 3)]]
+    sampler = _PngSampler(images)
+    settings = CamSettings(mode="authors", related=3, square=square, related_size=48, amp=False)
+    engine = CamEngine(model, settings, sampler)
+    rgb = torch.from_numpy(gen.integers(0, 256, size=(3, 40, 56), dtype=np.uint8))
+    labels = [2, 1]
+    got, fell = engine.cams(rgb, labels, "q")
+    assert fell == [] and got.shape == (2, 5, 7)  # ceil((40, 56) / 8)
+    assert float(got.amin()) >= 0 and float(got.amax()) > 0.05
+
+    def prep(a):  # (3, H, W) uint8 -> (1, 3, H, W) normalised
+        return normalize(a.unsqueeze(0), settings.mean, settings.std)
+
+    def resized(v, size):
+        return F.interpolate(v, size=size, mode="bilinear", align_corners=False)
+
+    x = prep(rgb)
+    rel_imgs = [prep(torch.from_numpy(a).permute(2, 0, 1)) for a in images]
+    if square:  # every view a square resize of the original image, related images too
+        views = [resized(x, (32, 32)), resized(x, (24, 24)), resized(x, (64, 64))]
+        rel_imgs = [resized(r, (32, 32)) for r in rel_imgs]
+    else:
+        views = [x, resized(x, (30, 42)), resized(x, (80, 112))]
+        rel_imgs = [resize_long(r, 48) for r in rel_imgs]
+    x_view, small, big = views
+    rel_shapes = [
+        tuple(rel_imgs[g].shape) for k in labels for g in sampler.draw(k, 3, "q", replace=True)
+    ]
+    assert model.backbone.shapes == [
+        tuple(x_view.shape),
+        tuple(x_view.shape),  # the mirror image
+        tuple(small.shape),
+        tuple(big.shape),
+        *rel_shapes,
+    ]
+    if square:
+        assert set(rel_shapes) == {(1, 3, 32, 32)}
+    with torch.no_grad():
+        feats = [model.backbone(v) for v in (x_view, x_view.flip(-1), small, big)]
+        rel_feats = [model.backbone(r) for r in rel_imgs]
+    related = {k: [rel_feats[g] for g in sampler.draw(k, 3, "q", replace=True)] for k in labels}
+    maps = authors_maps(model, feats[0], feats[1:], related, labels, settings.authors_gate)
+    want = resized(maps[None], (5, 7))[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_related_features_are_cached_by_sample_and_size():
+    torch.manual_seed(0)
+    model = MCISClassifier(_RecordingBackbone(), num_classes=K).eval()
+    image = np.random.default_rng(1).integers(0, 256, size=(24, 40, 3), dtype=np.uint8)
+    settings = CamSettings(mode="authors", square=32, related_size=48, amp=False)
+    engine = CamEngine(model, settings, _PngSampler([image]), cache_bytes=2**20)
+    long_side, _ = engine.related_features(0)
+    square, _ = engine.related_features(0, 32)
+    assert long_side.shape[-2:] == (29 // 8, 48 // 8) and square.shape[-2:] == (4, 4)
+    assert engine.related_features(0)[0] is long_side
+    assert engine.related_features(0, 32)[0] is square
+    assert model.backbone.shapes == [(1, 3, 29, 48), (1, 3, 32, 32)]
+    assert engine.cache.hits == 2 and engine.cache.misses == 2
 
 
 # =============================================================================================

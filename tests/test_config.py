@@ -455,3 +455,18 @@ def test_describe_schema_rows():
     assert by_key["shards.endpoint_url"][1:3] == ("str | null", "null")
     assert by_key["synthetic.num_classes"][1] == "int (>= 1, <= 8)"
     assert describe_schema(DemoConfig)[-7][0] == "data.url"
+
+
+def test_contrastive_gate_switches():
+    """model.phi_co_bias and train.contrastive_classes: off by default (today's model and Eq. 9),
+    described, set from the command line; a bias for phi_co needs the separate phi_co."""
+    cfg = load_config(None)
+    assert cfg.model.phi_co_bias is False and cfg.train.contrastive_classes == "all"
+    by_key = {row[0]: row for row in describe_schema(ExperimentConfig)}
+    assert by_key["model.phi_co_bias"][1:3] == ("bool", "false")
+    assert by_key["train.contrastive_classes"][1:3] == ("all|pair", "all")
+    cfg = load_config(None, ["model.phi_co_bias=true", "train.contrastive_classes=pair"])
+    assert cfg.model.phi_co_bias is True and cfg.train.contrastive_classes == "pair"
+    msg = error_of(None, ["model.phi_co_bias=true", "model.shared_phi=true"])
+    assert "phi_co_bias" in msg and "shared_phi" in msg
+    assert "pair" in error_of(None, ["train.contrastive_classes=union"])

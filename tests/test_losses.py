@@ -131,6 +131,78 @@ def test_authors_reduction_matches_their_concatenated_batches():
     )
 
 
+def ref_pair_ce(logits: torch.Tensor, targets, lm, ln) -> torch.Tensor:
+    """Eq. 9's L_CE over the pair's classes l_m ∪ l_n, written out: per pair, the mean over the
+    classes one image holds of -[t log σ(x) + (1-t) log(1-σ(x))] (0 when none), mean over pairs."""
+    b, k = logits.shape
+    total = logits.new_zeros(())
+    for i in range(b):
+        classes = [c for c in range(k) if lm[i][c] or ln[i][c]]
+        pair = logits.new_zeros(())
+        for c in classes:
+            s, t = torch.sigmoid(logits[i, c]), float(targets[i][c])
+            pair = pair - (t * torch.log(s) + (1 - t) * torch.log(1 - s))
+        if classes:
+            total = total + pair / len(classes)
+    return total / b
+
+
+# LM / LN plus a pair without any class and a pair only n has a class of
+LM_PAIR = [*LM, [0] * 6, [0] * 6]
+LN_PAIR = [*LN, [0] * 6, [0, 0, 0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("reduction", ["paper", "authors"])
+def test_pair_contrastive_classes_match_the_reference_values_and_gradients(reduction):
+    out = _outputs(b=len(LM_PAIR), seed=3)
+    lm = torch.tensor(LM_PAIR, dtype=torch.float64)
+    ln = torch.tensor(LN_PAIR, dtype=torch.float64)
+    got = mcis_loss(out, lm, ln, epoch=5, reduction=reduction, contrastive_classes="pair")
+    inter, dm, dn = ref_sets(LM_PAIR, LN_PAIR)
+    want = {
+        "single_m": ref_ce(out.single_m, LM_PAIR),
+        "single_n": ref_ce(out.single_n, LN_PAIR),
+        "coattention_m": ref_ce(out.coatt_m, inter),
+        "coattention_n": ref_ce(out.coatt_n, inter),
+        "contrastive_m": ref_pair_ce(out.contrast_m, dm, LM_PAIR, LN_PAIR),
+        "contrastive_n": ref_pair_ce(out.contrast_n, dn, LM_PAIR, LN_PAIR),
+    }
+    half = 0.5 if reduction == "authors" else 1.0
+    want["single"] = half * (want["single_m"] + want["single_n"])
+    want["coattention"] = half * (want["coattention_m"] + want["coattention_n"])
+    want["contrastive"] = want["contrastive_m"] + want["contrastive_n"]  # both have differences
+    want["total"] = want["single"] + want["coattention"] + want["contrastive"]
+    assert set(got) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-12)
+    inputs = [getattr(out, f) for f in FIELDS]
+    got_grads = torch.autograd.grad(got["total"], inputs)
+    for a, b in zip(got_grads, torch.autograd.grad(want["total"], inputs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # classes neither image holds get no gradient through the contrastive scores
+    absent = ~(lm.bool() | ln.bool())
+    for name in ("contrast_m", "contrast_n"):
+        grad = got_grads[FIELDS.index(name)]
+        assert (grad[absent] == 0).all() and (grad[~absent] != 0).all()
+    # "all" is Eq. 9 over every class, unchanged
+    every = mcis_loss(out, lm, ln, epoch=5, reduction=reduction, contrastive_classes="all")
+    torch.testing.assert_close(every["contrastive_m"], ref_ce(out.contrast_m, dm))
+    assert not torch.allclose(every["contrastive_m"], got["contrastive_m"])
+
+
+def test_pair_contrastive_classes_keep_the_authors_direction_rule():
+    out = _outputs(seed=4)
+    lm, ln = torch.tensor(LM, dtype=torch.float64), torch.tensor(LN, dtype=torch.float64)
+    same_m = mcis_loss(out, ln * lm, ln, epoch=2, reduction="authors", contrastive_classes="pair")
+    torch.testing.assert_close(same_m["contrastive"], same_m["contrastive_n"])
+    lm_same = (ln * lm).int().tolist()
+    _, _, dn = ref_sets(lm_same, LN)
+    want = ref_pair_ce(out.contrast_n, dn, lm_same, LN)
+    torch.testing.assert_close(same_m["contrastive_n"], want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="contrastive_classes must be"):
+        mcis_loss(out, lm, ln, epoch=0, contrastive_classes="union")
+
+
 def test_contrastive_term_only_from_its_epoch():
     out = _outputs()
     lm, ln = torch.tensor(LM, dtype=torch.float64), torch.tensor(LN, dtype=torch.float64)

@@ -448,6 +448,12 @@ def test_evaluation_against_a_hand_computed_confusion_matrix(tmp_path):
     assert result["ignored_share"] == pytest.approx(3 / 15)
     assert result["per_class"] == pytest.approx({"background": 5 / 8, "a": 0.5, "b": 1.0})
     assert result["images"] == 2 and result["kind"] == "pseudo"
+    # per half (img0 and img1 hash to different halves), by hand from the same pixels
+    from mcis_dist.evaluation.heldout import fold_of
+
+    halves = result["by_half"]
+    assert halves[str(fold_of("img0"))]["miou"] == pytest.approx(np.mean([2 / 3, 1 / 2, 1]))
+    assert halves[str(fold_of("img1"))]["miou"] == pytest.approx(np.mean([3 / 5, 1 / 2]))
     assert json.loads((labels / "eval" / "eval.json").read_text())["miou"] == result["miou"]
     assert (labels / "eval" / "overlays.png").exists()
 

@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcis_dist.cams.stage import check_model_state
+from mcis_dist.config import ExperimentConfig
+from mcis_dist.errors import StageError
+from mcis_dist.models.build import build_model
 from mcis_dist.models.coattention import coattention_dense
 from mcis_dist.models.mcis import (
     PAIR_CROSS,
@@ -90,9 +94,12 @@ def _assert_outputs_close(a: MCISOutput, b: MCISOutput, tol=1e-10):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("shared_phi", [False, True])
-def test_head_follows_the_equations(shared_phi):
-    model = _model(shared_phi=shared_phi, chunk_size=5)
+@pytest.mark.parametrize("shared_phi, phi_co_bias", [(False, False), (True, False), (False, True)])
+def test_head_follows_the_equations(shared_phi, phi_co_bias):
+    model = _model(shared_phi=shared_phi, phi_co_bias=phi_co_bias, chunk_size=5)
+    if phi_co_bias:  # away from its zero init, so that it shows in every phi_co output
+        with torch.no_grad():
+            model.phi_co.bias.copy_(torch.linspace(-1, 1, K, dtype=model.phi_co.bias.dtype))
     fm, fn = _feats()
     out = model.forward_features(fm, fn)
     for name in MCISOutput.__dataclass_fields__:
@@ -113,6 +120,15 @@ def test_phi_options():
     assert "phi_coatt.weight" not in paper.state_dict()
     assert _model(phi_bias=False).phi.bias is None
     assert _model(gate_bias=True).w_b.bias is not None
+    biased = _model(phi_co_bias=True)
+    assert biased.phi_co is biased.phi_coatt and biased.phi_co.bias is not None
+    assert (biased.phi_co.bias == 0).all() and "phi_coatt.bias" in biased.state_dict()
+    with torch.no_grad():
+        biased.phi_co.bias.fill_(1.0)
+    biased.reset_head()
+    assert (biased.phi_co.bias == 0).all()
+    with pytest.raises(ValueError, match="phi_co_bias.*shared_phi"):
+        _model(shared_phi=True, phi_co_bias=True)
 
 
 def test_forward_on_images_runs_the_backbone_once_for_equal_sizes():
@@ -204,6 +220,20 @@ def test_new_parameters_and_groups():
     }
     assert id(model.w_p) in {id(p) for p in groups["new_weight"]}
     assert id(model.backbone.conv5[1].bias) in {id(p) for p in groups["pretrained_bias"]}
+    # phi_co's bias (phi_co_bias) is a new bias: x20, no weight decay
+    biased = MCISClassifier(TinyBackbone(), num_classes=K, phi_co_bias=True)
+    assert id(biased.phi_co.bias) in {id(p) for p in biased.new_parameters()}
+    assert id(biased.phi_co.bias) in {id(p) for p in biased.param_groups()["new_bias"]}
+
+
+def test_a_checkpoint_without_phi_co_bias_names_the_missing_key():
+    """A checkpoint of the authors' bias-free phi_co, loaded for model.phi_co_bias: true."""
+    cfg = ExperimentConfig()
+    old = build_model(cfg, num_classes=K).state_dict()
+    biased = cfg.model_copy(update={"model": cfg.model.model_copy(update={"phi_co_bias": True})})
+    with pytest.raises(StageError, match=r"does not match.*missing: phi_coatt\.bias"):
+        check_model_state(biased, old, K, "old.pt")
+    check_model_state(cfg, old, K, "old.pt")  # the model it was written for loads it
 
 
 def test_backward_reaches_every_head_parameter_and_the_backbone():

@@ -139,7 +139,14 @@ def test_killed_inside_training_and_inside_cams_then_resumed_then_the_demo(tmp_p
     manifest = json.loads((run / "cams" / "manifest.json").read_text())
     assert len(manifest["shards"]) == len(shards)
     report = json.loads((run / "report.json").read_text())
-    for key in ("cam_miou_single", "cam_miou_coattentive", "pseudo_miou", "seg_miou"):
+    for key in (
+        "cam_miou_single",
+        "cam_miou_coattentive",
+        "cam_miou_single_heldout",
+        "cam_miou_coattentive_heldout",
+        "pseudo_miou",
+        "seg_miou",
+    ):
         assert 0 <= report[key] <= 1, key
     assert {"train-cls", "cams", "affinity", "masks", "seg", "eval"} <= set(report["stage_seconds"])
     # 4. `mcis demo` on the same folders (the demo at reduced size): the shards and every stage

@@ -55,6 +55,24 @@ def test_draws_hold_the_class_exclude_the_query_and_are_seeded(split):
         sampler.draw(99, 3)
 
 
+def test_unrelated_draws_share_no_class_with_the_query_and_are_seeded(split):
+    """The wrong-class control: related images holding none of the query's classes."""
+    manifest, storage = split
+    sampler = RelatedSampler(manifest, storage, seed=0)
+    labels_of = {g: set(json.loads(sampler.read(g)["json"])["labels"]) for g in range(len(sampler))}
+    for g, key in enumerate(sampler.keys[:10]):
+        mine = sorted(labels_of[g])
+        drawn = sampler.draw_unrelated(mine, 3, exclude_key=key, salt=mine[0])
+        free = [h for h in range(len(sampler)) if not labels_of[h] & set(mine)]
+        assert len(drawn) == min(3, len(free)) and len(set(drawn)) == len(drawn)
+        assert all(not labels_of[h] & set(mine) for h in drawn) and g not in drawn
+        assert drawn == sampler.draw_unrelated(mine, 3, exclude_key=key, salt=mine[0])
+    every = list(range(len(manifest["classes"])))
+    assert sampler.draw_unrelated(every, 3, exclude_key=sampler.keys[0]) == []
+    with pytest.raises(ValueError, match="class 99"):
+        sampler.draw_unrelated([99], 3)
+
+
 def test_a_class_held_by_the_query_alone_gives_no_related_images(split):
     manifest, storage = split
     lonely = {**manifest, "class_index": [[0]] + manifest["class_index"][1:]}

@@ -7,14 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from mcis_dist.config import DataConfig
+from mcis_dist.config import DataConfig, load_config
 from mcis_dist.data.loader import PairLoader
 from mcis_dist.losses import mcis_loss
 from mcis_dist.models.backbones import build_backbone
+from mcis_dist.models.build import build_model
 from mcis_dist.models.mcis import MCISClassifier
 from mcis_dist.shards.build import BuildOptions, build_dataset
 from mcis_dist.shards.synthetic import SyntheticSpec
 from mcis_dist.storage import LocalStorage
+from mcis_dist.train.classifier import (
+    LossView,
+    _after_epoch,
+    _before_epoch,
+    classifier_loss,
+    gate_warning,
+)
 
 LR_MULT = {"pretrained_weight": 1, "pretrained_bias": 2, "new_weight": 10, "new_bias": 20}
 
@@ -89,3 +97,71 @@ def test_classifier_trains_on_pairs_in_a_plain_loop(train_split, backend, one_th
     assert late["total"] == pytest.approx(
         late["single"] + late["coattention"] + late["contrastive"], rel=1e-5
     )
+
+
+def test_gate_warning_only_when_the_contrastive_term_is_on_and_the_gate_closed():
+    on = {"contrastive_from_epoch": 2, "contrastive_weight": 1.0}
+    line = gate_warning([0.001, 0.0014], 2, **on)
+    assert line.startswith("warning: the contrastive gate B (Eq. 6) stayed closed")
+    assert "(mean 0.0012 < 0.01)" in line and "Eq. 9 is training phi_co" in line
+    assert "model.phi_co_bias / train.contrastive_classes" in line
+    assert gate_warning([0.001], 1, **on) is None  # before the contrastive term starts
+    assert gate_warning([0.001], 5, contrastive_from_epoch=0, contrastive_weight=0.0) is None
+    assert gate_warning([0.005, 0.02], 3, **on) is None  # mean 0.0125: open enough
+    assert gate_warning([], 3, **on) is None  # no diagnostics
+    assert gate_warning([0.2], 3, threshold=0.5, **on) is not None
+
+
+def test_classifier_loss_passes_the_gate_switches_and_warns_per_epoch(one_thread):
+    """The trainer's loss with model.phi_co_bias and train.contrastive_classes=pair is Eq. 10 with
+    those options; each step's gate mean is kept for the epoch's check, which prints the warning
+    (rank 0) and reports gate_dead."""
+    cfg = load_config(
+        None,
+        [
+            "model.phi_co_bias=true",
+            "train.contrastive_classes=pair",
+            "train.contrastive_from_epoch=1",
+            "train.epochs=3",
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=4)
+    assert model.phi_co.bias is not None
+    view, gate_values = LossView(model), []
+    loss, start = classifier_loss(cfg, gate_values), _before_epoch(cfg, view, gate_values)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image_m": torch.randn(2, 3, 32, 32, generator=g),
+        "image_n": torch.randn(2, 3, 32, 32, generator=g),
+        "labels_m": torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]]),
+        "labels_n": torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 0]]),
+        "pair_type": torch.zeros(2, dtype=torch.long),
+    }
+    start(1)
+    terms, images = loss(view, batch, 1)
+    want = mcis_loss(
+        view.last,
+        batch["labels_m"],
+        batch["labels_n"],
+        epoch=1,
+        contrastive_from_epoch=1,
+        contrastive_classes="pair",
+    )
+    assert images == 4
+    for key in ("contrastive_m", "contrastive_n", "total"):
+        torch.testing.assert_close(terms[key], want[key])
+    assert gate_values == [pytest.approx(float(terms["attn_gate_mean"]))]
+    lines = []
+    check = _after_epoch(cfg, gate_values, rank=0, log=lines.append)
+    metrics = check(1)  # a fresh W_B: the gate is open (~0.5)
+    assert metrics["gate_dead"] == 0.0 and 0.05 < metrics["attn_gate_epoch_mean"] < 0.95
+    assert lines == []
+    gate_values[:] = [0.001, 0.002]
+    assert check(2) == {"attn_gate_epoch_mean": pytest.approx(0.0015), "gate_dead": 1.0}
+    assert len(lines) == 1
+    assert lines[0].startswith("[train-cls] epoch 3/3 warning: the contrastive gate B (Eq. 6)")
+    assert _after_epoch(cfg, gate_values, rank=1, log=lines.append)(2)["gate_dead"] == 1.0
+    assert len(lines) == 1  # only rank 0 logs
+    start(2)
+    assert gate_values == [] and _after_epoch(cfg, gate_values, rank=0)(2) == {}

@@ -17,20 +17,31 @@ is finally divided by its own maximum (``normalize_cam``), so maps lie in [0, 1]
   (``coattentive_map``). A class no other image holds falls back to S_n[k] (counted).
   Options: ``contrastive`` also averages in contrastive maps against |R| images without k
   (``contrastive_map``); ``self_pairs`` adds the image's own flip, 0.75× and 2× copies to every
-  class's related set (the authors' code).
+  class's related set (the authors' code); ``related_classes="other"`` is a control: the |R|
+  related images hold none of the image's classes (what co-attention adds from images that
+  share nothing with it).
 
-* ``authors``: the authors' test-time aggregation. For each labelled class k five maps of the
-  image x (at its own size, or resized to ``square`` x ``square``) are made with phi_co[k]:
-  (1) x's co-attentive feature read from its mirror image, (2) the mirror image's read from x,
-  flipped back, (3) x's read from a 0.75x copy, (4) x's read from a 2x copy, (5) the raw mean of
-  x's read from K related images of k, drawn with replacement, x itself allowed. Each map is
-  ReLU'd and divided by its own maximum; maps 2-5 count only when sigmoid(mean of the raw map)
-  (the co-attentive class score, Eq. 5) exceeds ``authors_gate`` (0.1); the sum is divided by 5
-  (not by the number kept) and resized to the output grid. ``scales`` and ``flip`` are unused.
+* ``authors``: the authors' test-time code. A pair (x, v) is one forward of their model:
+  co_map1 = phi_co(F_x^{x∩v}) on x's grid (read from v), co_map2 = phi_co(F_v^{x∩v}) on v's
+  grid (read from x). For each labelled class k, five maps on x's feature grid: (1) co_map1 of
+  (x, mirror image); (2) co_map2 of that pair, flipped back; (3) co_map2 of (x, 0.75x copy), the
+  copy's map read from x, resized bicubically to x's grid; (4) likewise with the 2x copy; (5)
+  the mean of co_map1 of (x, r) over K related images r of k (drawn with replacement, x itself
+  allowed). Map 1 is ReLU'd and divided by (its maximum + 1e-8); maps 2-5 are added, normalised
+  alike, only when sigmoid(mean of the raw map) (the co-attentive score, Eq. 5) exceeds
+  ``authors_gate`` (0.1); the sum is divided by 5 (not by the number kept). With ``square`` = S,
+  x, its copies (int(0.75 S), 2 S) and the related images are square resizes of the original
+  image, as the authors' loader (S = 256); without it x keeps its size, the copies are rescaled
+  and the related images take a long side of ``related_size``. Two deliberate differences from
+  the authors: the maps stay float (no x255 and uint8 truncation of the sum), and the final
+  resize is the bilinear one to the output grid (theirs: cubic to the image size). ``scales``
+  and ``flip`` are unused.
 
-Related images are resized to a long side of ``related_size`` and their backbone features are
-kept in a bounded LRU cache (``FeatureCache``), so an image drawn as related by many queries is
-decoded and encoded once per actor.
+Related images are resized to a long side of ``related_size`` (authors mode with ``square``: to
+square x square); their features are kept in a bounded LRU cache (``FeatureCache``, keyed by
+sample and size), so an image drawn by many queries is decoded and encoded once per actor.
+
+Over 400 lines because the three map modes share one engine, its cache and its sizes.
 """
 
 from __future__ import annotations
@@ -76,6 +87,7 @@ class CamSettings:
     authors_gate: float = 0.1
     readout: str = "feature"  # coattentive mode: feature (phi_co of F^{n∩r}) | contribution
     class_layer: str = "phi"  # single mode (and fallbacks): phi (S_n) | phi_co
+    related_classes: str = "same"  # coattentive: related images hold k | none of the labels
 
     @classmethod
     def from_config(cls, cfg) -> CamSettings:
@@ -96,6 +108,7 @@ class CamSettings:
             authors_gate=c.authors_gate,
             readout=c.readout,
             class_layer=c.class_layer,
+            related_classes=c.related_classes,
         )
 
 
@@ -154,6 +167,11 @@ def resize_long(x: Tensor, long_side: int) -> Tensor:
     )
 
 
+def _square(x: Tensor, size: int) -> Tensor:
+    """(B, 3, H, W) -> (B, 3, size, size) (bilinear), the authors' square test-time resize."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def _rescale(x: Tensor, s: float) -> Tensor:
     if s == 1.0:
         return x
@@ -202,22 +220,23 @@ class CamEngine:
         with self._autocast():
             return self.model.backbone(x).float()
 
-    def related_features(self, g: int) -> tuple[Tensor, int] | None:
-        """(features (1, C, h', w'), domain id) of sample g of the split, cached; None if its
+    def related_features(self, g: int, square: int | None = None) -> tuple[Tensor, int] | None:
+        """(features (1, C, h', w'), domain id) of sample g of the split, resized to a long side
+        of ``related_size`` (or to ``square`` x ``square``), cached by (g, square); None if its
         image cannot be read or decoded (counted)."""
-        hit = self.cache.get(g)
+        hit = self.cache.get((g, square))
         if hit is not None:
             return hit
         try:
             sample = self.sampler.read(g)
             meta = json.loads(sample["json"])
-            data = sample.get("jpg", sample.get("png"))
-            x = resize_long(self.prepare(decode_rgb(data)), self.s.related_size)
+            x = self.prepare(decode_rgb(sample.get("jpg", sample.get("png"))))  # (1, 3, H, W)
+            x = _square(x, square) if square else resize_long(x, self.s.related_size)
         except Exception:
             self.counts["related_bad"] += 1
             return None
         item = (self.features(x), DOMAIN_IDS.get(meta.get("domain", "target"), 0))
-        self.cache.put(g, item)
+        self.cache.put((g, square), item)
         return item
 
     def _flip_batch(self, x: Tensor) -> Tensor:
@@ -259,14 +278,17 @@ class CamEngine:
 
     def _authors(self, x: Tensor, labels: list[int], key: str, out_size) -> Tensor:
         """The ``authors`` mode's maps (L, out_h, out_w) in [0, 1] (see the module docstring)."""
-        if self.s.square:
-            x = F.interpolate(x, size=(self.s.square,) * 2, mode="bilinear", align_corners=False)
+        sq = self.s.square
+        if sq:  # the authors' loader: every view a square resize of the original image
+            x, small, big = (_square(x, s) for s in (sq, int(sq * 0.75), 2 * sq))
+        else:
+            small, big = _rescale(x, 0.75), _rescale(x, 2.0)
         feats = self.features(x)  # (1, C, h, w)
-        copies = [self.features(v) for v in (x.flip(-1), _rescale(x, 0.75), _rescale(x, 2.0))]
+        copies = [self.features(v) for v in (x.flip(-1), small, big)]
         related = {}
         for k in labels:
             got = [
-                self.related_features(g)
+                self.related_features(g, sq)
                 for g in self.sampler.draw(k, self.s.related, key, replace=True)
             ]
             related[k] = [f for f, _ in (i for i in got if i is not None)]
@@ -307,7 +329,11 @@ class CamEngine:
             ]
         related, fallback = {}, []
         for k in labels:
-            got = [self.related_features(g) for g in self.sampler.draw(k, self.s.related, key)]
+            if self.s.related_classes == "other":  # the control: images sharing no class
+                drawn = self.sampler.draw_unrelated(labels, self.s.related, key, salt=k)
+            else:
+                drawn = self.sampler.draw(k, self.s.related, key)
+            got = [self.related_features(g) for g in drawn]
             pos = [typed(i) for i in got if i is not None]
             neg = []
             if self.s.contrastive:
@@ -321,9 +347,10 @@ class CamEngine:
 
 
 def _max_normalise(m: Tensor) -> Tensor:
-    """ReLU, then divide by the map's own maximum (an all-zero map stays 0): (h, w)."""
+    """ReLU, then divide by (the map's own maximum + 1e-8), as the authors' ``aggregate``
+    (an all-zero map stays 0): (h, w)."""
     m = F.relu(m.float())
-    return m / (m.amax() + 1e-5)
+    return m / (m.amax() + 1e-8)
 
 
 @torch.no_grad()
@@ -345,31 +372,39 @@ def authors_maps(
         labels: the classes to map.
         gate: maps 2-5 count only when sigmoid(mean of the raw map) > gate.
     Returns:
-        (L, h, w) maps, the sum of the kept normalised maps divided by 5.
+        (L, h, w) maps on x's grid, the sum of the kept normalised maps divided by 5.
     """
+    grid = feats.shape[-2:]
+    if not labels:
+        return feats.new_zeros((0, *grid), dtype=torch.float32)
     pt = 0 if model.domains == 3 else None  # with three W_P: the target-target one
+    w = model.phi_co.weight[labels].to(feats.dtype)  # (L, C, 1, 1)
+    b = None if model.phi_co.bias is None else model.phi_co.bias[labels].to(feats.dtype)
+
+    def phi(f: Tensor) -> Tensor:  # (1, C, h', w') -> (L, h', w') float
+        return F.conv2d(f, w, b)[0].float()
+
+    def to_grid(m: Tensor) -> Tensor:  # (L, h', w') -> (L, h, w), their bicubic upsample
+        return F.interpolate(m[None], size=grid, mode="bicubic", align_corners=False)[0]
+
     flip, small, big = copies
-    x_from_flip, flip_from_x = model.coattentive_features(feats, flip, pt)  # F_x^{x∩f}, F_f^{x∩f}
-    x_from_small, _ = model.coattentive_features(feats, small, pt)
-    x_from_big, _ = model.coattentive_features(feats, big, pt)
+    x_from_flip, flip_from_x = model.coattentive_features(feats, flip, pt)  # co_map1, co_map2
+    small_from_x = model.coattentive_features(feats, small, pt)[1]  # (1, C, hs, ws)  co_map2
+    big_from_x = model.coattentive_features(feats, big, pt)[1]  # (1, C, hb, wb)  co_map2
+    raw = [
+        phi(x_from_flip),  # (L, h, w)
+        phi(flip_from_x).flip(-1),
+        to_grid(phi(small_from_x)),
+        to_grid(phi(big_from_x)),
+    ]
     out = []
-    for k in labels:
-        w = model.phi_co.weight[k : k + 1].to(feats.dtype)  # (1, C, 1, 1)
-        b = None if model.phi_co.bias is None else model.phi_co.bias[k : k + 1].to(feats.dtype)
-        raw = [
-            F.conv2d(x_from_flip, w, b)[0, 0],
-            F.conv2d(flip_from_x, w, b)[0, 0].flip(-1),
-            F.conv2d(x_from_small, w, b)[0, 0],
-            F.conv2d(x_from_big, w, b)[0, 0],
-        ]
-        rel = [
-            F.conv2d(model.coattentive_features(feats, r, pt)[0], w, b)[0, 0]
-            for r in related.get(k, [])
-        ]
-        raw.append(torch.stack(rel).mean(0) if rel else torch.zeros_like(raw[0]))
-        total = _max_normalise(raw[0])
-        for m in raw[1:]:
-            if torch.sigmoid(m.float().mean()) > gate:
+    for i, k in enumerate(labels):
+        rel = [phi(model.coattentive_features(feats, r, pt)[0])[i] for r in related.get(k, [])]
+        maps = [m[i] for m in raw]
+        maps.append(torch.stack(rel).mean(0) if rel else torch.zeros_like(maps[0]))  # (h, w)
+        total = _max_normalise(maps[0])
+        for m in maps[1:]:
+            if torch.sigmoid(m.mean()) > gate:
                 total = total + _max_normalise(m)
         out.append(total / 5)
-    return torch.stack(out) if out else feats.new_zeros((0, *feats.shape[-2:]))
+    return torch.stack(out)

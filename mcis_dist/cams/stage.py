@@ -78,7 +78,7 @@ def stage_settings(cfg: ExperimentConfig) -> dict:
     )
     out = {k: getattr(c, k) for k in keep}
     # later settings count only away from their defaults, so older outputs stay valid
-    for k in ("class_layer", "readout", "square", "authors_gate"):
+    for k in ("class_layer", "readout", "square", "authors_gate", "related_url", "related_classes"):
         if getattr(c, k) != type(c).model_fields[k].default:
             out[k] = getattr(c, k)
     out["related_size"] = c.related_size or cfg.data.crop_size
@@ -120,8 +120,13 @@ class CamActor:
         self.out = open_storage(cfg.cams.out_url, endpoint_url=endpoint)
         sampler = None
         if cfg.cams.mode in ("coattentive", "authors"):
+            related, related_source = manifest, self.source
+            if cfg.cams.related_url:
+                related, related_source = open_manifest(
+                    cfg.cams.related_url, endpoint, check_shards=False
+                )
             sampler = RelatedSampler(
-                manifest, self.source, seed=cfg.cams.seed, pool=cfg.cams.related_pool
+                related, related_source, seed=cfg.cams.seed, pool=cfg.cams.related_pool
             )
         self.engine = CamEngine(
             self.model,
@@ -213,6 +218,15 @@ def compute_cams(cfg: ExperimentConfig, checkpoint: str | None = None, log=print
     timer, endpoint = Timer(), endpoint_url(cfg)
     source_manifest, _ = open_manifest(cfg.cams.split_url, endpoint)
     classes = source_manifest["classes"]
+    if cfg.cams.related_url:
+        cfg.cams.related_url = absolute_url(cfg.cams.related_url)
+        related_classes = open_manifest(cfg.cams.related_url, endpoint)[0]["classes"]
+        if related_classes != classes:
+            raise StageError(
+                f"cams.related_url={cfg.cams.related_url} has classes {related_classes[:5]}... "
+                f"but the mapped split {cfg.cams.split_url} has {classes[:5]}...: related "
+                "images must come from a split built with the same class list"
+            )
     state, where = ckpt.classifier_checkpoint(cfg, cfg.cams.checkpoint)
     check_model_state(cfg, state, len(classes), where)
     out = open_storage(cfg.cams.out_url, endpoint_url=endpoint)

@@ -251,6 +251,22 @@ def cmd_eval_cams(args) -> int:
     return EXIT_OK
 
 
+def cmd_eval_compare(args) -> int:
+    from mcis_dist.cams.evaluate import compare_cams  # lazy: per command
+    from mcis_dist.config import load_config  # lazy: per command
+
+    if len(args.a) != len(args.b):
+        raise UserError(f"--a given {len(args.a)} times but --b {len(args.b)}: one pair per seed")
+    if args.boot < 100:
+        raise UserError(f"--boot {args.boot}: use at least 100 resamples")
+    cfg = load_config(args.config, args.overrides)
+    try:
+        compare_cams(cfg, args.a, args.b, n_boot=args.boot, out_url=args.out)
+    except ValueError as e:
+        raise UserError(f"eval compare: {e}") from None
+    return EXIT_OK
+
+
 def cmd_export(args) -> int:
     from mcis_dist.config import load_config  # lazy: per command
     from mcis_dist.seg.export import export_trained  # lazy: per command
@@ -308,6 +324,7 @@ HANDLERS = {
     ("cams", None): cmd_cams,
     ("affinity", None): cmd_affinity,
     ("eval", "cams"): cmd_eval_cams,
+    ("eval", "compare"): cmd_eval_compare,
     ("masks", None): cmd_masks,
     ("eval", "masks"): cmd_eval_masks,
     ("seg", None): cmd_seg,

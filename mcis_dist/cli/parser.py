@@ -252,6 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ec.add_argument("--out", default=None, help="where eval.json goes (default: <cams>/eval)")
 
+    cmp_ = _config_command(
+        esub,
+        "compare",
+        help="paired difference of two CAM map sets of the same images, with a 95%% interval",
+        description="Score map sets A and B (CAM folders of the same split; one of each per "
+        "seed, --a and --b repeated in the same order) on the images both mapped, and give the "
+        "mean over seeds of mIoU(A) - mIoU(B) with a 95% bootstrap interval over images (and "
+        "seeds), at held-out thresholds (each half of the images at the best threshold of the "
+        "other half), at the fixed cams.bg_threshold, and at the oracle threshold.",
+    )
+    cmp_.add_argument("--a", action="append", required=True, help="CAM folder of map set A")
+    cmp_.add_argument("--b", action="append", required=True, help="CAM folder of map set B")
+    cmp_.add_argument("--boot", type=int, default=2000, help="bootstrap resamples (2000)")
+    cmp_.add_argument("--out", default=None, help="folder for compare.json (default: none)")
+
     em = _config_command(
         esub,
         "masks",

@@ -164,6 +164,11 @@ class ModelConfig(ConfigSection):
     )
     domains: Literal[1, 3] = Field(1, description="W_P matrices: 1, or 3 for extra-data pairs.")
     shared_phi: bool = Field(False, description="Paper: one φ; authors' code: a separate φ.")
+    phi_co_bias: bool = Field(
+        False,
+        description="Give the separate φ_co (Eq. 5, 8) a bias, zero at init (authors' code: "
+        "none); needs shared_phi false.",
+    )
     chunk_size: int | None = Field(None, ge=1, description="Co-attention query block size.")
     affinity: Literal["bilinear", "cosine"] = Field(
         "bilinear",
@@ -200,6 +205,11 @@ class ModelConfig(ConfigSection):
         p = self.backbone_dropout
         if p is not None and (len(p) != 2 or not all(0 <= v < 1 for v in p)):
             raise ValueError(f"backbone_dropout={p}: expected [p6, p7] with 0 <= p < 1")
+        if self.phi_co_bias and self.shared_phi:
+            raise ValueError(
+                "phi_co_bias applies to a separate φ_co only, not with shared_phi: true "
+                "(φ_co is then φ, which has its own bias)"
+            )
         return self
 
 
@@ -257,6 +267,11 @@ class TrainConfig(RunnerConfig):
     contrastive_from_epoch: int = Field(2, ge=0, description="Epoch the contrastive loss starts.")
     loss_reduction: Literal["paper", "authors"] = Field(
         "paper", description="paper: m and n terms added; authors: averaged as their code."
+    )
+    contrastive_classes: Literal["all", "pair"] = Field(
+        "all",
+        description="Classes Eq. 9's loss averages over: all K (paper), or pair, only those one "
+        "image of the pair holds (l_m ∪ l_n; absent classes contribute nothing).",
     )
     self_pair_terms: bool = Field(
         False,
@@ -322,6 +337,18 @@ class CamsConfig(ConfigSection):
         description="authors mode: maps 2-5 count only when sigmoid(mean of the raw map) > this.",
     )
     related: int = Field(3, ge=1, description="Related images per labelled class (|R|, Table 5).")
+    related_url: str | None = Field(
+        None,
+        description="Split folder the related images are drawn from (same class list); "
+        "default: split_url itself. Mapping a validation split with related images of the "
+        "training split keeps the validation images apart from each other.",
+    )
+    related_classes: Literal["same", "other"] = Field(
+        "same",
+        description="same: related images hold the mapped class (§3.2); other: a control, "
+        "related images holding none of the image's classes (what co-attention adds when the "
+        "related images share nothing with it).",
+    )
     related_pool: int = Field(
         0,
         ge=0,

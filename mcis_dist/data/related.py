@@ -87,6 +87,25 @@ class RelatedSampler:
                     break
         return picked
 
+    def draw_unrelated(self, labels, n: int, exclude_key: str | None = None, salt: int = 0):
+        """Up to ``n`` distinct samples holding *none* of ``labels`` (the wrong-class control of
+        co-attentive maps), seeded by (seed, query key, salt) like :meth:`draw`."""
+        holding = set()
+        for k in labels:
+            if not 0 <= k < len(self.manifest["classes"]):
+                raise ValueError(f"class {k} is outside 0..{len(self.manifest['classes']) - 1}")
+            holding.update(self.manifest["class_index"][k])
+        skip = self._global.get(exclude_key) if exclude_key is not None else None
+        query = zlib.crc32((exclude_key or "").encode("utf-8"))
+        rng = np.random.default_rng([self.seed, query, salt, 3])
+        picked: list[int] = []
+        for g in rng.permutation(len(self.keys)).tolist():
+            if g not in holding and g != skip:
+                picked.append(g)
+                if len(picked) == n:
+                    break
+        return picked
+
     def _rows(self, shard: int) -> list[dict[str, tuple[int, int]]]:
         """Per sample of a shard: member extension → (offset, size), from its ``.idx``."""
         if shard not in self._index_rows:

@@ -11,6 +11,10 @@ are reported two ways, kept apart on purpose:
   labels are where they say something, which is what a segmentation net trained on them sees.
 * ``miou_ignore_as_bg``: every ignored pixel counted as background, so labels that ignore a lot
   cannot look better than they are.
+
+``by_half`` gives ``miou`` on each fixed half of the images (a hash of the key,
+``mcis_dist.evaluation.heldout.fold_of``): settings chosen by looking at one half's masks (the
+random walk's beta, steps, background) are reported on the other half.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from mcis_dist.config import ExperimentConfig
 from mcis_dist.data.loader import open_manifest
 from mcis_dist.data.transforms import decode_mask, decode_rgb_array
 from mcis_dist.evaluation import ConfusionMatrix, blend, colorize, format_table, upload_grid
+from mcis_dist.evaluation.heldout import fold_of
 from mcis_dist.formats.labels import IGNORE, iter_label_shard, read_label_manifest
 from mcis_dist.formats.shards import iter_shard
 from mcis_dist.runtime.paths import absolute_url, endpoint_url
@@ -65,6 +70,7 @@ def evaluate_masks(
     source_manifest, source = open_manifest(manifest["source"]["url"], endpoint)
     names = ["background", *manifest["classes"]]
     left_out, as_bg = ConfusionMatrix(len(names)), ConfusionMatrix(len(names))
+    halves = [ConfusionMatrix(len(names)), ConfusionMatrix(len(names))]
     counts = {"images": 0, "no_mask": 0, "no_label": 0, "bad": 0}
     pixels = ignored = 0
     panels: list = []
@@ -91,6 +97,7 @@ def evaluate_masks(
                 try:
                     gt = decode_mask(raw["mask.png"])
                     n, k = count_labels(left_out, as_bg, gt, pred)
+                    count_labels(halves[fold_of(key)], ConfusionMatrix(len(names)), gt, pred)
                 except ValueError as e:
                     counts["bad"] += 1
                     log(f"eval masks: skipped {key}: {e}")
@@ -117,6 +124,10 @@ def evaluate_masks(
         "ignored_share": round(ignored / pixels, 6) if pixels else None,
         "miou_ignore_as_bg": as_bg.to_dict(names)["miou"],
         "ignore_as_bg": as_bg.to_dict(names),
+        "by_half": {
+            str(f): {"miou": h.to_dict(names)["miou"], "pixels": h.total}
+            for f, h in enumerate(halves)
+        },
         "seconds": timer(),
     }
     out = open_storage(

@@ -44,6 +44,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> MCISClassifier:
         num_classes=num_classes,
         domains=cfg.model.domains,
         shared_phi=cfg.model.shared_phi,
+        phi_co_bias=cfg.model.phi_co_bias,
         chunk_size=cfg.model.chunk_size,
         affinity=cfg.model.affinity,
         temperature=cfg.model.temperature,

@@ -10,7 +10,8 @@ score vectors (B, K):
 
 Paper by default, the authors' code's variants as options: phi_co is a
 separate 1x1 conv without bias in the authors' code; the paper says "the same phi"
-(``shared_phi=True``). With ``domains=3`` there are three W_P (§3.2, extra data): pair type 0
+(``shared_phi=True``); ``phi_co_bias=True`` gives the separate phi_co a bias (not in either:
+it lets Eq. 9 call absent classes negative without closing the gate B of Eq. 6). With ``domains=3`` there are three W_P (§3.2, extra data): pair type 0
 target-target, 1 extra-extra, 2 cross-domain.
 
 Because phi is a 1x1 convolution (affine), GAP(phi(F)) = phi(GAP(F)): scores are computed on
@@ -62,6 +63,8 @@ class MCISClassifier(nn.Module):
         shared_phi: use phi (with its bias) for the co-attentive and contrastive features too,
             as the paper says; default False is the authors' code: a separate bias-free phi_co.
         phi_bias: bias of the single-image phi (authors: True).
+        phi_co_bias: give the separate phi_co a bias (authors: False; with ``shared_phi`` phi_co
+            is phi, whose bias ``phi_bias`` sets, so it is refused there).
         gate_bias: bias of W_B (authors: False).
         chunk_size: positions per block of the memory-efficient co-attention.
         coattention_backend: "chunked" or "sdpa" (see ``coattention``).
@@ -82,6 +85,7 @@ class MCISClassifier(nn.Module):
         domains: int = 1,
         shared_phi: bool = False,
         phi_bias: bool = True,
+        phi_co_bias: bool = False,
         gate_bias: bool = False,
         chunk_size: int | None = None,
         coattention_backend: Backend = "chunked",
@@ -100,6 +104,11 @@ class MCISClassifier(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if learn_temperature and affinity != "cosine":
             raise ValueError("learn_temperature applies to affinity='cosine' only")
+        if shared_phi and phi_co_bias:
+            raise ValueError(
+                "phi_co_bias applies to a separate phi_co only, not with shared_phi=True "
+                "(phi_co is then phi, whose bias phi_bias sets)"
+            )
         self.affinity, self.w_p_init = affinity, w_p_init
         channels = getattr(backbone, "out_channels", None)
         if not isinstance(channels, int) or channels < 1:
@@ -112,7 +121,9 @@ class MCISClassifier(nn.Module):
         self.num_classes, self.domains, self.shared_phi = num_classes, domains, shared_phi
         self.chunk_size, self.coattention_backend = chunk_size, coattention_backend
         self.phi = nn.Conv2d(channels, num_classes, 1, bias=phi_bias)  # Eq. 1
-        self.phi_coatt = None if shared_phi else nn.Conv2d(channels, num_classes, 1, bias=False)
+        self.phi_coatt = (  # Eq. 5, 8
+            None if shared_phi else nn.Conv2d(channels, num_classes, 1, bias=phi_co_bias)
+        )
         self.w_p = nn.Parameter(torch.empty(domains, channels, channels))  # Eq. 2
         self.w_b = nn.Conv2d(channels, 1, 1, bias=gate_bias)  # Eq. 6
         log_tau = torch.tensor(math.log(temperature))
@@ -125,7 +136,7 @@ class MCISClassifier(nn.Module):
     def reset_head(self) -> None:
         """Initialise the head as the authors' code: phi ~ N(0, 2/K) with zero bias, W_P like
         ``nn.Linear`` (U(-1/sqrt(C), 1/sqrt(C))) or the identity (``w_p_init``), phi_co and
-        W_B with PyTorch's conv default."""
+        W_B with PyTorch's conv default; phi_co's bias (``phi_co_bias``) starts at zero."""
         nn.init.normal_(self.phi.weight, 0.0, math.sqrt(2.0 / self.num_classes))
         if self.phi.bias is not None:
             nn.init.zeros_(self.phi.bias)
@@ -134,6 +145,8 @@ class MCISClassifier(nn.Module):
         for conv in (self.phi_coatt, self.w_b):
             if conv is not None:
                 conv.reset_parameters()
+        if self.phi_coatt is not None and self.phi_coatt.bias is not None:
+            nn.init.zeros_(self.phi_coatt.bias)
 
     def initial_w_p(self) -> Tensor:
         """W_P at initialisation, reproducible anywhere (for the drift diagnostic): the identity,
@@ -346,7 +359,9 @@ def contribution_map(
     """Where the related images' co-attentive class-k scores come from, on the query's grid.
 
     With the query as m and a related image r as n, the related image's co-attentive score of
-    Eq. 5 is GAP(phi_co(F_m A_m)); phi_co is a 1x1 conv, so (without its bias)
+    Eq. 5 is GAP(phi_co(F_m A_m)); phi_co is a 1x1 conv, w·f + b, and every column of A_m sums
+    to 1 (Eq. 3), so phi_co(sum_i A_m[i, j] f_m,i) = sum_i A_m[i, j] phi_co(f_m,i), bias
+    included, and
 
         s_r^{m∩r}[k] = 1/L_r sum_j phi_co(sum_i A_m[i, j] f_m,i)[k]
                      = sum_i (1/L_r sum_j A_m[i, j]) phi_co(f_m,i)[k],
@@ -355,7 +370,11 @@ def contribution_map(
     into contributions, each position's own class-k evidence weighted by the attention it
     receives from the related image. This returns L_m * (1/L_r sum_j A_m[i, j]) *
     phi_co(f_m,i)[k] (received attention relative to uniform, times the evidence), averaged over
-    the related images: feats (B, C, h, w), related_feats (R, C, h', w') -> (B, h, w) raw maps.
+    the related images: feats (B, C, h, w), related_feats (R, C, h', w') -> (B, h, w) raw maps,
+    whose mean over positions is s_r^{m∩r}[k]. A bias of phi_co (``shared_phi``, or
+    ``phi_co_bias``) is part of each position's evidence, weighted like it: received * (w·f_i +
+    b), not a constant added to the map (a position the related image does not attend to
+    contributes nothing, the bias included; the mean, received averaging 1, is the same).
     """
     b, r = feats.shape[0], related_feats.shape[0]
     q, rel = _pairs_of(feats, related_feats)  # (B·R, C, h, w), (B·R, C, h', w')

@@ -55,7 +55,9 @@ class Built:
     modules are saved and restored by name next to the model (e.g. SEAM's PCM).
     ``validate(epoch) -> metrics`` (optional) scores the current model on a split with masks;
     every rank calls it after the epochs ``val_every_epochs`` names, and it returns the same
-    numbers on every rank (raw counts summed across ranks), e.g. ``{"val_miou": ...}``."""
+    numbers on every rank (raw counts summed across ranks), e.g. ``{"val_miou": ...}``.
+    ``after_epoch(epoch) -> metrics`` (optional) runs on every rank after every epoch (before
+    ``validate``); its metrics join that epoch's end-of-epoch report, the same on every rank."""
 
     model: torch.nn.Module
     loader: object  # len(), set_epoch, state_dict/load_state_dict, device, stats
@@ -67,6 +69,7 @@ class Built:
     before_epoch: Callable[[int], None] | None = None
     loader_metrics: Callable[[], dict] | None = None
     validate: Callable[[int], dict] | None = None
+    after_epoch: Callable[[int], dict] | None = None
 
 
 @dataclass
@@ -259,10 +262,10 @@ def train_loop_per_worker(config: dict) -> None:
         built.loader.set_epoch(epoch)
         run_epoch(wrapped, built, optimizer, scheduler, scaler, runner, epoch, state, on_step)
         state["epoch"] = epoch + 1
-        val = None
+        extra = built.after_epoch(epoch) if built.after_epoch is not None else {}
         if val_every and (state["epoch"] % val_every == 0 or state["epoch"] == runner.epochs):
-            val = built.validate(epoch)
-        report(with_checkpoint=True, epoch_end=True, extra=val)
+            extra = {**extra, **built.validate(epoch)}
+        report(with_checkpoint=True, epoch_end=True, extra=extra)
 
 
 # ------------------------------------------------------------------------------------ the driver

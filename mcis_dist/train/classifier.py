@@ -3,7 +3,8 @@
 The classifier plugs into the training machinery every trained stage shares
 (``mcis_dist.runtime.trainer``: optimiser, schedule, AMP, DDP, checkpoints, exact resume, metrics,
 fault tolerance) with ``classifier_stage``: its model (plus SEAM's PCM), its pair loader, and its
-loss (Eq. 10, with the authors' self-pair terms and SEAM's as options).
+loss (Eq. 10, with the authors' self-pair terms and SEAM's as options). After each epoch it
+warns when the contrastive gate B of Eq. 6 stayed closed (``gate_warning``).
 
 Fault tolerance is Ray's: ``max_failures`` restarts the worker group from the newest checkpoint
 when a worker dies, and re-running the same command (same ``name``, same ``run_root``) after the
@@ -13,6 +14,8 @@ driver died resumes the run from its storage.
 from __future__ import annotations
 
 import dataclasses
+import sys
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,10 +27,11 @@ from mcis_dist.models.diagnostics import label_free
 from mcis_dist.models.mcis import MCISClassifier
 from mcis_dist.models.seam import PixelCorrelationModule, seam_cams, seam_losses, seam_view
 from mcis_dist.runtime.paths import absolute_paths, endpoint_url, stage_url
-from mcis_dist.runtime.trainer import Built, Stage, TrainingError, fit, run_epoch
+from mcis_dist.runtime.trainer import Built, Stage, TrainingError, fit, gather, run_epoch
 from mcis_dist.train.validate import classifier_validator
 
 RUN_SUBDIR = "cls"
+GATE_CLOSED = 0.01  # an epoch's mean gate B (Eq. 6) below this: the gate counts as closed
 
 
 # ------------------------------------------------------------------------------- building blocks
@@ -134,8 +138,9 @@ def _float(out):
     )
 
 
-def classifier_loss(cfg: ExperimentConfig):
-    """``loss(wrapped, batch, epoch)`` of Eq. 10 (+ self-pair and SEAM terms when configured)."""
+def classifier_loss(cfg: ExperimentConfig, gate_values: list[float] | None = None):
+    """``loss(wrapped, batch, epoch)`` of Eq. 10 (+ self-pair and SEAM terms when configured);
+    each step's ``attn_gate_mean`` is appended to ``gate_values`` when given (diagnostics on)."""
     weights = loss_weights(cfg)
 
     def loss(wrapped, batch, epoch):
@@ -162,12 +167,15 @@ def classifier_loss(cfg: ExperimentConfig):
             weights=weights,
             contrastive_from_epoch=cfg.train.contrastive_from_epoch,
             reduction=cfg.train.loss_reduction,
+            contrastive_classes=cfg.train.contrastive_classes,
         )
         if cfg.train.diagnostics:  # attention diagnostics of the batch's first pair
             fm, fn, gate, pt = view.main_pair
             with torch.autocast(fm.device.type, enabled=False):
                 diag = label_free(view.net, fm.float(), fn.float(), gate, pt)
             terms.update({f"attn_{k}": v for k, v in diag.items()})
+            if gate_values is not None and "gate_mean" in diag:
+                gate_values.append(float(diag["gate_mean"]))
         if cfg.train.self_pair_terms:
             views = 1 + len(cfg.train.self_pair_scales)  # the flip, then each rescaled copy
             own = [batch["labels_m"]] * views + [batch["labels_n"]] * views  # m's, then n's
@@ -187,11 +195,72 @@ def classifier_loss(cfg: ExperimentConfig):
     return loss
 
 
-def _before_epoch(cfg: ExperimentConfig, view: LossView):
+def _before_epoch(cfg: ExperimentConfig, view: LossView, gate_values: list | None = None):
     def set_active(epoch: int) -> None:
         view.active = active_outputs(cfg, epoch)
+        if gate_values is not None:
+            gate_values.clear()  # this epoch's steps only
 
     return set_active
+
+
+def gate_warning(
+    values: Sequence[float],
+    epoch: int,
+    *,
+    contrastive_from_epoch: int,
+    contrastive_weight: float,
+    threshold: float = GATE_CLOSED,
+) -> str | None:
+    """The warning for an epoch whose contrastive gate B = sigmoid(W_B F^{m∩n}) (Eq. 6) stayed
+    closed: the contrastive term (Eq. 9) is on (``contrastive_weight`` > 0 and ``epoch`` (0-based)
+    >= ``contrastive_from_epoch``) and the mean of the epoch's per-step ``attn_gate_mean``
+    ``values`` is below ``threshold``. None otherwise, and when there are no values."""
+    if contrastive_weight <= 0 or epoch < contrastive_from_epoch or not values:
+        return None
+    mean = sum(values) / len(values)
+    if not mean < threshold:
+        return None
+    return (
+        f"warning: the contrastive gate B (Eq. 6) stayed closed this epoch (mean {mean:.4f} < "
+        f"{threshold:g}): Eq. 9 is training phi_co on the image's own features; see "
+        "model.phi_co_bias / train.contrastive_classes"
+    )
+
+
+def _worker_print(line: str) -> None:
+    """Print one line from a Ray Train worker: there ``print()`` also goes through Ray Train's
+    logger and shows twice on the console; the process's own stdout shows it once."""
+    print(line, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
+def _after_epoch(
+    cfg: ExperimentConfig,
+    gate_values: list[float],
+    rank: int,
+    log: Callable[[str], None] = _worker_print,
+):
+    """After each epoch: the epoch's mean gate B over every rank's steps (``attn_gate_epoch_mean``)
+    and ``gate_dead`` (1.0 when ``gate_warning`` fires, whose line rank 0 logs)."""
+
+    def check(epoch: int) -> dict:
+        values = [v for part in gather(list(gate_values)) for v in part]  # every rank's steps
+        if not values:  # diagnostics off
+            return {}
+        line = gate_warning(
+            values,
+            epoch,
+            contrastive_from_epoch=cfg.train.contrastive_from_epoch,
+            contrastive_weight=cfg.train.loss_contrastive,
+        )
+        if line is not None and rank == 0:  # beside the progress lines
+            log(f"[{STAGE.label}] epoch {epoch + 1}/{cfg.train.epochs} {line}")
+        return {
+            "attn_gate_epoch_mean": sum(values) / len(values),
+            "gate_dead": float(line is not None),
+        }
+
+    return check
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, state, on_step):
@@ -212,6 +281,7 @@ def classifier_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Bu
     model = build_model(cfg, num_classes=len(loader.manifest["classes"]))
     pcm = build_pcm(cfg, model.backbone)
     view = LossView(model, pcm)
+    gate_values: list[float] = []  # this epoch's attn_gate_mean, one per step (this rank)
     # Epochs whose loss leaves some outputs out have parameters without gradients (LossView).
     partial = any(active_outputs(cfg, e) != OUTPUTS for e in range(cfg.train.epochs))
 
@@ -227,14 +297,15 @@ def classifier_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Bu
     return Built(
         model=model,
         loader=loader,
-        loss=classifier_loss(cfg),
+        loss=classifier_loss(cfg, gate_values),
         forward=view,
         extra={"pcm": pcm} if pcm is not None else {},
         optimised=_Trainable(model, pcm),
         find_unused_parameters=partial,
-        before_epoch=_before_epoch(cfg, view),
+        before_epoch=_before_epoch(cfg, view, gate_values),
         loader_metrics=loader_metrics,
         validate=validate,
+        after_epoch=_after_epoch(cfg, gate_values, rank),
     )
 
 
