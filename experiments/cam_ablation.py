@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--trainings", default="full", help=f"of {list(TRAININGS)} and --variant")
     p.add_argument("--variant", action="append", default=[], help="NAME:key=value,... training")
     p.add_argument("--mapset", action="append", default=[], help="NAME:key=value,... map set")
+    p.add_argument("--compare", action="append", default=[], help="A:B, more map-set pairs")
     p.add_argument("--boot", type=int, default=2000)
     p.add_argument("overrides", nargs="*", help="key=value for every run")
     args = p.parse_args(argv)
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
                 )
     comparisons = []
     for training in args.trainings.split(","):
-        for a, b in COMPARISONS:
+        for a, b in [*COMPARISONS, *(tuple(c.split(":", 1)) for c in args.compare)]:
             if (training, a) not in sweeps or (training, b) not in sweeps:
                 continue
             c = {"training": training, "a": a, "b": b}

@@ -21,6 +21,7 @@ from mcis_dist.models.backbones import build_backbone
 from mcis_dist.models.mcis import (
     MCISClassifier,
     coattentive_cam,
+    contribution_map,
     normalize_cam,
     single_round_cam,
 )
@@ -169,6 +170,50 @@ def test_wrong_class_control_reads_images_sharing_no_class(split, model):
         model, CamSettings(**{**settings.__dict__, "related_classes": "same"}), sampler
     ).cams(rgb, labels, key)
     assert not torch.allclose(same, got)  # other images: other maps
+
+
+@pytest.mark.parametrize("readout, layer", [("object", "phi"), ("contribution", "phi")])
+def test_read_out_settings_reach_the_map_functions(split, model, readout, layer):
+    """cams.readout / cams.readout_layer: the engine's maps equal contribution_map called
+    with the same options on the same related images."""
+    manifest, storage = split
+    sampler = RelatedSampler(manifest, storage, seed=5)
+    key, labels, rgb = sample(split, 6)
+    settings = CamSettings(
+        mode="coattentive",
+        related=2,
+        scales=(1.0,),
+        flip=False,
+        related_size=96,
+        readout=readout,
+        readout_layer=layer,
+    )
+    got, _ = CamEngine(model, settings, sampler).cams(rgb, labels, key)
+    rel = {k: related_images(split, sampler.draw(k, 2, key), 96) for k in labels}
+
+    def per_view(v):
+        f = model.backbone(v)
+        return torch.stack(
+            [
+                torch.stack(
+                    [
+                        contribution_map(
+                            model,
+                            f,
+                            model.backbone(r),
+                            k,
+                            layer=layer,
+                            from_object=readout == "object",
+                        )[0]
+                        for r in rel[k]
+                    ]
+                ).mean(0)
+                for k in labels
+            ]
+        )
+
+    want = compose(per_view, prep(rgb), (1.0,), False, out_size_of(rgb), len(labels))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def contrastive_reference(model, v, others, k):

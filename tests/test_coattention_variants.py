@@ -362,9 +362,13 @@ def test_affinity_logits_match_the_reference(affinity):
 # =============================================================================================
 # 3. contribution_map
 # =============================================================================================
-def _ref_contribution(model, feats, related, k):
+def _ref_contribution(model, feats, related, k, layer="phi_co", from_object=False):
+    """Loops: L_m * sum_j v_j softmax_i(P[:, j])[i] * (w·f_i + b), v_j = 1/L_r, or (from_object)
+    ReLU(phi(f_r,j)[k]) / sum_j' ReLU(phi(f_r,j')[k])."""
     tau = model.temperature if model.affinity == "cosine" else None
-    w, bias = _class_row(model, k)
+    conv = model.phi_co if layer == "phi_co" else model.phi
+    w = conv.weight[k, :, 0, 0].detach().to(F64)
+    bias = 0.0 if conv.bias is None else float(conv.bias[k])
     b, c, h, wd = feats.shape
     lm = h * wd
     out = torch.zeros(b, lm, dtype=F64)
@@ -372,16 +376,43 @@ def _ref_contribution(model, feats, related, k):
         f = feats[q].reshape(c, lm)
         for r in range(related.shape[0]):
             p = _ref_logits(feats[q : q + 1], related[r : r + 1], model.w_p[0], tau)[0]
+            lr = p.shape[1]
+            v = [1.0 / lr] * lr
+            if from_object:
+                fr = related[r].reshape(c, lr)
+                w1 = model.phi.weight[k, :, 0, 0].detach().to(F64)
+                b1 = 0.0 if model.phi.bias is None else float(model.phi.bias[k])
+                ev = [max(float(w1 @ fr[:, j] + b1), 0.0) for j in range(lr)]
+                v = [e / sum(ev) for e in ev] if sum(ev) > 0 else v
             for i in range(lm):
-                received = (
-                    lm
-                    * sum(  # L_m * mean_j softmax_i(P[:, j])[i]
-                        torch.softmax(p[:, j], 0)[i] for j in range(p.shape[1])
-                    )
-                    / p.shape[1]
-                )
+                received = lm * sum(v[j] * torch.softmax(p[:, j], 0)[i] for j in range(lr))
                 out[q, i] += received * (w @ f[:, i] + bias)
     return (out / related.shape[0]).view(b, h, wd)
+
+
+@pytest.mark.parametrize("affinity", ["bilinear", "cosine"])
+@pytest.mark.parametrize("layer, from_object", [("phi", False), ("phi_co", True), ("phi", True)])
+def test_contribution_read_out_options_match_the_loop_reference(affinity, layer, from_object):
+    """The read-out with phi's evidence (Eq. 1) and/or only the attention the related image's
+    class-k region pays (its single-round map as weights over its positions)."""
+    model = _model(affinity=affinity, perturb=1.0).eval()
+    with torch.no_grad():
+        model.phi.bias.copy_(torch.linspace(-1, 1, K, dtype=F64))
+    feats = _rand(2, C, 3, 4, seed=21)
+    related = torch.cat([_rand(1, C, 2, 3, seed=22), _rand(1, C, 2, 3, seed=23) * 2])
+    for k in (0, 3):
+        got = contribution_map(model, feats, related, k, layer=layer, from_object=from_object)
+        want = _ref_contribution(model, feats, related, k, layer, from_object)
+        torch.testing.assert_close(got.to(F64), want, rtol=1e-5, atol=1e-6)
+    # a related image with no evidence of k anywhere: uniform weights, the plain read-out
+    with torch.no_grad():
+        model.phi.weight[1].zero_()
+        model.phi.bias[1] = -1.0
+    got = contribution_map(model, feats, related, 1, layer=layer, from_object=True)
+    plain = contribution_map(model, feats, related, 1, layer=layer)
+    torch.testing.assert_close(got, plain)
+    with pytest.raises(ValueError, match="layer must be one of"):
+        contribution_map(model, feats, related, 0, layer="psi")
 
 
 @pytest.mark.parametrize(

@@ -21,40 +21,7 @@ from mcis_dist.config import ExperimentConfig, load_config
 from mcis_dist.pipeline import check_consistency, training_complete
 from mcis_dist.runtime.sharded import StageError
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.yaml")
-# The demo at test size: small shards so the sharded stages have several, one step per stage.
-SMALL = [
-    "synthetic.num_train=40",
-    "synthetic.num_val=8",
-    "shards.workers=1",
-    "shards.shard_size_mb=0.1",
-    "train.epochs=2",
-    "train.report_every_steps=2",
-    "data.batch_size=4",
-    "data.pool_size=16",
-    "cams.scales=[1.0]",
-    "cams.related=1",
-    "affinity.train.epochs=1",
-    "masks.steps=16",
-    "seg.train.epochs=1",
-    "seg.data.batch_size=4",
-]
-
-
-def env(**extra) -> dict:
-    return {
-        **os.environ,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    }
-
-
-def pipeline_cmd(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "mcis_dist.cli", "pipeline", "--config", DEMO, *SMALL, *overrides]
-
+from conftest import DEMO, REPO, SMALL, env, pipeline_cmd
 
 def wait_for(condition, proc, what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout

@@ -86,6 +86,7 @@ class CamSettings:
     square: int | None = None
     authors_gate: float = 0.1
     readout: str = "feature"  # coattentive mode: feature (phi_co of F^{n∩r}) | contribution
+    readout_layer: str = "phi_co"  # ... read with phi_co (Eq. 5) | phi (Eq. 1)
     class_layer: str = "phi"  # single mode (and fallbacks): phi (S_n) | phi_co
     related_classes: str = "same"  # coattentive: related images hold k | none of the labels
 
@@ -109,6 +110,7 @@ class CamSettings:
             readout=c.readout,
             class_layer=c.class_layer,
             related_classes=c.related_classes,
+            readout_layer=c.readout_layer,
         )
 
 
@@ -305,8 +307,15 @@ class CamEngine:
             bias = None if phi.bias is None else phi.bias[k : k + 1]
             return F.conv2d(feats, phi.weight[k : k + 1], bias)[:, 0]
         pos, neg = rel
-        fn = contribution_map if self.s.readout == "contribution" else coattentive_map
-        maps = [fn(self.model, feats, f, k, t) for f, t in pos]
+        layer = self.s.readout_layer
+        if self.s.readout == "feature":
+            maps = [coattentive_map(self.model, feats, f, k, t, layer=layer) for f, t in pos]
+        else:
+            obj = self.s.readout == "object"
+            maps = [
+                contribution_map(self.model, feats, f, k, t, layer=layer, from_object=obj)
+                for f, t in pos
+            ]
         maps += [contrastive_map(self.model, feats, f, k, t) for f, t in neg]
         return torch.stack(maps).mean(dim=0)
 

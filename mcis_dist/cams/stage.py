@@ -78,7 +78,8 @@ def stage_settings(cfg: ExperimentConfig) -> dict:
     )
     out = {k: getattr(c, k) for k in keep}
     # later settings count only away from their defaults, so older outputs stay valid
-    for k in ("class_layer", "readout", "square", "authors_gate", "related_url", "related_classes"):
+    later = ("class_layer", "readout", "square", "authors_gate", "related_url", "related_classes")
+    for k in (*later, "readout_layer"):
         if getattr(c, k) != type(c).model_fields[k].default:
             out[k] = getattr(c, k)
     out["related_size"] = c.related_size or cfg.data.crop_size

@@ -318,11 +318,18 @@ class CamsConfig(ConfigSection):
         "(S_n, Eq. 1), or phi_co, the layer trained on co-attentive features (Eq. 5; a "
         "control: co-attentive maps without related images).",
     )
-    readout: Literal["feature", "contribution"] = Field(
+    readout: Literal["feature", "contribution", "object"] = Field(
         "feature",
         description="coattentive mode: feature, phi_co of the image's co-attentive feature "
         "(§3.2); contribution, each position's phi_co evidence weighted by the attention the "
-        "related image pays it (the spatial decomposition of Eq. 5's score, like a CAM).",
+        "related image pays it (the spatial decomposition of Eq. 5's score, like a CAM); "
+        "object, the same but only the attention paid by the related image's own class-k "
+        "region (its single-round map as weights).",
+    )
+    readout_layer: Literal["phi_co", "phi"] = Field(
+        "phi_co",
+        description="coattentive mode: the class layer the read-out uses: phi_co (Eq. 5, "
+        "trained on co-attentive features) or phi (Eq. 1, the single-round maps' layer).",
     )
     square: int | None = Field(
         None,

@@ -317,9 +317,18 @@ def coattentive_cam(
     return coattentive_map(model, feats, related, class_k, pair_type)[0]
 
 
-def _class_layer(model: MCISClassifier, class_k: int) -> tuple[Tensor, Tensor | None]:
-    w = model.phi_co.weight[class_k : class_k + 1]  # (1, C, 1, 1)
-    b = None if model.phi_co.bias is None else model.phi_co.bias[class_k : class_k + 1]
+READOUT_LAYERS = ("phi_co", "phi")  # the class layer a co-attentive map reads with
+
+
+def _class_layer(
+    model: MCISClassifier, class_k: int, layer: str = "phi_co"
+) -> tuple[Tensor, Tensor | None]:
+    """Row k of phi_co (Eq. 5, default) or of phi (Eq. 1): weight (1, C, 1, 1), bias (1,)."""
+    if layer not in READOUT_LAYERS:
+        raise ValueError(f"layer must be one of {READOUT_LAYERS}, got {layer!r}")
+    conv = model.phi_co if layer == "phi_co" else model.phi
+    w = conv.weight[class_k : class_k + 1]  # (1, C, 1, 1)
+    b = None if conv.bias is None else conv.bias[class_k : class_k + 1]
     return w, b
 
 
@@ -336,6 +345,8 @@ def coattentive_map(
     related_feats: Tensor,
     class_k: int,
     pair_type: int | None = None,
+    *,
+    layer: str = "phi_co",
 ) -> Tensor:
     """``coattentive_cam`` on backbone features, for a batch of queries (e.g. an image and its
     flip): feats (B, C, h, w), related_feats (R, C, h', w') -> (B, h, w) raw maps
@@ -343,7 +354,7 @@ def coattentive_map(
     b, r = feats.shape[0], related_feats.shape[0]
     q, rel = _pairs_of(feats, related_feats)  # (B·R, C, h, w), (B·R, C, h', w')
     q_coatt, _ = model.coattentive_features(q, rel, pair_type)  # (B·R, C, h, w)
-    w, bias = _class_layer(model, class_k)
+    w, bias = _class_layer(model, class_k, layer)
     maps = F.conv2d(q_coatt, w, bias)  # (B·R, 1, h, w)
     return maps.view(b, r, *maps.shape[-2:]).mean(dim=1)  # (B, h, w)
 
@@ -355,6 +366,9 @@ def contribution_map(
     related_feats: Tensor,
     class_k: int,
     pair_type: int | None = None,
+    *,
+    layer: str = "phi_co",
+    from_object: bool = False,
 ) -> Tensor:
     """Where the related images' co-attentive class-k scores come from, on the query's grid.
 
@@ -375,14 +389,29 @@ def contribution_map(
     ``phi_co_bias``) is part of each position's evidence, weighted like it: received * (w·f_i +
     b), not a constant added to the map (a position the related image does not attend to
     contributes nothing, the bias included; the mean, received averaging 1, is the same).
+
+    Two options read the same attention differently (controls and variants, not the paper's):
+    ``layer="phi"`` weights phi's evidence (Eq. 1, the single-round map's layer) instead of
+    phi_co's; ``from_object=True`` counts only the attention paid by the related image's
+    class-k region: the mean over j becomes a weighted mean with weights ReLU(phi(f_r,j)[k])
+    normalised to sum 1 (the related image's own single-round map of k; uniform when it is 0
+    everywhere), so a query position scores where it resembles the related image's object.
     """
     b, r = feats.shape[0], related_feats.shape[0]
     q, rel = _pairs_of(feats, related_feats)  # (B·R, C, h, w), (B·R, C, h', w')
     types = _pair_types(pair_type, q.shape[0], model.domains, q.device)
     w_p = model.w_p[0 if types is None else int(types[0])]
     a = torch.softmax(model.affinity_logits(q.float(), rel.float(), w_p.float()), dim=1)  # A_m
-    received = a.mean(dim=2) * a.shape[1]  # (B·R, Lm), 1 = uniform
-    w, bias = _class_layer(model, class_k)
+    if from_object:  # only the related image's class-k region pays attention (its S_r[k])
+        w_r, b_r = _class_layer(model, class_k, "phi")
+        s_r = F.relu(F.conv2d(rel.float(), w_r.float(), None if b_r is None else b_r.float()))
+        s_r = s_r.flatten(1)  # (B·R, Lr) single-round evidence of k on the related image (Eq. 1)
+        total = s_r.sum(dim=1, keepdim=True)
+        weights = torch.where(total > 0, s_r / total.clamp_min(1e-12), 1.0 / s_r.shape[1])
+        received = torch.bmm(a, weights.unsqueeze(2)).squeeze(2) * a.shape[1]  # (B·R, Lm)
+    else:
+        received = a.mean(dim=2) * a.shape[1]  # (B·R, Lm), 1 = uniform
+    w, bias = _class_layer(model, class_k, layer)
     own = F.conv2d(q, w, bias)  # (B·R, 1, h, w)
     maps = received.view(own.shape).to(own.dtype) * own
     return maps.view(b, r, *maps.shape[-2:]).mean(dim=1)  # (B, h, w)
