@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from mcis_dist.cams.infer import CamEngine, CamSettings
+from mcis_dist.cams.stage import CamActor
 from mcis_dist.cli import main
 from mcis_dist.config import load_config
 from mcis_dist.data.loader import open_manifest
@@ -250,16 +251,27 @@ def _png(a: np.ndarray) -> bytes:
 
 def test_validation_maps_with_related_images_from_the_training_split(setup, tmp_path, capsys):
     """cams.related_url: the val split's images are mapped with related images drawn from the
-    train split (so validation images never read each other), equal to a direct CamEngine
-    call with a sampler over train; a related split with another class list is refused."""
+    train split (so validation images never read each other): the stage's actor, run in this
+    process on the val shard, writes maps equal to a direct CamEngine call with a sampler over
+    train; a related split with another class list is refused before any work."""
     out = tmp_path / "val_cams"
     train, val = setup["shards"] / "train", setup["shards"] / "val"
-    extra = [f"cams.split_url={val}", f"cams.related_url={train}", f"cams.out_url={out}"]
-    assert main(["cams", *args(setup, *extra, "cams.num_actors=1")]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["samples"] == 2 and manifest["settings"]["related_url"] == str(train)
-    assert manifest["fallback"]["classes"] == 0
+    cfg = load_config(
+        CONFIG,
+        [
+            *args(setup)[2:],
+            f"cams.split_url={val}",
+            f"cams.related_url={train}",
+            f"cams.out_url={out}",
+        ],
+    )
+    state = setup["model"].state_dict()
+    actor = CamActor(json.loads(cfg.model_dump_json()), state, num_classes=8)
     source, storage = open_manifest(str(val))
+    shard = source["shards"][0]["name"]
+    job = {"name": "cams-000000.tar", "index": 0, "source": shard, "fingerprint": "x"}
+    record = actor.run(job)
+    assert record["samples"] == 2 and record["fallback_images"] == 0
     related, related_storage = open_manifest(str(train))
     sampler = RelatedSampler(related, related_storage, seed=0)
     key, labels, data = RelatedSampler(source, storage).read_image(0)
