@@ -1,16 +1,57 @@
-"""Shared fixtures: a real S3 endpoint (moto's server on 127.0.0.1) and image-file makers."""
+"""Shared fixtures: a real S3 endpoint (moto's server on 127.0.0.1), image-file makers, and
+the `mcis pipeline` command at test size (tests/test_pipeline.py, tests/test_reproducible.py)."""
 
 from __future__ import annotations
 
 import io
 import os
+import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.yaml")
+# The demo at test size: small shards so the sharded stages have several, one step per stage.
+SMALL = [
+    "synthetic.num_train=40",
+    "synthetic.num_val=8",
+    "shards.workers=1",
+    "shards.shard_size_mb=0.1",
+    "train.epochs=2",
+    "train.report_every_steps=2",
+    "data.batch_size=4",
+    "data.pool_size=16",
+    "cams.scales=[1.0]",
+    "cams.related=1",
+    "affinity.train.epochs=1",
+    "masks.steps=16",
+    "seg.train.epochs=1",
+    "seg.data.batch_size=4",
+]
+
+
+def env(**extra) -> dict:
+    """The environment of a pipeline subprocess: no usage statistics, Ray Train's controller
+    polling its workers every 0.2 s (not 2 s: a finished run is noticed sooner), unbuffered."""
+    return {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def pipeline_cmd(*overrides: str) -> list[str]:
+    """`mcis pipeline` of the demo config at test size (SMALL), then ``overrides``."""
+    return [sys.executable, "-m", "mcis_dist.cli", "pipeline", "--config", DEMO, *SMALL, *overrides]
+
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-access-key",

@@ -23,6 +23,7 @@ from mcis_dist.runtime.sharded import StageError
 
 from conftest import DEMO, REPO, SMALL, env, pipeline_cmd
 
+
 def wait_for(condition, proc, what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
