@@ -259,7 +259,8 @@ def _stages(cfg, step, state, results, log, say, endpoint) -> None:
     c = cfg.cams
     results["cams"] = step(
         "cams",
-        f"{c.mode} localization maps of the training images, scales {c.scales} x flip, Ray actors",
+        f"{c.mode} localization maps of the training images, scales {c.scales}"
+        f"{' x flip' if c.flip else ''}, Ray actors",
         lambda: cams_of(cfg, c.mode),
     )
     other = "single" if c.mode != "single" else "coattentive"
