@@ -72,33 +72,25 @@ class RelatedSampler:
     def draw_without(self, k: int, n: int, exclude_key: str | None = None) -> list[int]:
         """Up to ``n`` distinct samples that do *not* hold class ``k`` (for contrastive maps),
         seeded like :meth:`draw`."""
-        if not 0 <= k < len(self.manifest["classes"]):
-            raise ValueError(f"class {k} is outside 0..{len(self.manifest['classes']) - 1}")
-        holding = set(self.manifest["class_index"][k])
-        skip = self._global.get(exclude_key) if exclude_key is not None else None
-        query = zlib.crc32((exclude_key or "").encode("utf-8"))
-        rng = np.random.default_rng([self.seed, query, k, 2])
-        picked: list[int] = []
-        # Rejection sampling: cheap when most samples lack k (the usual case), exact otherwise.
-        for g in rng.permutation(len(self.keys)).tolist():
-            if g not in holding and g != skip:
-                picked.append(g)
-                if len(picked) == n:
-                    break
-        return picked
+        return self._draw_lacking([k], n, exclude_key, (k, 2))
 
     def draw_unrelated(self, labels, n: int, exclude_key: str | None = None, salt: int = 0):
         """Up to ``n`` distinct samples holding *none* of ``labels`` (the wrong-class control of
         co-attentive maps), seeded by (seed, query key, salt) like :meth:`draw`."""
-        holding = set()
-        for k in labels:
+        return self._draw_lacking(list(labels), n, exclude_key, (salt, 3))
+
+    def _draw_lacking(self, classes: list[int], n: int, exclude_key, stream: tuple) -> list[int]:
+        holding: set[int] = set()
+        for k in classes:
             if not 0 <= k < len(self.manifest["classes"]):
                 raise ValueError(f"class {k} is outside 0..{len(self.manifest['classes']) - 1}")
             holding.update(self.manifest["class_index"][k])
         skip = self._global.get(exclude_key) if exclude_key is not None else None
         query = zlib.crc32((exclude_key or "").encode("utf-8"))
-        rng = np.random.default_rng([self.seed, query, salt, 3])
+        rng = np.random.default_rng([self.seed, query, *stream])
         picked: list[int] = []
+        # Rejection sampling: cheap when most samples lack the classes (the usual case), exact
+        # otherwise.
         for g in rng.permutation(len(self.keys)).tolist():
             if g not in holding and g != skip:
                 picked.append(g)
