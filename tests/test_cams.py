@@ -111,6 +111,11 @@ def related_images(split, g_list, size):
     return [resize_long(prep(decode_rgb(sampler.read_image(g)[2])), size) for g in g_list]
 
 
+def per_class_mean(labels, rel, one):
+    """(L, h, w): for each class k, the mean over its related images r of one(r, k) (h, w)."""
+    return torch.stack([torch.stack([one(r, k) for r in rel[k]]).mean(0) for k in labels])
+
+
 @pytest.mark.parametrize("cache_mb", [0, 64])
 def test_coattentive_maps_equal_direct_calls(split, model, cache_mb):
     manifest, storage = split
@@ -124,9 +129,7 @@ def test_coattentive_maps_equal_direct_calls(split, model, cache_mb):
     rel = {k: related_images(split, sampler.draw(k, 2, key), 96) for k in labels}
 
     def per_view(v):  # L_k = mean over r of coattentive_cam(image, r, k), one r at a time
-        return torch.stack(
-            [torch.stack([coattentive_cam(model, v, r, k) for r in rel[k]]).mean(0) for k in labels]
-        )
+        return per_class_mean(labels, rel, lambda r, k: coattentive_cam(model, v, r, k))
 
     want = compose(per_view, prep(rgb), settings.scales, True, out_size_of(rgb), len(labels))
     assert fell == []
@@ -159,9 +162,7 @@ def test_wrong_class_control_reads_images_sharing_no_class(split, model):
     rel = {k: related_images(split, drawn[k], 96) for k in labels}
 
     def per_view(v):
-        return torch.stack(
-            [torch.stack([coattentive_cam(model, v, r, k) for r in rel[k]]).mean(0) for k in labels]
-        )
+        return per_class_mean(labels, rel, lambda r, k: coattentive_cam(model, v, r, k))
 
     want = compose(per_view, prep(rgb), (1.0,), False, out_size_of(rgb), len(labels))
     assert fell == []
@@ -192,24 +193,13 @@ def test_read_out_settings_reach_the_map_functions(split, model, readout, layer)
     rel = {k: related_images(split, sampler.draw(k, 2, key), 96) for k in labels}
 
     def per_view(v):
-        f = model.backbone(v)
-        return torch.stack(
-            [
-                torch.stack(
-                    [
-                        contribution_map(
-                            model,
-                            f,
-                            model.backbone(r),
-                            k,
-                            layer=layer,
-                            from_object=readout == "object",
-                        )[0]
-                        for r in rel[k]
-                    ]
-                ).mean(0)
-                for k in labels
-            ]
+        f, obj = model.backbone(v), readout == "object"
+        return per_class_mean(
+            labels,
+            rel,
+            lambda r, k: contribution_map(
+                model, f, model.backbone(r), k, layer=layer, from_object=obj
+            )[0],
         )
 
     want = compose(per_view, prep(rgb), (1.0,), False, out_size_of(rgb), len(labels))
