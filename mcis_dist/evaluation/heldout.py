@@ -85,13 +85,28 @@ class PerImageSweeps:
         """Count one image (``ThresholdSweep.update``'s arguments); a key counts once."""
         if key in self._index:
             raise ValueError(f"image {key!r} was counted twice")
-        one = ThresholdSweep(self.num_classes, self.thresholds, self.ignore_index)
-        one.update(scores, class_ids, gt)
-        flat = one.counts.reshape(-1)
-        nz = np.flatnonzero(flat)
+        # Count over the labels this image can hold (background, its classes, its mask's):
+        # (2, T+1, n, n) with n of a few, not C of hundreds, then place the counts in the
+        # (2, T+1, C, C) layout as flat positions.
+        c = self.num_classes
+        gt = np.asarray(gt)
+        ids = np.asarray(list(class_ids), dtype=np.int64).reshape(-1)
+        seen = np.unique(gt[gt != self.ignore_index]).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= c - 1):
+            raise ValueError(f"class_ids {ids.tolist()} outside [0, {c - 1})")
+        if seen.size and (seen.min() < 0 or seen.max() >= c):
+            raise ValueError(f"gt has values {seen.tolist()[:5]} outside [0, {c})")
+        present = np.unique(np.concatenate([[0], ids + 1, seen]))  # (n,) global labels
+        n = present.size
+        local_gt = np.where(gt == self.ignore_index, n, np.searchsorted(present, gt))
+        one = ThresholdSweep(n, self.thresholds, ignore_index=n)
+        one.update(scores, np.searchsorted(present, ids + 1) - 1, local_gt)
+        nz = np.flatnonzero(one.counts)
+        a, t, i, j = np.unravel_index(nz, one.counts.shape)
+        pos = ((a * (len(self.thresholds) + 1) + t) * c + present[i]) * c + present[j]
         self._index[key] = len(self.keys)
         self.keys.append(key)
-        self._flat.append((nz.astype(np.int64), flat[nz]))
+        self._flat.append((pos.astype(np.int64), one.counts.reshape(-1)[nz]))
 
     def folds(self) -> np.ndarray:
         """(N,) the half of every image (``fold_of``)."""
@@ -141,23 +156,32 @@ class PerImageSweeps:
                 return s
         raise ValueError(f"threshold {t} was not swept; swept: {self.thresholds}")
 
+    def _entries(self, i: int, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image i's confusion counts at threshold t, sparse: (gt labels, predictions, counts).
+        Foreground counts of the bins above t plus background counts of the bins up to t."""
+        pos, val = self._flat[i]
+        a, b, g, p = np.unravel_index(pos, self._shape)
+        j = self.thresholds.index(float(t))
+        keep = np.where(a == 0, b > j, b <= j)
+        return g[keep], p[keep], val[keep]
+
     def image_matrices(self, thresholds: np.ndarray) -> np.ndarray:
         """(N, C, C) every image's confusion matrix at its own threshold."""
         c = self.num_classes
         out = np.zeros((len(self), c, c), dtype=np.int64)
-        t_index = {t: j for j, t in enumerate(self.thresholds)}
-        for i, (pos, val) in enumerate(self._flat):
-            dense = np.zeros(int(np.prod(self._shape)), dtype=np.int64)
-            dense[pos] = val
-            fg, bg = dense.reshape(self._shape)  # (T+1, C, C) each
-            j = t_index[float(thresholds[i])]
-            out[i] = fg[j + 1 :].sum(axis=0) + bg[: j + 1].sum(axis=0)
+        for i in range(len(self)):
+            g, p, v = self._entries(i, thresholds[i])
+            np.add.at(out[i], (g, p), v)
         return out
 
     def matrix(self, kind: str, fixed: float | None = None) -> ConfusionMatrix:
         """The pooled confusion matrix of every image at its ``kind`` threshold."""
-        mats = self.image_matrices(self.thresholds_for(kind, fixed))
-        return ConfusionMatrix.from_matrix(mats.sum(axis=0), self.ignore_index)
+        ts = self.thresholds_for(kind, fixed)
+        total = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        for i in range(len(self)):
+            g, p, v = self._entries(i, ts[i])
+            np.add.at(total, (g, p), v)
+        return ConfusionMatrix.from_matrix(total, self.ignore_index)
 
 
 def miou_rows(matrices: np.ndarray) -> np.ndarray:
