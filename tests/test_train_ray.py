@@ -19,6 +19,8 @@ import torch
 from mcis_dist.cli import main
 from mcis_dist.config import load_config
 from mcis_dist.runtime.checkpoint import load as load_checkpoint
+from mcis_dist.runtime.checkpoint import newest_checkpoint
+from mcis_dist.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -101,8 +103,7 @@ def final_checkpoint(run_root: Path) -> dict:
     cls = run_root / "demo" / "cls"
     snapshot = json.loads((cls / "checkpoint_manager_snapshot.json").read_text())
     assert snapshot
-    newest = sorted(p for p in cls.iterdir() if p.name.startswith("checkpoint_2"))[-1]
-    return load_checkpoint(newest)
+    return load_checkpoint(cls / newest_checkpoint(open_storage(str(cls))))
 
 
 def metrics(run_root: Path) -> list[dict]:
@@ -156,7 +157,8 @@ def test_killed_run_resumes_to_the_same_weights(shards, tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-run
     proc.wait()
-    interrupted = load_checkpoint(sorted(cls.glob("checkpoint_2*"))[-1])
+    # the newest finished checkpoint: a kill during a copy leaves a newer, truncated folder
+    interrupted = load_checkpoint(cls / newest_checkpoint(open_storage(str(cls))))
     assert 0 < interrupted["state"]["step"] < reference["state"]["step"]
 
     resumed = run(cmd)  # the same command again

@@ -15,6 +15,7 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import io
+import json
 import random
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from mcis_dist.runtime.paths import absolute_url, classifier_run_url, endpoint_u
 from mcis_dist.storage import StorageError, open_storage
 
 CHECKPOINT_FILE = "checkpoint.pt"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of finished checkpoints
 
 
 class CheckpointError(ValueError):
@@ -88,8 +90,31 @@ def load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
 
 
 def newest_checkpoint(run_storage) -> str | None:
-    """Name of the newest ``checkpoint_*`` folder of a Ray Train run (Ray names them by time)."""
+    """Name of the newest *finished* ``checkpoint_*`` folder of a Ray Train run.
+
+    Ray writes ``checkpoint_manager_snapshot.json`` only after a checkpoint's upload finished,
+    so a run killed while it copied a checkpoint leaves a newer folder with a truncated
+    ``checkpoint.pt`` that the snapshot does not name; the snapshot's latest checkpoint is the
+    one a resumed run restores, and the one every later stage must read. Folders outside the
+    snapshot count only when there is no snapshot at all (checkpoints a user laid out by hand);
+    Ray names them by time, so the largest name is the newest.
+    """
     names = [d for d in run_storage.list_dirs() if d.startswith("checkpoint_")]
+    if run_storage.exists(SNAPSHOT_FILE):
+        where = run_storage.describe(SNAPSHOT_FILE)
+        try:
+            snapshot = json.loads(run_storage.read_bytes(SNAPSHOT_FILE))
+            latest = snapshot.get("latest_checkpoint_result") or {}
+            registered = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(
+                f"{where} is not a Ray Train checkpoint snapshot ({type(e).__name__}: {e}); "
+                "it names the finished checkpoints of the run"
+            ) from None
+        newest = latest.get("checkpoint_dir_name") or (max(registered) if registered else None)
+        if newest is not None and newest not in names:
+            raise CheckpointError(f"{where} names {newest}, which is not in the run folder")
+        return newest
     return max(names) if names else None
 
 
