@@ -64,6 +64,8 @@ def cmd_shards_build(args) -> int:
         "labels_from": args.labels_from,
         "folder_root": args.folder_root,
         "domain": args.domain,
+        "boxes": args.boxes,
+        "box_coords": args.box_coords,
     }
     if args.source == "synthetic":
         source_args["spec"] = _synthetic_spec(args)

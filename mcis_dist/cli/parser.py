@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "list and folder: train",
     )
     g = b.add_argument_group("list source (LID / ImageNet style)")
-    g.add_argument("--list", dest="list_file", help="text file: relative/path.jpg label [...]")
+    g.add_argument(
+        "--list",
+        dest="list_file",
+        help="text file: relative/path.jpg label [...] (optional with --boxes FILE: the box "
+        "file then lists the images, labelled with their boxes' classes)",
+    )
     g.add_argument("--image-root", help="folder the list's paths are relative to")
     g.add_argument("--mask-root", help="optional folder of <stem>.png masks")
     g.add_argument("--classes", help="class list file, one name per line (list, folder)")
@@ -79,6 +84,35 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["target", "single", "web"],
         default=None,
         help="domain tag of every sample (default: target; folder: web)",
+    )
+    g = b.add_argument_group(
+        "bounding boxes (list and folder sources)",
+        "Boxes are stored per sample as <key>.boxes.json, [[class, x0, y0, x1, y1], ...] in "
+        "half-open pixels (0 <= x0 < x1 <= width). A bad box line is listed as a rejection "
+        "(file:line, what was expected) and its image kept with its other boxes. "
+        "Tiny-ImageNet train: --source folder --folder-root tiny-imagenet-200/train "
+        "--classes tiny-imagenet-200/wnids.txt --boxes per-class. "
+        "Tiny-ImageNet val: --source list --split val --image-root tiny-imagenet-200/val/images "
+        "--classes tiny-imagenet-200/wnids.txt --boxes tiny-imagenet-200/val/val_annotations.txt. "
+        "Pass the same --classes to both, so that class indices agree.",
+    )
+    g.add_argument(
+        "--boxes",
+        default=None,
+        metavar="FILE|per-class",
+        help="a box file, one box per line, tab- or space-separated: 'file class x0 y0 x1 y1' "
+        "(file relative to --image-root or --folder-root, class a name or 0-based index; "
+        "Tiny-ImageNet's val_annotations.txt is one); or, for the folder source, 'per-class': "
+        "each <class>/<class>_boxes.txt, lines 'file x0 y0 x1 y1' naming files in "
+        "<class>/images/ or <class>/ (Tiny-ImageNet's train layout)",
+    )
+    g.add_argument(
+        "--box-coords",
+        choices=["inclusive", "half-open"],
+        default="inclusive",
+        help="how box files write x1, y1: inclusive (default; the last pixel inside the box, "
+        "as Tiny-ImageNet does, 0..63 on its 64x64 images; stored as x1 + 1, y1 + 1) or "
+        "half-open (one past it, stored as written)",
     )
     g = b.add_argument_group("synthetic source (the built-in dataset)")
     g.add_argument("--num-train", type=int, default=None)

@@ -8,9 +8,11 @@ records, and ``manifest.json``, which exists only once every shard is complete.
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 from collections import Counter
 
+import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from mcis_dist.formats import manifest
@@ -19,6 +21,7 @@ from mcis_dist.storage import Storage, StorageError, open_url
 
 __all__ = [
     "FORMAT",
+    "BOXES_MEMBER",
     "MANIFEST_NAME",
     "PARTS_DIR",
     "ManifestError",
@@ -29,9 +32,11 @@ __all__ = [
     "find_splits",
     "summarize",
     "verify_split",
+    "decode_boxes",
 ]
 
 FORMAT = "mcis-shards/1"
+BOXES_MEMBER = "boxes.json"  # optional: [[class, x0, y0, x1, y1], ...], half-open pixels
 
 
 class ManifestError(ValueError):
@@ -52,7 +57,7 @@ def assemble_manifest(plan, records: list[dict], plan_rejected: list[dict], buil
     shards, rejected = [], list(plan_rejected)
     class_index: list[list[int]] = [[] for _ in range(num_classes)]
     domains, normalised = Counter(), Counter()
-    masks = saliency = 0
+    masks = saliency = with_boxes = num_boxes = 0
     n = 0
     for rec in records:
         rejected.extend(rec["rejected"])
@@ -65,6 +70,8 @@ def assemble_manifest(plan, records: list[dict], plan_rejected: list[dict], buil
             domains[row["domain"]] += 1
             masks += bool(row.get("mask"))
             saliency += bool(row.get("saliency"))
+            with_boxes += bool(row.get("boxes"))
+            num_boxes += row.get("boxes", 0)
             for k in row["labels"]:
                 class_index[k].append(n)
             n += 1
@@ -91,6 +98,8 @@ def assemble_manifest(plan, records: list[dict], plan_rejected: list[dict], buil
         "class_histogram": [len(ix) for ix in class_index],
         "with_mask": masks,
         "with_saliency": saliency,
+        "with_boxes": with_boxes,
+        "num_boxes": num_boxes,
         "normalised": dict(sorted(normalised.items())),
         "num_rejected": len(rejected),
         "rejected": rejected,
@@ -129,6 +138,29 @@ def iter_shard(url: str, endpoint_url: str | None = None):
         yield from group_by_keys(members)
 
 
+def decode_boxes(raw: dict) -> np.ndarray | None:
+    """The boxes of a raw sample (:func:`iter_shard`) as an (N, 5) int32 array of rows
+    ``class, x0, y0, x1, y1`` (half-open pixels of the stored image), or None when it has none
+    (a dict lookup: samples without boxes cost nothing). ValueError if the member is malformed."""
+    data = raw.get(BOXES_MEMBER)
+    if data is None:
+        return None
+    try:
+        boxes = np.asarray(json.loads(data), dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"sample {raw.get('__key__', '?')!r}: malformed {BOXES_MEMBER} ({e})"
+        ) from None
+    if boxes.size == 0:
+        return np.zeros((0, 5), np.int32)
+    if boxes.ndim != 2 or boxes.shape[1] != 5:
+        raise ValueError(
+            f"sample {raw.get('__key__', '?')!r}: {BOXES_MEMBER} holds an array of shape "
+            f"{boxes.shape}, expected rows of [class, x0, y0, x1, y1]"
+        )
+    return boxes.astype(np.int32)
+
+
 def find_splits(storage: Storage) -> list[str]:
     """Split folders (with a manifest or unfinished parts) directly under a dataset URL."""
     return [d for d in storage.list_dirs() if d != PARTS_DIR and storage.child(d).list(PARTS_DIR)]
@@ -150,6 +182,10 @@ def summarize(manifest: dict, url: str, max_rejected: int = 10) -> str:
         f"  domains     {', '.join(f'{k}: {v:,}' for k, v in manifest['domains'].items()) or '-'}",
         f"  masks       {manifest['with_mask']:,}   saliency maps {manifest['with_saliency']:,}",
     ]
+    if manifest.get("with_boxes"):
+        lines.append(
+            f"  boxes       {manifest['num_boxes']:,} on {manifest['with_boxes']:,} samples"
+        )
     if manifest["normalised"]:
         text = ", ".join(f"{k}: {v}" for k, v in manifest["normalised"].items())
         lines.append(f"  normalised  {text}")

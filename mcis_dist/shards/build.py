@@ -51,6 +51,7 @@ from mcis_dist.formats.shards import (
     shard_name,
 )
 from mcis_dist.shards import sources
+from mcis_dist.shards.boxes import BOXES_MEMBER, check_boxes, encode_boxes
 from mcis_dist.shards.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -129,13 +130,18 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-_SAMPLE_FIELDS = [f.name for f in fields(PlannedSample)]
+# Boxes join a sample's row only where it has some, so builds without boxes keep their hashes.
+_SAMPLE_FIELDS = [f.name for f in fields(PlannedSample) if f.name != "boxes"]
+
+
+def _row(s: PlannedSample) -> list:
+    row = [getattr(s, f) for f in _SAMPLE_FIELDS]  # asdict() is 10x slower
+    return row if s.boxes is None else [*row, s.boxes]
 
 
 def plan_hash(plan: SourcePlan, opts: BuildOptions, shard: list[PlannedSample]) -> str:
     head = [FORMAT, plan.source, plan.split, plan.classes, plan.options, opts.content_options()]
-    rows = [[getattr(s, f) for f in _SAMPLE_FIELDS] for s in shard]  # asdict() is 10x slower
-    return _hash([head, rows])
+    return _hash([head, [_row(s) for s in shard]])
 
 
 @dataclass
@@ -192,7 +198,9 @@ def _read(path: str, what: str) -> bytes:
 def encode_sample(task: _ShardTask, s: PlannedSample) -> tuple[dict, dict]:
     """The tar entry for one sample, and what the part record keeps of it.
 
-    Raises ImageError (or any exception) for a sample that cannot be used.
+    Raises ImageError (or any exception) for a sample that cannot be used. A box that reaches
+    past the image costs only that box: its reason is in ``kept["bad_boxes"]`` (the shard
+    lists it as a rejection) and the sample is stored with its other boxes.
     """
     if s.synthetic_index is not None:
         return _encode_synthetic(task, s)
@@ -214,6 +222,13 @@ def encode_sample(task: _ShardTask, s: PlannedSample) -> tuple[dict, dict]:
     kept = {"labels": labels, "mask": bool(s.mask), "saliency": bool(s.saliency)}
     if image.normalised:
         kept["normalised"] = image.normalised
+    if s.boxes:
+        boxes, bad = check_boxes(s.boxes, image.width, image.height, image.transpose)
+        if boxes:
+            entry[BOXES_MEMBER] = encode_boxes(boxes)
+            kept["boxes"] = len(boxes)
+        if bad:
+            kept["bad_boxes"] = bad
     return entry, kept
 
 
@@ -302,6 +317,8 @@ def write_shard(task: _ShardTask, progress=_bump) -> dict:
                 rejected.append({"source_id": s.source_id, "reason": reason})
             else:
                 writer.write(entry)
+                for reason in kept.pop("bad_boxes", ()):
+                    rejected.append({"source_id": s.source_id, "reason": reason})
                 rows.append({"key": s.key, "domain": s.domain, **kept})
                 if kept.get("normalised"):
                     normalised[kept["normalised"]] += 1
@@ -480,16 +497,22 @@ DEFAULT_SPLITS = {
 def plan_source(source: str, split: str, args: dict) -> SourcePlan:
     """Plan one split of a source; ``args`` are the source's own options (paths, domain...)."""
 
+    if args.get("boxes") and source not in ("list", "folder"):
+        raise SourceError(f"--boxes is for the list and folder sources, not --source {source}")
+
     if source == "synthetic":
         return sources.plan_synthetic(args.get("spec") or SyntheticSpec(), split)
     if source == "list":
+        boxes = args.get("boxes")
         return sources.plan_list(
-            args.get("list_file") or _missing("--list", source),
+            args.get("list_file") or (None if boxes else _missing("--list", source)),
             args.get("image_root"),
             args.get("classes") or _missing("--classes", source),
             args.get("mask_root"),
             split=split,
             domain=args.get("domain") or "target",
+            boxes=boxes,
+            box_coords=args.get("box_coords") or "inclusive",
         )
     if source == "voc":
         return sources.plan_voc(
@@ -505,13 +528,16 @@ def plan_source(source: str, split: str, args: dict) -> SourcePlan:
             args.get("classes"),
             split=split,
             domain=args.get("domain") or "web",
+            boxes=args.get("boxes"),
+            box_coords=args.get("box_coords") or "inclusive",
         )
     raise sources.SourceError(f"unknown source {source!r} (valid: {', '.join(DEFAULT_SPLITS)})")
 
 
 def _missing(flag: str, source: str):
 
-    raise SourceError(f"{flag} is required for --source {source}")
+    also = " (or --boxes FILE, whose lines then list the images)" if flag == "--list" else ""
+    raise SourceError(f"{flag} is required for --source {source}{also}")
 
 
 def build_dataset(

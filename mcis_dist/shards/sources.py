@@ -14,6 +14,10 @@ Sources and their domains (the trainer picks a domain-specific W_P from it, pape
 * ``folder``    - one sub-folder per class (web-crawled or single-label data); web or single
 * ``synthetic`` - the built-in generated dataset (``mcis_dist.shards.synthetic``); target
 
+The list and folder sources take optional bounding boxes (``boxes``: a box file, or
+``per-class`` files for the folder source, as Tiny-ImageNet has them); box files are read by
+:mod:`mcis_dist.shards.boxes`, whose docstring gives their formats and the rejection rules.
+
 Over 400 lines because the four planners share the rejection bookkeeping and are short each.
 """
 
@@ -23,9 +27,10 @@ import hashlib
 import os
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mcis_dist.shards.boxes import BOX_COORDS, PER_CLASS, BoxLine, per_class_box_file, read_box_file
 from mcis_dist.shards.synthetic import SyntheticSpec, class_names
 
 __all__ = [
@@ -84,6 +89,7 @@ class PlannedSample:
     saliency: str | None = None
     labels: tuple[int, ...] | None = None  # None: derive from the mask while encoding
     synthetic_index: int | None = None
+    boxes: tuple[BoxLine, ...] | None = None  # None: the source has no boxes for this image
 
 
 @dataclass(frozen=True)
@@ -178,49 +184,128 @@ def _parse_label(token: str, classes: list[str], lookup: dict[str, int]) -> int:
     raise KeyError(token)
 
 
+def _classes_hint(classes: list[str], classes_file: str | os.PathLike | None) -> str:
+    where = Path(classes_file).name if classes_file else "the class folder names"
+    return f"one of the {len(classes)} names in {where} or an index 0..{len(classes) - 1}"
+
+
+def _check_box_coords(box_coords: str) -> None:
+    if box_coords not in BOX_COORDS:
+        raise SourceError(f"box_coords={box_coords!r}: expected one of {', '.join(BOX_COORDS)}")
+
+
+def _box_file(path: str | os.PathLike) -> Path:
+    bf = Path(path)
+    if not bf.is_file():
+        raise SourceError(f"box file {bf} does not exist")
+    return bf
+
+
+def _attach_boxes(
+    classes: list[str],
+    samples: list[PlannedSample],
+    found: list[tuple[str, BoxLine]],
+    rejected: list[Rejection],
+    absent: dict[str, str] | None = None,
+) -> list[PlannedSample]:
+    """Give each sample its boxes (``found``: ``(source id, box)`` in file order). A box of a
+    source id that is not a sample, or of a class the sample's labels do not hold, is a
+    rejection; ``absent`` says why an id is not a sample where that is known (its image is
+    missing, or was rejected)."""
+    by_sid = {s.source_id: s for s in samples}
+    boxes: dict[str, list[BoxLine]] = {}
+    for sid, box in found:
+        s = by_sid.get(sid)
+        if s is None:
+            why = (absent or {}).get(sid, "no such image in the split")
+            rejected.append(
+                Rejection(sid, f"{box.origin}: box for a file not in the split ({why})")
+            )
+        elif s.labels is not None and box.cls not in s.labels:
+            names = ", ".join(classes[k] for k in s.labels)
+            rejected.append(
+                Rejection(
+                    sid,
+                    f"{box.origin}: box of class {box.cls} ({classes[box.cls]}), but the image's "
+                    f"labels are {list(s.labels)} ({names}); expected a box of one of its classes",
+                )
+            )
+        else:
+            boxes.setdefault(sid, []).append(box)
+    return [
+        replace(s, boxes=tuple(boxes[s.source_id])) if s.source_id in boxes else s for s in samples
+    ]
+
+
 def plan_list(
-    list_file: str | os.PathLike,
+    list_file: str | os.PathLike | None,
     image_root: str | os.PathLike,
     classes_file: str | os.PathLike,
     mask_root: str | os.PathLike | None = None,
     split: str = "train",
     domain: str = "target",
+    boxes: str | os.PathLike | None = None,
+    box_coords: str = "inclusive",
 ) -> SourcePlan:
     """LID / ImageNet-200 style: ``relative/path.jpg label [label ...]`` per line, labels as
-    class names or 0-based indices; with ``mask_root``, ``<stem>.png`` masks where present."""
+    class names or 0-based indices; with ``mask_root``, ``<stem>.png`` masks where present.
+
+    ``boxes``: a box file, lines ``relative/path.jpg class x0 y0 x1 y1`` (paths relative to
+    ``image_root``; coordinates as ``box_coords`` says, see :mod:`mcis_dist.shards.boxes`).
+    Without a list file the box file is the list: its images are the files it names, labelled
+    with the classes of their boxes. That is how Tiny-ImageNet's validation split reads, from
+    ``val/val_annotations.txt`` (``file wnid x0 y0 x1 y1``, inclusive) and ``val/images``.
+    """
     classes = read_class_list(classes_file)
     root = _require_dir(image_root, "image root")
     masks = _require_dir(mask_root, "mask root") if mask_root is not None else None
-    lf = Path(list_file)
-    if not lf.is_file():
-        raise SourceError(f"list file {lf} does not exist")
-    lookup = {name: i for i, name in enumerate(classes)}
-    samples, rejected = [], []
-    for lineno, raw in enumerate(lf.read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        rel, *tokens = line.split()
-        sid = rel
-        if not tokens:
-            rejected.append(Rejection(sid, f"{lf.name}:{lineno}: empty label list"))
-            continue
-        try:
-            labels = tuple(sorted({_parse_label(t, classes, lookup) for t in tokens}))
-        except KeyError as e:
-            rejected.append(
-                Rejection(
-                    sid,
-                    f"{lf.name}:{lineno}: unknown class {e.args[0]!r} "
-                    f"(expected one of the {len(classes)} names in {Path(classes_file).name} "
-                    f"or an index 0..{len(classes) - 1})",
-                )
+    if list_file is None and boxes is None:
+        raise SourceError("the list source needs a list file, or a box file to list its images")
+    if boxes is not None:
+        _check_box_coords(box_coords)
+        if str(boxes) == PER_CLASS:
+            raise SourceError(
+                f"boxes={PER_CLASS!r} is for the folder source (<class>/<class>_boxes.txt); "
+                "the list source takes a box file: file class x0 y0 x1 y1 per line"
             )
+    lookup = {name: i for i, name in enumerate(classes)}
+    samples: list[PlannedSample] = []
+    rejected: list[Rejection] = []
+    absent: dict[str, str] = {}  # why a source id is not a sample (for its box lines)
+    lf = Path(list_file) if list_file is not None else None
+    if lf is not None:
+        if not lf.is_file():
+            raise SourceError(f"list file {lf} does not exist")
+        entries = _read_list(lf, classes, classes_file, lookup)
+    found: list[tuple[str, BoxLine]] = []
+    bad_boxes: list[Rejection] = []
+    if boxes is not None:
+        bf = _box_file(boxes)
+        found, bad = read_box_file(
+            bf,
+            box_coords,
+            bf.name,
+            lambda t: _parse_label(t, classes, lookup),
+            classes_hint=_classes_hint(classes, classes_file),
+        )
+        bad_boxes = [Rejection(sid, reason) for sid, reason in bad]
+    if lf is None:  # the box file lists the images; their boxes' classes label them
+        labels_of: dict[str, set[int]] = {}
+        for sid, box in found:
+            labels_of.setdefault(sid, set()).add(box.cls)
+        entries = [(sid, tuple(sorted(ls))) for sid, ls in labels_of.items()]
+    for entry in entries:
+        if isinstance(entry, Rejection):
+            rejected.append(entry)
+            absent.setdefault(entry.source_id, "its line in the list is rejected")
             continue
+        rel, labels = entry
         image = root / rel
         size = _size(image)
         if size is None:
-            rejected.append(Rejection(sid, f"image file {image} not found"))
+            absent[rel] = f"image file {image} not found"
+            if lf is not None:  # else each of its box lines is the rejection
+                rejected.append(Rejection(rel, f"image file {image} not found"))
             continue
         mask = None
         if masks is not None:
@@ -231,7 +316,7 @@ def plan_list(
         samples.append(
             PlannedSample(
                 key=sample_key(rel),
-                source_id=sid,
+                source_id=rel,
                 domain=domain,
                 est_bytes=size + _PER_SAMPLE_OVERHEAD,
                 image=str(image),
@@ -239,11 +324,52 @@ def plan_list(
                 labels=labels,
             )
         )
+    before = len(rejected)
     samples = _dedupe(samples, rejected)
-    options = {"list": str(lf), "image_root": str(root), "classes": str(classes_file)}
+    for r in rejected[before:]:
+        absent.setdefault(r.source_id, "its key duplicates another image's")
+    rejected += bad_boxes
+    if boxes is not None:
+        samples = _attach_boxes(classes, samples, found, rejected, absent)
+    options = {"list": str(lf)} if lf is not None else {}
+    options.update(image_root=str(root), classes=str(classes_file))
     if masks is not None:
         options["mask_root"] = str(masks)
+    if boxes is not None:
+        options.update(boxes=str(boxes), box_coords=box_coords)
     return SourcePlan("list", split, classes, samples, rejected, options)
+
+
+def _read_list(
+    lf: Path,
+    classes: list[str],
+    classes_file: str | os.PathLike,
+    lookup: dict[str, int],
+) -> list[tuple[str, tuple[int, ...]] | Rejection]:
+    """(relative path, labels) of each good line of a list file, a Rejection of each bad one,
+    in line order."""
+    entries: list[tuple[str, tuple[int, ...]] | Rejection] = []
+    for lineno, raw in enumerate(lf.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        rel, *tokens = line.split()
+        if not tokens:
+            entries.append(Rejection(rel, f"{lf.name}:{lineno}: empty label list"))
+            continue
+        try:
+            labels = tuple(sorted({_parse_label(t, classes, lookup) for t in tokens}))
+        except KeyError as e:
+            entries.append(
+                Rejection(
+                    rel,
+                    f"{lf.name}:{lineno}: unknown class {e.args[0]!r} "
+                    f"(expected {_classes_hint(classes, classes_file)})",
+                )
+            )
+            continue
+        entries.append((rel, labels))
+    return entries
 
 
 def _voc_split_ids(voc: Path, split: str) -> list[str]:
@@ -363,26 +489,56 @@ def plan_folder(
     classes_file: str | os.PathLike | None = None,
     split: str = "train",
     domain: str = "web",
+    boxes: str | os.PathLike | None = None,
+    box_coords: str = "inclusive",
 ) -> SourcePlan:
-    """One sub-folder per class (``root/<class>/*.jpg``), matched to the target class list by
-    name, ignoring case and punctuation ("Dining Table" = "diningtable"). Without a class list
-    the sorted folder names are the classes. Files in unknown folders are rejected."""
+    """One sub-folder per class (``root/<class>/*.jpg``, sub-folders included, so
+    ``root/<class>/images/*.JPEG`` too), matched to the target class list by name, ignoring case
+    and punctuation ("Dining Table" = "diningtable"). Without a class list the sorted folder
+    names are the classes. Files in unknown folders are rejected.
+
+    ``boxes`` (see :mod:`mcis_dist.shards.boxes`): a box file of ``file class x0 y0 x1 y1``
+    lines, files relative to ``root``; or ``"per-class"``: Tiny-ImageNet's
+    ``<class>/<class>_boxes.txt`` in each class folder, lines ``file x0 y0 x1 y1`` naming a file
+    in ``<class>/images/`` (or ``<class>/``), of the folder's class. Those files are never taken
+    for images: without ``boxes`` they are listed as rejections that say how to use them.
+    """
     base = _require_dir(root, "folder root")
     folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise SourceError(f"folder root {base} has no class sub-folders")
+    per_class = boxes is not None and str(boxes) == PER_CLASS
+    if boxes is not None:
+        _check_box_coords(box_coords)
+    if per_class and not any(per_class_box_file(f).is_file() for f in folders):
+        raise SourceError(
+            f"boxes={PER_CLASS!r} but no class folder of {base} holds a <class>/<class>_boxes.txt "
+            f"(expected e.g. {per_class_box_file(folders[0])}; is the root tiny-imagenet-200/train?)"
+        )
     classes = read_class_list(classes_file) if classes_file else [f.name for f in folders]
     lookup = {_normalise_name(c): i for i, c in enumerate(classes)}
     samples, rejected = [], []
+    found: list[tuple[str, BoxLine]] = []
     for folder in folders:
         label = lookup.get(_normalise_name(folder.name))
+        box_file = per_class_box_file(folder)
+        files = set()
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             sid = str(path.relative_to(base))
+            if path == box_file:
+                if not per_class:
+                    reason = "a per-class box file, not an image: pass --boxes per-class to use it"
+                    rejected.append(Rejection(sid, reason))
+                elif label is None:
+                    reason = f"box file of folder '{folder.name}', which matches no class: not read"
+                    rejected.append(Rejection(sid, reason))
+                continue
             if label is None:
                 rejected.append(
                     Rejection(sid, f"folder '{folder.name}' matches no class in the class list")
                 )
                 continue
+            files.add(sid)
             samples.append(
                 PlannedSample(
                     key=sample_key(sid),
@@ -393,11 +549,53 @@ def plan_folder(
                     labels=(label,),
                 )
             )
+        if per_class and label is not None and box_file.is_file():
+            found += _per_class_boxes(base, folder, box_file, label, box_coords, files, rejected)
+    before = len(rejected)
     samples = _dedupe(samples, rejected)
+    absent = {r.source_id: "its key duplicates another image's" for r in rejected[before:]}
+    if boxes is not None and not per_class:
+        bf = _box_file(boxes)
+        exact = {name: i for i, name in enumerate(classes)}
+        found, bad = read_box_file(
+            bf,
+            box_coords,
+            bf.name,
+            lambda t: _parse_label(t, classes, exact),
+            classes_hint=_classes_hint(classes, classes_file),
+        )
+        rejected += [Rejection(sid, reason) for sid, reason in bad]
+    if boxes is not None:
+        samples = _attach_boxes(classes, samples, found, rejected, absent)
     options = {"root": str(base), "domain": domain}
     if classes_file:
         options["classes"] = str(classes_file)
+    if boxes is not None:
+        options.update(boxes=str(boxes), box_coords=box_coords)
     return SourcePlan("folder", split, classes, samples, rejected, options)
+
+
+def _per_class_boxes(
+    base: Path,
+    folder: Path,
+    box_file: Path,
+    label: int,
+    coords: str,
+    files: set[str],
+    rejected: list[Rejection],
+) -> list[tuple[str, BoxLine]]:
+    """The boxes of one per-class box file, keyed by the source id of the image each names:
+    ``<class>/images/<file>`` (Tiny-ImageNet) or ``<class>/<file>``, whichever of the folder's
+    ``files`` it is (the first, for a file that is neither)."""
+    where = str(box_file.relative_to(base))
+    found, bad = read_box_file(box_file, coords, where, None, fixed_class=label)
+
+    def sid_of(name: str) -> str:
+        nested, flat = str(Path(folder.name) / "images" / name), str(Path(folder.name) / name)
+        return flat if flat in files and nested not in files else nested
+
+    rejected += [Rejection(sid_of(name), reason) for name, reason in bad]
+    return [(sid_of(name), box) for name, box in found]
 
 
 def plan_synthetic(spec: SyntheticSpec, split: str = "train") -> SourcePlan:

@@ -33,7 +33,7 @@ from mcis_dist.data.stream import parse_record
 from mcis_dist.data.transforms import decode_mask, decode_rgb
 from mcis_dist.evaluation import ConfusionMatrix
 from mcis_dist.formats.cams import iter_cam_shard, read_cam_manifest
-from mcis_dist.formats.shards import iter_shard
+from mcis_dist.formats.shards import decode_boxes, iter_shard
 from mcis_dist.masks.evaluate import count_labels
 from mcis_dist.masks.modes import RandomWalkLabeller, SkipSample, make_sample
 from mcis_dist.runtime.paths import endpoint_url
@@ -53,14 +53,22 @@ class ValImage:
     key: str
     labels: list[int]  # 0-based classes of the image
     rgb: torch.Tensor  # (3, H, W) uint8
-    mask: np.ndarray  # (H, W) uint8: 0 background, k + 1 class k, 255 ignore
+    mask: np.ndarray | None  # (H, W) uint8: 0 background, k + 1 class k, 255 ignore
+    boxes: np.ndarray | None = None  # (N, 5) int32 rows class, x0, y0, x1, y1 (half-open)
 
 
 def read_val_images(
-    url: str, endpoint: str | None, rank: int, world: int, num_classes: int
+    url: str,
+    endpoint: str | None,
+    rank: int,
+    world: int,
+    num_classes: int,
+    need_mask: bool = True,
 ) -> tuple[list[ValImage], list[str]]:
     """This rank's share (every ``world``-th sample) of the images with masks of a split, and
-    the split's class names."""
+    the split's class names. Each image's boxes come with it where the split has them (None
+    otherwise); with ``need_mask=False`` images without a mask are read too (``mask`` None),
+    for splits with boxes only (Tiny-ImageNet)."""
 
     manifest, storage = open_manifest(url, endpoint, check_shards=False)
     if len(manifest["classes"]) != num_classes:
@@ -74,10 +82,11 @@ def read_val_images(
             storage.describe(shard["name"]), getattr(storage, "endpoint_url", None)
         ):
             mine, index = index % world == rank, index + 1
-            if not mine or "mask.png" not in raw:
+            if not mine or (need_mask and "mask.png" not in raw):
                 continue
             key, labels, _domain, data = parse_record(raw, num_classes)
-            out.append(ValImage(key, list(labels), decode_rgb(data), decode_mask(raw["mask.png"])))
+            mask = decode_mask(raw["mask.png"]) if "mask.png" in raw else None
+            out.append(ValImage(key, list(labels), decode_rgb(data), mask, decode_boxes(raw)))
     return out, manifest["classes"]
 
 
