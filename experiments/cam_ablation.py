@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--variant", action="append", default=[], help="NAME:key=value,... training")
     p.add_argument("--mapset", action="append", default=[], help="NAME:key=value,... map set")
     p.add_argument("--compare", action="append", default=[], help="A:B, more map-set pairs")
+    p.add_argument("--only", default=None, help="NAME,NAME: map only these sets (of the above)")
     p.add_argument("--boot", type=int, default=2000)
     p.add_argument("overrides", nargs="*", help="key=value for every run")
     args = p.parse_args(argv)
@@ -200,6 +201,11 @@ def main(argv=None) -> int:
     for k in (int(k) for k in args.ks.split(",")):
         mapsets[f"coatt_k{k}"] = ["cams.mode=coattentive", f"cams.related={k}"]
     mapsets.update(_parse_named(args.mapset, "mapset"))
+    if args.only:
+        unknown = sorted(set(args.only.split(",")) - set(mapsets))
+        if unknown:
+            raise SystemExit(f"--only {', '.join(unknown)}: not a map set ({', '.join(mapsets)})")
+        mapsets = {k: v for k, v in mapsets.items() if k in args.only.split(",")}
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, sweeps, diagnostics, t0 = [], {}, {}, time.time()
     for seed in seeds:

@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "mcis_dist.affinity.random_walk",
             "mcis_dist.masks.modes",
             "mcis_dist.seg.infer",
+            "mcis_dist.shards.boxes",
             "mcis_dist.shards.images",
             "mcis_dist.shards.photos",
             "mcis_dist.shards.sources",
