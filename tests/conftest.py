@@ -35,6 +35,41 @@ SMALL = [
     "seg.data.batch_size=4",
 ]
 
+# The demo at its smallest, on top of SMALL: 8 training images of 64-80 px (2 shards), one epoch
+# of each trained stage, 64-pixel crops, one CAM scale without flip, a 4-step random walk. The
+# classifier trains on 2 Ray Train workers (DDP, as in the demo); every other stage uses one
+# worker or actor: each Ray process costs seconds of imports (tests that run a whole pipeline).
+TINY = [
+    "synthetic.num_train=8",
+    "synthetic.num_val=2",
+    "synthetic.min_size=64",
+    "synthetic.max_size=80",
+    "shards.shard_size_mb=0.02",
+    "train.epochs=1",
+    "train.contrastive_from_epoch=0",
+    "train.report_every_steps=1",
+    "data.batch_size=2",
+    "data.pool_size=8",
+    "data.max_wait=8",
+    "data.shuffle_buffer=8",
+    "data.crop_size=64",
+    "data.resize_long=[56,80]",
+    "cams.flip=false",
+    "cams.num_actors=1",
+    "cams.eval_attention_pairs=0",
+    "cams.eval_grid=0",
+    "affinity.num_actors=1",
+    "affinity.train.num_workers=1",
+    "affinity.data.crop_size=64",
+    "masks.steps=4",
+    "masks.num_actors=1",
+    "masks.eval_grid=0",
+    "seg.train.num_workers=1",
+    "seg.data.crop_size=64",
+    "seg.num_actors=1",
+    "seg.eval_grid=0",
+]
+
 
 def env(**extra) -> dict:
     """The environment of a pipeline subprocess: no usage statistics, Ray Train's controller

@@ -14,42 +14,8 @@ import torch
 
 from mcis_dist.runtime.checkpoint import resolve
 
-from conftest import env, pipeline_cmd
+from conftest import TINY, env, pipeline_cmd
 
-# The demo at its smallest, on top of SMALL: 8 training images of 64-80 px (2 shards), one epoch
-# of each trained stage, 64-pixel crops, one CAM scale without flip, a 4-step random walk. The
-# classifier trains on 2 Ray Train workers (DDP, as in the demo); every other stage uses one
-# worker or actor: each Ray process costs seconds of imports, and the test runs the pipeline twice.
-TINY = [
-    "synthetic.num_train=8",
-    "synthetic.num_val=2",
-    "synthetic.min_size=64",
-    "synthetic.max_size=80",
-    "shards.shard_size_mb=0.02",
-    "train.epochs=1",
-    "train.contrastive_from_epoch=0",
-    "train.report_every_steps=1",
-    "data.batch_size=2",
-    "data.pool_size=8",
-    "data.max_wait=8",
-    "data.shuffle_buffer=8",
-    "data.crop_size=64",
-    "data.resize_long=[56,80]",
-    "cams.flip=false",
-    "cams.num_actors=1",
-    "cams.eval_attention_pairs=0",
-    "cams.eval_grid=0",
-    "affinity.num_actors=1",
-    "affinity.train.num_workers=1",
-    "affinity.data.crop_size=64",
-    "masks.steps=4",
-    "masks.num_actors=1",
-    "masks.eval_grid=0",
-    "seg.train.num_workers=1",
-    "seg.data.crop_size=64",
-    "seg.num_actors=1",
-    "seg.eval_grid=0",
-]
 NUMBERS = ("cam_miou_single", "cam_miou_coattentive", "pseudo_miou", "seg_miou")
 # The trained networks' run folders, under <run_root>/demo/: classifier, AffinityNet, DeepLab.
 TRAINED = ("cls", "affinity/run", "seg/run")

@@ -37,6 +37,12 @@ is finally divided by its own maximum (``normalize_cam``), so maps lie in [0, 1]
   resize is the bilinear one to the output grid (theirs: cubic to the image size). ``scales``
   and ``flip`` are unused.
 
+With ``class_scores=True`` (the CAM stage) every ``cams`` call also leaves the classifier's
+single-image class scores over all K classes in ``last_scores``: GAP(phi(F_n)) of Eq. 1 on the
+unflipped image at scale 1 (its features are reused when scale 1 is one of ``scales`` and the
+mode's own forward sees the image unresized; else one more backbone pass). The stage stores the
+top-1 and top-5 classes from them (top-1 localization and classification in ``mcis eval cams``).
+
 Related images are resized to a long side of ``related_size`` (authors mode with ``square``: to
 square x square); their features are kept in a bounded LRU cache (``FeatureCache``, keyed by
 sample and size), so an image drawn by many queries is decoded and encoded once per actor.
@@ -65,7 +71,14 @@ from mcis_dist.models.mcis import (
     normalize_cam,
 )
 
-__all__ = ["CamSettings", "FeatureCache", "CamEngine", "resize_long", "authors_maps"]
+__all__ = [
+    "CamSettings",
+    "FeatureCache",
+    "CamEngine",
+    "resize_long",
+    "authors_maps",
+    "top_classes",
+]
 
 MODES = ("single", "coattentive", "authors")
 
@@ -190,6 +203,8 @@ class CamEngine:
         settings: ``CamSettings``.
         sampler: a ``RelatedSampler`` over the split (co-attentive mode only).
         cache_bytes: bound of the related-feature cache (0: no cache).
+        class_scores: also compute the single-image class scores of every mapped image
+            (``last_scores``, module docstring).
     """
 
     def __init__(
@@ -199,6 +214,7 @@ class CamEngine:
         sampler=None,
         device: torch.device | str = "cpu",
         cache_bytes: int = 0,
+        class_scores: bool = False,
     ) -> None:
         if settings.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {settings.mode!r}")
@@ -208,6 +224,8 @@ class CamEngine:
         self.device = torch.device(device)
         self.cache = FeatureCache(cache_bytes)
         self.counts = {"fallback_classes": 0, "fallback_images": 0, "related_bad": 0}
+        self.class_scores = class_scores
+        self.last_scores: Tensor | None = None  # (K,) float32 on the CPU, of the last image
 
     # ---- pieces ---------------------------------------------------------------------------
     def _autocast(self):
@@ -259,15 +277,20 @@ class CamEngine:
         """Maps of the labelled classes: (L, ceil(H/s), ceil(W/s)) float32 in [0, 1] (s the
         output stride), in the order of ``labels``; and the classes that fell back to S_n."""
         labels = [int(k) for k in labels]
+        self.last_scores = None
         x = self.prepare(rgb)  # (1, 3, H, W)
         h, w = x.shape[-2:]
         out_size = (math.ceil(h / self.s.out_stride), math.ceil(w / self.s.out_stride))
         if self.s.mode == "authors":
-            return self._authors(x, labels, key, out_size), []
+            maps = self._authors(x, labels, key, out_size)
+            self._ensure_scores(x)
+            return maps, []
         related, fallback = self._related_sets(x, labels, key, domain)
         total = x.new_zeros((len(labels), *out_size))
         for scale in self.s.scales:
             feats = self.features(self._flip_batch(_rescale(x, scale)))  # (B, C, h, w)
+            if self.class_scores and scale == 1.0 and self.last_scores is None:
+                self.last_scores = self._single_scores(feats[:1])
             with self._autocast():
                 maps = torch.stack(
                     [self._class_map(feats, k, related.get(k)) for k in labels], dim=1
@@ -276,7 +299,19 @@ class CamEngine:
         if fallback:
             self.counts["fallback_classes"] += len(fallback)
             self.counts["fallback_images"] += 1
+        self._ensure_scores(x)
         return normalize_cam(total), fallback
+
+    def _single_scores(self, feats: Tensor) -> Tensor:
+        """(1, C, h, w) features -> (K,) single-image class scores GAP(phi(F)) (Eq. 1; phi is
+        a 1x1 convolution, so it is applied to the pooled features)."""
+        pooled = feats.float().mean(dim=(2, 3), keepdim=True)  # (1, C, 1, 1)
+        return self.model.phi(pooled).flatten().float().cpu()
+
+    def _ensure_scores(self, x: Tensor) -> None:
+        """``last_scores`` of the image x (1, 3, H, W) when asked for and not yet computed."""
+        if self.class_scores and self.last_scores is None:
+            self.last_scores = self._single_scores(self.features(x))
 
     def _authors(self, x: Tensor, labels: list[int], key: str, out_size) -> Tensor:
         """The ``authors`` mode's maps (L, out_h, out_w) in [0, 1] (see the module docstring)."""
@@ -286,6 +321,8 @@ class CamEngine:
         else:
             small, big = _rescale(x, 0.75), _rescale(x, 2.0)
         feats = self.features(x)  # (1, C, h, w)
+        if self.class_scores and not sq:  # x unresized: its features are scale 1's
+            self.last_scores = self._single_scores(feats)
         copies = [self.features(v) for v in (x.flip(-1), small, big)]
         related = {}
         for k in labels:
@@ -417,3 +454,9 @@ def authors_maps(
                 total = total + _max_normalise(m)
         out.append(total / 5)
     return torch.stack(out)
+
+
+def top_classes(scores: Tensor, k: int = 5) -> list[int]:
+    """The indices of the ``k`` highest class scores (K,), highest first; ties: lower index."""
+    order = torch.argsort(scores.float(), descending=True, stable=True)
+    return [int(i) for i in order[:k]]

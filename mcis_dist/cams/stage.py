@@ -6,7 +6,9 @@ images that could not be read), each sample holding
 * ``<key>.cam.npy``: float16 (L, ceil(H/s), ceil(W/s)) maps in [0, 1], one per labelled class,
   in the order of ``labels`` (s = ``cams.out_stride``);
 * ``<key>.json``: ``{"key", "labels", "size": [H, W], "stride", "fallback": [classes mapped
-  single-round because no other image holds them]}``.
+  single-round because no other image holds them], "top1", "top5"}``; ``top1`` / ``top5`` are
+  the classifier's highest single-image class scores over all classes (GAP of phi, Eq. 1, at
+  scale 1; ``CamEngine.last_scores``), for top-1 localization in ``mcis eval cams``.
 
 Plus the DALI-style ``.idx`` of each tar, a part record per shard and ``manifest.json``
 (format ``mcis-cams/1``) written last. See ``mcis_dist.runtime.sharded`` for the resume and fault rules.
@@ -22,7 +24,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from mcis_dist.cams.infer import CamEngine, CamSettings
+from mcis_dist.cams.infer import CamEngine, CamSettings, top_classes
 from mcis_dist.config import ExperimentConfig, config_from_dict
 from mcis_dist.data.loader import open_manifest
 from mcis_dist.data.related import RelatedSampler
@@ -135,6 +137,7 @@ class CamActor:
             sampler,
             self.device,
             cache_bytes=cfg.cams.feature_cache_mb * 2**20,
+            class_scores=True,
         )
 
     def pid(self) -> int:
@@ -166,6 +169,9 @@ class CamActor:
                         "stride": self.cfg.cams.out_stride,
                         "fallback": fell,
                     }
+                    if self.engine.last_scores is not None:
+                        top = top_classes(self.engine.last_scores, 5)
+                        meta.update(top1=top[0], top5=top)
                     writer.write(
                         {
                             "__key__": key,

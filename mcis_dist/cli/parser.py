@@ -273,16 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     ec = _config_command(
         esub,
         "cams",
-        help="CAM mIoU with a background-threshold sweep, per-class IoU and an overlay grid",
+        help="CAM mIoU with a background-threshold sweep, per-class IoU and an overlay grid; "
+        "box localization on a split with boxes",
         description="CAM mIoU on the mapped split's masks at cams.bg_threshold, plus the sweep "
         "over cams.eval_thresholds (the sweep's best threshold looks at ground truth: reported, "
-        "never used by a later stage). Writes eval.json and overlays.png.",
+        "never used by a later stage). On a split with bounding boxes, also GT-known loc, "
+        "MaxBoxAccV2, top-1 loc and top-1 cls (Choe et al., CVPR 2020) at held-out, fixed and "
+        "oracle thresholds with 95% bootstrap intervals. Writes eval.json and overlays.png.",
     )
     ec.add_argument("--cams", default=None, help="CAM folder (default: cams.out_url)")
     ec.add_argument(
         "--thresholds",
         default=None,
-        help="sweep, e.g. 0:0.6:0.05 or 0.1,0.2 (default: cams.eval_thresholds)",
+        help="mIoU sweep, e.g. 0:0.6:0.05 or 0.1,0.2 (default: cams.eval_thresholds; boxes "
+        "always sweep 0, 0.05, ..., 0.95 and cams.bg_threshold)",
     )
     ec.add_argument("--out", default=None, help="where eval.json goes (default: <cams>/eval)")
 
@@ -292,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="paired difference of two CAM map sets of the same images, with a 95%% interval",
         description="Score map sets A and B (CAM folders of the same split; one of each per "
         "seed, --a and --b repeated in the same order) on the images both mapped, and give the "
-        "mean over seeds of mIoU(A) - mIoU(B) with a 95% bootstrap interval over images (and "
+        "mean over seeds of mIoU(A) - mIoU(B) (on a split with boxes: of MaxBoxAccV2 and "
+        "GT-known loc) with a 95% bootstrap interval over images (and "
         "seeds), at held-out thresholds (each half of the images at the best threshold of the "
         "other half), at the fixed cams.bg_threshold, and at the oracle threshold.",
     )

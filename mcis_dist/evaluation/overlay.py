@@ -1,7 +1,8 @@
-"""Pictures for evaluation: VOC colours, CAM heat maps, overlays and a captioned PNG grid.
+"""Pictures for evaluation: VOC colours, CAM heat maps, overlays, boxes and a captioned grid.
 
 PIL and numpy only. Images are RGB uint8 arrays (H, W, 3) or PIL images; label maps are
-integer arrays (H, W) with 255 for ignored pixels.
+integer arrays (H, W) with 255 for ignored pixels; boxes are half-open pixel boxes
+(x0, y0, x1, y1).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 Cell = Image.Image | np.ndarray
 
 IGNORE_COLOUR = (255, 255, 255)
+TRUE_BOX_COLOUR = (0, 255, 0)  # ground-truth boxes: green
+PREDICTED_BOX_COLOUR = (255, 0, 255)  # a map's predicted box: magenta (not in the heat map)
 CAPTION_HEIGHT = 14  # pixels of the caption band under each cell row (when captions are given)
 PAD = 4  # pixels between cells and around the grid
 
@@ -205,6 +208,50 @@ def cam_panel(
             col = _resize_to(np.asarray(colorize(lm)), size, nearest=True)
             cells.append(blend(img, col, alpha))
             caps.append(cap)
+    return cells, caps
+
+
+def draw_boxes(
+    cell: Cell, boxes, colour: tuple[int, int, int], width: int | None = None
+) -> np.ndarray:
+    """A copy of ``cell`` (H, W, 3) with the outline of every half-open box (x0, y0, x1, y1)
+    of ``boxes`` (n, 4) drawn on its outermost pixels in ``colour``; empty boxes are skipped.
+    ``width``: line width in pixels (default: about 1% of the shorter side, at least 1)."""
+    img = Image.fromarray(_rgb(cell, "cell").copy())
+    if width is None:
+        width = max(1, round(min(img.size) / 100))
+    draw = ImageDraw.Draw(img)
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.int64).reshape(-1, 4).tolist():
+        if x1 > x0 and y1 > y0:
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=width)
+    return np.asarray(img)
+
+
+def box_panel(
+    image_rgb: Cell,
+    scores: np.ndarray,
+    class_names: Sequence[str],
+    class_ids: Sequence[int],
+    true_boxes,
+    predicted: dict[int, Sequence[int]],
+    label_map: np.ndarray | None = None,
+    gt: np.ndarray | None = None,
+    notes: dict[int, str] | None = None,
+    alpha: float = 0.5,
+) -> tuple[list[np.ndarray], list[str]]:
+    """:func:`cam_panel` with boxes on each class's heat-map overlay: the class's true boxes
+    (rows of ``true_boxes`` (n, 5) = class, x0, y0, x1, y1) in green and its predicted box
+    (``predicted``: class id -> (x0, y0, x1, y1)) in magenta; ``notes`` (class id -> text) is
+    added to that cell's caption. ``scores`` must be on the image's pixel grid."""
+    cells, caps = cam_panel(image_rgb, scores, class_names, label_map, gt, alpha)
+    true = np.asarray(true_boxes, dtype=np.int64).reshape(-1, 5)
+    for j, c in enumerate(class_ids):
+        cell = draw_boxes(cells[1 + j], true[true[:, 0] == c, 1:], TRUE_BOX_COLOUR)
+        if c in predicted:
+            cell = draw_boxes(cell, [predicted[c]], PREDICTED_BOX_COLOUR)
+        cells[1 + j] = cell
+        if notes and c in notes:
+            caps[1 + j] += f" {notes[c]}"
     return cells, caps
 
 

@@ -2,9 +2,15 @@
 
 * ``<key>.cam.npy``: float16 (L, ceil(H/s), ceil(W/s)) maps in [0, 1], one per labelled class,
   in the order of ``labels`` (s = the stride the maps were made at);
-* ``<key>.json``: ``{"key", "labels", "size": [H, W], "stride", "fallback": [...]}``,
+* ``<key>.json``: ``{"key", "labels", "size": [H, W], "stride", "fallback": [...]}`` and,
+  optionally, ``"top1"`` (int) and ``"top5"`` (ints, highest first): the classifier's top
+  classes over all classes (written by ``mcis cams`` since top-1 localization was added),
 
 with the DALI-style ``.idx`` of each tar and ``manifest.json`` written last.
+
+``top1`` / ``top5`` are additive, so the format stays ``mcis-cams/1``: a reader takes them with
+``meta.get`` and treats their absence (a folder written before them) as "not recorded"; every
+other key is unchanged. A change that alters or removes a key must bump ``FORMAT``.
 """
 
 from __future__ import annotations
