@@ -13,6 +13,15 @@ indexed by class:
 * every sample enters the pool (evicting the oldest beyond ``pool_size``), so it can be a
   partner for later ones.
 
+Per epoch the pool counts (``PairStats``; the trainer reports them at each epoch's end as
+``pair_partner_share``, ``pair_mean_wait``, ``pair_dropped``, ``pair_unshared``): the samples
+pushed, how many found a class-sharing partner (at once or after waiting), the wait of each in
+samples pushed between its arrival and its pairing (0 when paired on arrival), the samples the
+queue dropped, and pairs without a shared class (none by construction; counted so a change that
+breaks it shows). With C classes drawn uniformly a new sample finds no class-mate among P pooled
+ones with probability about (1 - 1/C)^P, and a waiting one meets its next after about C
+arrivals: size ``pool_size`` and ``max_wait`` for the class count (experiments/pool_sizing.py).
+
 Domains (target / single / web, paper §3.2) travel with the samples; a pair's type picks the
 domain-specific W_P: 0 target–target, 1 extra–extra, 2 cross-domain. ``cross_domain_share``
 steers how often a partner is taken from the other domain group when both are available.
@@ -51,27 +60,37 @@ class PoolItem:
 
 @dataclass
 class PairStats:
-    pairs: int = 0
+    """The pool's counters (one epoch of one loader worker; ``merge`` adds workers)."""
+
+    pairs: int = 0  # samples that found a class-sharing partner (each is m of one pair)
     immediate: int = 0  # partner found when the sample arrived
     after_wait: int = 0
     dropped: int = 0  # waited too long (queue overflow)
     shared_classes: int = 0  # sum over pairs of |l_m ∩ l_n|
     pair_types: list[int] = field(default_factory=lambda: [0, 0, 0])
+    pushed: int = 0  # samples that entered the pool
+    waited: int = 0  # sum over pairs of the samples pushed between m's arrival and its pairing
+    unshared: int = 0  # pairs with l_m ∩ l_n empty: 0 by construction, counted to show it
 
     def merge(self, other: PairStats) -> PairStats:
-        return PairStats(
-            self.pairs + other.pairs,
-            self.immediate + other.immediate,
-            self.after_wait + other.after_wait,
-            self.dropped + other.dropped,
-            self.shared_classes + other.shared_classes,
-            [a + b for a, b in zip(self.pair_types, other.pair_types, strict=True)],
-        )
+        summed = {
+            k: getattr(self, k) + getattr(other, k) for k in self.__dict__ if k != "pair_types"
+        }
+        types = [a + b for a, b in zip(self.pair_types, other.pair_types, strict=True)]
+        return PairStats(**summed, pair_types=types)
 
     def summary(self) -> dict:
+        """The loader's pairing figures: ``partner_share`` (pairs / samples pushed: a sample
+        still waiting when the epoch's quota is met counts as unpaired), ``mean_wait``
+        (samples pushed while a paired sample waited; 0 for one paired on arrival),
+        ``dropped_unpaired``, ``unshared_pairs``, and the older share and type counts."""
         n = max(self.pairs, 1)
         return {
             "pairs": self.pairs,
+            "samples_pushed": self.pushed,
+            "partner_share": self.pairs / max(self.pushed, 1),
+            "mean_wait": self.waited / n,
+            "unshared_pairs": self.unshared,
             "share_without_waiting": self.immediate / n,
             "mean_shared_classes": self.shared_classes / n,
             "dropped_unpaired": self.dropped,
@@ -81,6 +100,16 @@ class PairStats:
                 "cross": self.pair_types[2],
             },
         }
+
+
+def pair_metrics(summary: dict) -> dict:
+    """The per-epoch metrics keys of a ``PairStats.summary()`` (metrics.jsonl, progress line)."""
+    return {
+        "pair_partner_share": summary["partner_share"],
+        "pair_mean_wait": summary["mean_wait"],
+        "pair_dropped": summary["dropped_unpaired"],
+        "pair_unshared": summary["unshared_pairs"],
+    }
 
 
 class PairPool:
@@ -102,7 +131,7 @@ class PairPool:
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self._pool: OrderedDict[int, PoolItem] = OrderedDict()  # arrival id → item, oldest first
         self._by_class: dict[int, dict[int, None]] = {}  # class → arrival ids (ordered set)
-        self._waiting: deque[PoolItem] = deque()
+        self._waiting: deque[tuple[int, PoolItem]] = deque()  # (arrival index, sample)
         self._next_id = 0
         self.stats = PairStats()
 
@@ -134,12 +163,16 @@ class PairPool:
             return self._pool[ids[int(self.rng.integers(len(ids)))]]
         return None
 
-    def _emit(self, m: PoolItem, n: PoolItem, waited: bool) -> tuple[PoolItem, PoolItem]:
+    def _emit(self, m: PoolItem, n: PoolItem, wait: int = 0) -> tuple[PoolItem, PoolItem]:
+        """Count the pair (m, n); ``wait``: samples pushed since m arrived (0: on arrival)."""
         s = self.stats
         s.pairs += 1
-        s.after_wait += waited
-        s.immediate += not waited
-        s.shared_classes += len(set(m.labels) & set(n.labels))
+        s.after_wait += wait > 0
+        s.immediate += wait == 0
+        s.waited += wait
+        shared = len(set(m.labels) & set(n.labels))
+        s.shared_classes += shared
+        s.unshared += shared == 0
         s.pair_types[pair_type(m.domain, n.domain)] += 1
         return m, n
 
@@ -149,22 +182,24 @@ class PairPool:
         if not item.labels:
             raise ValueError(f"sample {item.key!r} has no labels: it can never be paired")
         ready = []
+        now = self.stats.pushed  # this sample's arrival index
+        self.stats.pushed += 1
         partner = self._partner(item)
         if partner is not None:
-            ready.append(self._emit(item, partner, waited=False))
+            ready.append(self._emit(item, partner))
         self._add(item)
         # Samples waiting for a class this one holds can be paired now (oldest first).
         if self._waiting:
             still = deque()
-            for w in self._waiting:
+            for arrived, w in self._waiting:
                 p = self._partner(w) if set(w.labels) & set(item.labels) else None
                 if p is None:
-                    still.append(w)
+                    still.append((arrived, w))
                 else:
-                    ready.append(self._emit(w, p, waited=True))
+                    ready.append(self._emit(w, p, wait=now - arrived))
             self._waiting = still
         if partner is None:
-            self._waiting.append(item)
+            self._waiting.append((now, item))
             if len(self._waiting) > self.max_wait:
                 self._waiting.popleft()
                 self.stats.dropped += 1
@@ -173,4 +208,4 @@ class PairPool:
     def items(self):
         """Every item the pool or the waiting queue holds (to materialise after a replay)."""
         yield from self._pool.values()
-        yield from self._waiting
+        yield from (item for _, item in self._waiting)

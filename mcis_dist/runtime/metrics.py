@@ -19,6 +19,16 @@ from tensorboardX import SummaryWriter
 from mcis_dist.storage import LocalStorage, open_storage
 
 AVERAGED = ("total", "single", "coattention", "contrastive", "lr", "loader_bad_decode")
+# counts over every rank (the rest, e.g. the pair pool's partner share and mean wait, averaged:
+# every rank pairs the same number of samples per epoch)
+SUMMED = (
+    "images",
+    "loader_bad_decode",
+    "loader_bad_record",
+    "loader_shard_errors",
+    "pair_dropped",
+    "pair_unshared",
+)
 
 
 def combine(per_worker: list[dict], seconds: float) -> dict:
@@ -28,11 +38,7 @@ def combine(per_worker: list[dict], seconds: float) -> dict:
     for k in first:
         if isinstance(first[k], (int, float)) and k not in out:
             values = [w[k] for w in per_worker if k in w]
-            out[k] = (
-                sum(values)
-                if k in ("images", "loader_bad_decode", "loader_bad_record", "loader_shard_errors")
-                else sum(values) / len(values)
-            )
+            out[k] = sum(values) if k in SUMMED else sum(values) / len(values)
     if seconds > 0 and "images" in out:
         out["images_per_s"] = out["images"] / seconds
         waits = [w.get("data_wait_s", 0.0) for w in per_worker]
@@ -105,6 +111,12 @@ def progress_line(
         parts.append(f"lr {r['lr']:.2e}")
     if "images_per_s" in r:
         parts.append(f"{r['images_per_s']:.1f} img/s, data wait {r['data_wait_share']:.0%}")
+    if r.get("epoch_end") and "pair_partner_share" in r:  # the pair pool (§3.1), per epoch
+        parts.append(
+            f"pairs {100 * r['pair_partner_share']:.1f}% with a partner, mean wait "
+            f"{r['pair_mean_wait']:.1f}, {r['pair_dropped']:g} dropped, "
+            f"{r['pair_unshared']:g} without a shared class"
+        )
     if r.get("checkpoint"):
         parts.append("checkpoint saved")
     return "  ".join(parts)

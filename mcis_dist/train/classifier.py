@@ -21,6 +21,7 @@ import torch
 
 from mcis_dist.config import ExperimentConfig
 from mcis_dist.data.loader import LoaderError, PairLoader, open_manifest
+from mcis_dist.data.pairs import pair_metrics
 from mcis_dist.losses import LossWeights, mcis_loss, self_pair_loss, self_pair_views
 from mcis_dist.models.build import build_model
 from mcis_dist.models.diagnostics import label_free
@@ -285,9 +286,10 @@ def classifier_stage(cfg: ExperimentConfig, rank: int, world: int, device) -> Bu
     # Epochs whose loss leaves some outputs out have parameters without gradients (LossView).
     partial = any(active_outputs(cfg, e) != OUTPUTS for e in range(cfg.train.epochs))
 
-    def loader_metrics() -> dict:
+    def loader_metrics() -> dict:  # this epoch so far; the epoch-end report has all of it
         stats = loader.stats
-        return {f"loader_{k}": stats[k] for k in ("bad_decode", "bad_record", "shard_errors")}
+        out = {f"loader_{k}": stats[k] for k in ("bad_decode", "bad_record", "shard_errors")}
+        return out | pair_metrics(stats)
 
     validate = None
     if cfg.train.val_every_epochs:  # CAM mIoU on seg.val_url (mcis_dist.train.validate)
