@@ -1,7 +1,8 @@
 """The same config gives the same numbers on one machine: the whole pipeline, run twice from
-scratch, side by side, into two fresh run folders, reports the same CAM, pseudo-mask and segmentation mIoU to
-the last bit, and its trained networks end with bit-identical weights. (Across CPUs the numbers
-differ: torch picks kernels by CPU features, and training amplifies their round-off; README.)"""
+scratch, side by side, into two fresh run folders, reports the same CAM, pseudo-mask and
+segmentation mIoU to the last bit, and its trained networks end with bit-identical weights.
+(Across CPUs the numbers differ: torch picks kernels by CPU features, and training amplifies
+their round-off; README.)"""
 
 from __future__ import annotations
 
