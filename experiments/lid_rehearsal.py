@@ -23,8 +23,9 @@ driver's process tree). The largest scale is the headline run.
     python experiments/lid_rehearsal.py --data /data/tiny-imagenet-200 --out runs/lid_rehearsal
     python experiments/lid_rehearsal.py --data /data/tiny-imagenet-200 --quick --out runs/lid_q
 
-``--quick``: a 2,000-photo slice and 200 val photos, one epoch at 96 px (maps at 1.5x), the
-whole pipeline in minutes on 2 cores. Writes ``<out>/lid_rehearsal.json``, ``lid_rehearsal.md``
+``--quick``: a 2,000-photo slice and 200 val photos, the whole pipeline in minutes on 2 cores.
+A smaller ``--scales`` value maps the first ``--val-fraction`` x n val photos (at least 100), so
+that every stage's cost grows with the data. Writes ``<out>/lid_rehearsal.json``, ``lid_rehearsal.md``
 and ``overlays_<maps>.png`` (the box overlays of the headline run). Finished stages (recorded in
 ``<out>/stages.json``) are skipped when the command is run again with the same arguments.
 The smaller scales map only ``--scaling-maps`` (default single and coatt: the val maps cost the
@@ -36,6 +37,7 @@ Over 400 lines because it runs, times, measures and tabulates every stage at sev
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -63,15 +65,12 @@ MAPSETS = {
 COMPARISONS = (("coatt", "single"), ("coatt", "control"), ("coatt", "wrong"))
 METRICS = ("gt_known_loc", "max_box_acc_v2", "top1_loc", "top1_cls")
 KINDS = ("heldout", "fixed", "oracle")
-QUICK = [  # --quick: one epoch at 96 px, maps at 1.5 x 64 = 96 px
-    "train.epochs=1",
-    "data.crop_size=96",
-    "data.resize_long=[84,108]",
-    "cams.scales=[1.5]",
+QUICK = [  # --quick: the config's settings on a slice, no checkpoints within the epoch
     "train.checkpoint_every_steps=0",
     "train.report_every_steps=20",
 ]
 QUIET = {"log": lambda *_: None}
+ALL = 1 << 40  # --scales all: more than any train folder holds
 
 
 # ------------------------------------------------------------------------------ memory and time
@@ -410,20 +409,34 @@ def markdown(doc: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ the run
+def build_val(
+    data: Path, n_val: int | None, out: Path, ledger: Ledger, key: str
+) -> tuple[str, int]:
+    """Shards of the first ``n_val`` val photos (all when None) under ``out``: (url, photos)."""
+    box_file, n_val = val_slice(data, n_val, out / "val_annotations.txt")
+    build = ["shards", "build", "--source", "list", "--split", "val"]
+    build += ["--image-root", str(data / "val" / "images"), "--classes", str(data / "wnids.txt")]
+    build += ["--boxes", str(box_file), "--out", str(out / "shards_val")]
+    workers = "1" if n_val <= 5000 else "0"  # 0: every core
+    build += ["--max-samples-per-shard", _per_shard(n_val), "--workers", workers, "--no-progress"]
+    ledger.run(key, n_val, lambda: _ok(mcis(build)), ray=False)
+    return str(out / "shards_val" / "val"), n_val
+
+
 def run_scale(
     n: int,
     args,
     out: Path,
     ledger: Ledger,
-    val_url: str,
-    n_val: int,
+    n_val: int | None,
     overrides: list[str],
     mapsets: dict[str, list[str]] = MAPSETS,
 ) -> dict:
-    """Every stage at one train size (the map sets ``mapsets``, and the comparisons among
-    them); returns the scale's results."""
+    """Every stage at one train size, maps of the first ``n_val`` val photos (the map sets
+    ``mapsets``, and the comparisons among them); returns the scale's results."""
     data = Path(args.data)
-    tag = f"n{n}"
+    tag = _tag(n)
+    val_url, n_val = build_val(data, n_val, out / tag, ledger, f"{tag}/shards_val")
     folder, n_train = train_slice(data, n, out / "data" / f"train_{n}")
     shards = out / tag / "shards"
     train_url = str(shards / "train")
@@ -476,12 +489,26 @@ def run_scale(
         comparisons.append({"a": a, "b": b, **boxes})
     return {
         "n_train": n_train,
+        "n_val": n_val,
+        "classes": json.loads((Path(val_url) / "manifest.json").read_text())["classes"],
         "maps": maps,
         "comparisons": comparisons,
         "pairs": pair_stats(out / tag / "cls" / "metrics.jsonl"),
         "resolution": load_config(config, base).data.crop_size,
         "cams_scales": list(load_config(config, base).cams.scales),
     }
+
+
+def _tag(n: int) -> str:
+    """The folder and ledger prefix of a scale: n1000, ..., nall."""
+    return "nall" if n == ALL else f"n{n}"
+
+
+def _scaled_val(n: int, fraction: float, cap: int | None) -> int:
+    """Val photos of a smaller scale: ``fraction`` of its ``n`` train photos, at least 100,
+    at most ``cap``."""
+    want = max(100, round(n * fraction))
+    return want if cap is None else min(cap, want)
 
 
 def _ok(code: int) -> None:
@@ -494,9 +521,19 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="the tiny-imagenet-200 folder")
     p.add_argument("--out", default="runs/lid_rehearsal")
     p.add_argument("--config", default=str(CONFIG))
-    p.add_argument("--quick", action="store_true", help="2,000 train / 200 val photos, 1 epoch")
-    p.add_argument("--scales", default=None, help="train sizes (default 1000,10000,100000)")
+    p.add_argument("--quick", action="store_true", help="2,000 train / 200 val photos")
+    p.add_argument(
+        "--scales",
+        default=None,
+        help="train sizes, 'all' for every train photo (default 1000,10000,all; quick 2000)",
+    )
     p.add_argument("--n-val", type=int, default=None, help="val photos (default all; quick 200)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="val photos mapped at a smaller --scales, per train photo (at most --n-val)",
+    )
     p.add_argument(
         "--scaling-maps",
         default="single,coatt",
@@ -509,9 +546,8 @@ def main(argv=None) -> int:
     for need in ("wnids.txt", "train", "val/val_annotations.txt", "val/images"):
         if not (data / need).exists():
             raise SystemExit(f"--data {data}: no {need} (expected a tiny-imagenet-200 folder)")
-    scales = sorted(
-        int(s) for s in (args.scales or ("2000" if args.quick else "1000,10000,100000")).split(",")
-    )
+    wanted_scales = (args.scales or ("2000" if args.quick else "1000,10000,all")).split(",")
+    scales = sorted(ALL if s.strip() == "all" else int(s) for s in wanted_scales)
     n_val_wanted = args.n_val if args.n_val is not None else (200 if args.quick else None)
     overrides = [*(QUICK if args.quick else []), *args.overrides]
     load_config(args.config, overrides)  # a bad override fails here, before any stage
@@ -527,39 +563,37 @@ def main(argv=None) -> int:
     settings = {
         "data": str(data.absolute()),
         "config": str(Path(args.config).absolute()),
+        # an edited config is another run: its stages are not reused
+        "config_sha1": hashlib.sha1(Path(args.config).read_bytes()).hexdigest(),
         "quick": args.quick,
         "scales": scales,
         "scaling_maps": sorted(scaling_maps),
         "n_val": n_val_wanted,
+        "val_fraction": args.val_fraction,
         "overrides": overrides,
     }
     ledger = Ledger(out / "stages.json", settings)
     t0 = time.time()
-    box_file, n_val = val_slice(data, n_val_wanted, out / "data" / "val_annotations.txt")
-    val_shards = out / "shards_val"
-    build = ["shards", "build", "--source", "list", "--split", "val"]
-    build += ["--image-root", str(data / "val" / "images"), "--classes", str(data / "wnids.txt")]
-    build += ["--boxes", str(box_file), "--out", str(val_shards)]
-    build += ["--max-samples-per-shard", _per_shard(n_val), "--workers", "1", "--no-progress"]
     try:
-        ledger.run("shards_val", n_val, lambda: _ok(mcis(build)), ray=False)
         results = {}
         for n in scales:
-            print(f"[n_train {n}] ({time.time() - t0:.0f} s)", flush=True)
-            maps = MAPSETS if n == scales[-1] else scaling_maps
-            results[n] = run_scale(
-                n, args, out, ledger, str(val_shards / "val"), n_val, overrides, maps
-            )
+            print(f"[n_train {_tag(n)[1:]}] ({time.time() - t0:.0f} s)", flush=True)
+            head = n == scales[-1]
+            # the headline maps every val photo asked for; a smaller scale the first
+            # --val-fraction of its train size, so its maps cost grows with it as well
+            nv = n_val_wanted if head else _scaled_val(n, args.val_fraction, n_val_wanted)
+            maps = MAPSETS if head else scaling_maps
+            results[n] = run_scale(n, args, out, ledger, nv, overrides, maps)
     finally:
         if ledger.started_ray:
             ray.shutdown()
     head = results[scales[-1]]
-    tag = f"n{scales[-1]}"
-    classes = json.loads((val_shards / "val" / "manifest.json").read_text())["classes"]
+    tag = _tag(scales[-1])
+    classes, n_val = head["classes"], head["n_val"]
     scaling = []
     for n in scales:
         for key, row in ledger.rows.items():
-            if key.startswith(f"n{n}/"):
+            if key.startswith(f"{_tag(n)}/"):
                 scaling.append(
                     {"n_train": results[n]["n_train"], "stage": key.split("/")[1], **row}
                 )
@@ -576,8 +610,7 @@ def main(argv=None) -> int:
         "resolution": head["resolution"],
         "cams_scales": head["cams_scales"],
         "stage_seconds": {
-            "shards_val": ledger.rows["shards_val"]["seconds"],
-            **{r["stage"]: r["seconds"] for r in scaling if r["n_train"] == head["n_train"]},
+            r["stage"]: r["seconds"] for r in scaling if r["n_train"] == head["n_train"]
         },
         "scaling": scaling,
         "pairs": head["pairs"],

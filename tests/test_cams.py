@@ -70,27 +70,57 @@ def scaled(x, s):
     )
 
 
-def compose(per_view, x, scales, flip, out_size, n_maps):
+def minmax_by_hand(total):
+    """(L, h, w): each map's (m - min) / (max - min), element by element; constant -> 0."""
+    out = torch.zeros_like(total)
+    for i in range(total.shape[0]):
+        low, high = float(total[i].min()), float(total[i].max())
+        if high > low:
+            for y in range(total.shape[1]):
+                for x in range(total.shape[2]):
+                    out[i, y, x] = (float(total[i, y, x]) - low) / (high - low)
+    return out
+
+
+def assert_minmax_of(got, total):
+    """``got`` is the min-max normalisation of ``total`` (L, h, w): compared on ``total``'s
+    scale (got · (max - min) + min), since a nearly constant map makes min-max magnify float
+    rounding; and ``got`` spans [0, 1] where ``total`` is not constant."""
+    low = total.amin(dim=(1, 2), keepdim=True)
+    span = total.amax(dim=(1, 2), keepdim=True) - low
+    torch.testing.assert_close(got * span + low, total, atol=1e-6, rtol=1e-5)
+    want = minmax_by_hand(total)
+    wide = span.flatten() > 1e-3  # well conditioned: compare the normalised values too
+    torch.testing.assert_close(got[wide], want[wide], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(got.amax(dim=(1, 2))[span.flatten() > 0], torch.tensor(1.0), atol=1e-5)
+
+
+def compose(per_view, x, scales, flip, out_size, n_maps, minmax=False):
     """Σ over scales × flips of up(ReLU(map)), then per-map max normalisation; ``per_view(x)``
-    returns the raw (L, h, w) maps of one view, computed alone (no batching)."""
+    returns the raw (L, h, w) maps of one view, computed alone (no batching). ``minmax``: the
+    raw Σ of up(map), without the ReLU or a normalisation (see ``assert_minmax_of``)."""
     total = torch.zeros(n_maps, *out_size)
     for s in scales:
         xs = scaled(x, s)
         views = [per_view(xs)] + ([per_view(xs.flip(-1)).flip(-1)] if flip else [])
         for v in views:
             total += F.interpolate(
-                F.relu(v)[None], size=out_size, mode="bilinear", align_corners=False
+                (v if minmax else F.relu(v))[None],
+                size=out_size,
+                mode="bilinear",
+                align_corners=False,
             )[0]
-    return normalize_cam(total)
+    return total if minmax else normalize_cam(total)
 
 
 def out_size_of(rgb, stride=8):
     return (math.ceil(rgb.shape[1] / stride), math.ceil(rgb.shape[2] / stride))
 
 
-def test_single_round_maps_equal_direct_calls(split, model):
+@pytest.mark.parametrize("normalize", ["relu_max", "minmax"])
+def test_single_round_maps_equal_direct_calls(split, model, normalize):
     key, labels, rgb = sample(split, 3)
-    settings = CamSettings(mode="single", scales=(0.5, 1.0, 1.5), flip=True)
+    settings = CamSettings(mode="single", scales=(0.5, 1.0, 1.5), flip=True, normalize=normalize)
     got, fell = CamEngine(model, settings).cams(rgb, labels, key)
     want = compose(
         lambda v: single_round_cam(model, v)[0, labels],
@@ -99,9 +129,14 @@ def test_single_round_maps_equal_direct_calls(split, model):
         True,
         out_size_of(rgb),
         len(labels),
+        minmax=normalize == "minmax",
     )
     assert fell == [] and got.shape == (len(labels), *out_size_of(rgb))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    if normalize == "minmax":  # every map spans [0, 1], whatever the sign of its evidence
+        assert_minmax_of(got, want)
+        assert torch.allclose(got.amin(dim=(1, 2)), torch.zeros(len(labels)), atol=1e-6)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert float(got.amax()) == pytest.approx(1.0, abs=1e-3)
 
 
@@ -116,13 +151,20 @@ def per_class_mean(labels, rel, one):
     return torch.stack([torch.stack([one(r, k) for r in rel[k]]).mean(0) for k in labels])
 
 
-@pytest.mark.parametrize("cache_mb", [0, 64])
-def test_coattentive_maps_equal_direct_calls(split, model, cache_mb):
+@pytest.mark.parametrize(
+    ("cache_mb", "normalize"), [(0, "relu_max"), (64, "relu_max"), (0, "minmax")]
+)
+def test_coattentive_maps_equal_direct_calls(split, model, cache_mb, normalize):
     manifest, storage = split
     sampler = RelatedSampler(manifest, storage, seed=5)
     key, labels, rgb = sample(split, 6)
     settings = CamSettings(
-        mode="coattentive", related=2, scales=(1.0, 0.75), flip=True, related_size=96
+        mode="coattentive",
+        related=2,
+        scales=(1.0, 0.75),
+        flip=True,
+        related_size=96,
+        normalize=normalize,
     )
     engine = CamEngine(model, settings, sampler, cache_bytes=cache_mb * 2**20)
     got, fell = engine.cams(rgb, labels, key)
@@ -131,9 +173,20 @@ def test_coattentive_maps_equal_direct_calls(split, model, cache_mb):
     def per_view(v):  # L_k = mean over r of coattentive_cam(image, r, k), one r at a time
         return per_class_mean(labels, rel, lambda r, k: coattentive_cam(model, v, r, k))
 
-    want = compose(per_view, prep(rgb), settings.scales, True, out_size_of(rgb), len(labels))
+    want = compose(
+        per_view,
+        prep(rgb),
+        settings.scales,
+        True,
+        out_size_of(rgb),
+        len(labels),
+        minmax=normalize == "minmax",
+    )
     assert fell == []
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    if normalize == "minmax":
+        assert_minmax_of(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     first_hits = engine.cache.hits  # an image related under two classes hits already
     again, _ = engine.cams(rgb, labels, key)  # same draws: from the cache when there is one
     torch.testing.assert_close(again, got)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mcis_dist.cams.evaluate import compare_cams, evaluate_cams
@@ -335,21 +336,35 @@ def model():
     return build_model(config(), num_classes=2).eval()
 
 
-def direct_scores(model, rgb) -> torch.Tensor:
-    """The classifier's single-image class scores s_n (Eq. 1) through its own forward."""
+def direct_scores(model, rgb, scale: float = 1.0) -> torch.Tensor:
+    """The classifier's single-image class scores s_n (Eq. 1) through its own forward, on the
+    image resized by ``scale`` (bilinear, as the engine's test scales)."""
     x = normalize(rgb.unsqueeze(0), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if scale != 1.0:
+        size = (round(x.shape[-2] * scale), round(x.shape[-1] * scale))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     with torch.no_grad():
         return model(x, x).single_m[0]
 
 
-@pytest.mark.parametrize("scales", [(1.0,), (0.5, 1.5)])
-def test_engine_class_scores_are_eq1_at_scale_one(split, model, scales):
+@pytest.mark.parametrize(
+    ("scales", "scored_at"), [((1.0,), 1.0), ((0.5, 1.0), 1.0), ((1.5, 0.5), 1.5)]
+)
+def test_engine_class_scores_are_eq1_at_scale_one_or_the_first(split, model, scales, scored_at):
+    """Scale 1 when listed, else the first listed scale (no backbone pass of its own)."""
     raw, labels, _boxes, _size = next(samples(split))[1][0]
     rgb = decode_rgb(raw["jpg"])
     settings = CamSettings(mode="single", scales=scales, flip=True)
     engine = CamEngine(model, settings, class_scores=True)
-    engine.cams(rgb, labels)
-    torch.testing.assert_close(engine.last_scores, direct_scores(model, rgb), atol=1e-4, rtol=0)
+    passes = []
+    hook = model.backbone.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        engine.cams(rgb, labels)
+    finally:
+        hook.remove()
+    assert len(passes) == len(scales)  # one batched pass (image + mirror image) a scale
+    want = direct_scores(model, rgb, scored_at)
+    torch.testing.assert_close(engine.last_scores, want, atol=1e-4, rtol=0)
     plain = CamEngine(model, settings)
     plain.cams(rgb, labels)
     assert plain.last_scores is None

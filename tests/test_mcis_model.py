@@ -20,6 +20,7 @@ from mcis_dist.models.mcis import (
     MCISOutput,
     coattentive_cam,
     coattentive_cams,
+    minmax_cam,
     normalize_cam,
     single_round_cam,
 )
@@ -245,6 +246,33 @@ def test_backward_reaches_every_head_parameter_and_the_backbone():
         assert p.grad is not None and p.grad.abs().sum() > 0 and torch.isfinite(p.grad).all()
 
 
+def test_a_frozen_backbone_trains_the_head_only():
+    """freeze_backbone: same outputs as the backbone in eval mode, gradients in the head only,
+    no backbone parameter in the optimiser groups, eval mode kept through ``train()``."""
+    torch.manual_seed(0)
+    backbone = TinyBackbone(with_new=True)
+    backbone.conv5.insert(0, nn.Dropout(0.5))  # would change the features in train mode
+    frozen = MCISClassifier(backbone, num_classes=K, freeze_backbone=True).train()
+    assert not frozen.backbone.training and frozen.training and frozen.phi.training
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+    x, y = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    out = frozen(x, y)
+    sum(getattr(out, n).sum() for n in MCISOutput.__dataclass_fields__).backward()
+    assert all(p.grad is None for p in frozen.backbone.parameters())
+    for p in frozen.head_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    flat = {id(p) for ps in frozen.param_groups().values() for p in ps}
+    assert flat == {id(p) for p in frozen.head_parameters()}
+    with torch.no_grad():  # the same network unfrozen, its backbone in eval mode
+        free = MCISClassifier(backbone, num_classes=K)
+        free.load_state_dict(frozen.state_dict())
+        free.train()
+        free.backbone.eval()
+        _assert_outputs_close(free(x, y), out, tol=1e-6)
+    cfg = ExperimentConfig.model_validate({"model": {"freeze_backbone": True}})
+    assert build_model(cfg, num_classes=K).backbone_frozen
+
+
 def test_bf16_autocast_forward_backward():
     model = _model(dtype=torch.float32)
     x, y = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
@@ -298,6 +326,23 @@ def test_normalize_cam():
         got[0, 0], torch.tensor([[0.0, 0.5], [1.0, 0.125]]), rtol=1e-4, atol=1e-5
     )
     assert got[0, 1].abs().sum() == 0  # an all-negative map stays zero, no NaN
+
+
+def test_minmax_cam_against_a_loop():
+    g = torch.Generator().manual_seed(1)
+    cams = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) - 2.0  # mostly negative
+    cams[1, 2] = 0.7  # a constant map
+    got = minmax_cam(cams)
+    for b in range(2):
+        for k in range(3):
+            m = cams[b, k]
+            lo, hi = float(m.min()), float(m.max())
+            for y in range(5):
+                for x in range(4):
+                    want = 0.0 if hi == lo else (float(m[y, x]) - lo) / (hi - lo)
+                    assert float(got[b, k, y, x]) == pytest.approx(want, abs=1e-12)
+    with pytest.raises(ValueError, match="normalize=minmax applies to modes single"):
+        ExperimentConfig.model_validate({"cams": {"mode": "authors", "normalize": "minmax"}})
 
 
 def test_with_the_resnet38_tiny_backbone():

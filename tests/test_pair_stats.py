@@ -6,6 +6,8 @@ console line. Fast: no Ray, no images."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -83,6 +85,63 @@ def test_counters_match_a_plain_reference_on_a_synthetic_stream(pool_size, max_w
         assert s.dropped > 0  # a small pool and queue do drop single labels of 202 classes
 
 
+def test_disjoint_pairing_worked_by_hand():
+    # A0 B1 A2 C3 B4 D5 E6 A7 D8 A9 (single labels), disjoint, pool 3 (only samples without a
+    # partner wait in it): A0, B1 wait; A2 takes A0 (waited 2); C3 waits; B4 takes B1 (3);
+    # D5, E6, A7 wait: 4 in the pool, C3 (the oldest) dropped; D8 takes D5 (3); A9 takes A7
+    # (2). E6 still waits. Every sample is in one pair at most; 8 of 10 partnered.
+    pool = PairPool(pool_size=3, rng=np.random.default_rng(0), pairing="disjoint")
+    out = []
+    for i, c in enumerate("ABACBDEADA"):
+        out += [(m.payload, n.payload) for m, n in pool.push(_item(i, [ord(c)]))]
+    assert out == [(2, 0), (4, 1), (8, 5), (9, 7)]
+    s = pool.stats
+    assert (s.pushed, s.pairs, s.partnered, s.dropped, s.unshared) == (10, 4, 8, 1, 0)
+    assert s.waited == 2 + 3 + 3 + 2 and s.immediate == 0
+    summary = s.summary()
+    assert summary["partner_share"] == pytest.approx(8 / 10)
+    assert summary["mean_wait"] == pytest.approx(10 / 4)
+    assert [it.payload for it in pool.items()] == [6]
+
+
+@pytest.mark.parametrize(("pool_size", "multi"), [(64, False), (1024, False), (256, True)])
+def test_disjoint_pairing_against_a_plain_reference(pool_size, multi):
+    """Every sample in one pair at most, every pair sharing a class; the counters recomputed
+    from ``push``'s output; 202 classes with a 1024 pool partner >= 95% of the samples."""
+    rng = np.random.default_rng(pool_size)
+    stream = [
+        sorted({int(c) for c in rng.integers(0, 202, size=int(rng.integers(1, 4)) if multi else 1)})
+        for _ in range(20_000)
+    ]
+    pool = PairPool(pool_size, rng=np.random.default_rng(3), pairing="disjoint")
+    used, waits = set(), []
+    for i, labels in enumerate(stream):
+        for m, n in pool.push(_item(i, labels)):
+            assert m.payload == i and n.payload < i  # the arriving one takes a waiting one
+            assert set(m.labels) & set(n.labels) and not {m.payload, n.payload} & used
+            used |= {m.payload, n.payload}
+            waits.append(i - n.payload)
+    s = pool.stats
+    waiting = len(list(pool.items()))
+    assert waiting <= pool_size and s.partnered == len(used) == 2 * s.pairs
+    assert s.pushed == len(stream) == len(used) + s.dropped + waiting  # nothing else lost
+    assert s.waited == sum(waits) and s.unshared == 0
+    if pool_size == 1024 and not multi:
+        assert s.summary()["partner_share"] >= 0.95
+    if pool_size == 64 and not multi:
+        assert s.dropped > 0
+
+
+def test_disjoint_epochs_are_half_as_many_pairs():
+    from mcis_dist.data.stream import StreamSpec
+
+    spec = StreamSpec((), num_samples=1000, num_classes=3, batch_size=5, augment=None, world_size=2)
+    assert spec.batches_per_rank == 100  # 1000 pairs: every sample the first of one
+    assert dataclasses.replace(spec, pairing="disjoint").batches_per_rank == 50
+    with pytest.raises(ValueError, match="pairing='both'"):
+        PairPool(pairing="both")
+
+
 def test_merge_adds_every_counter():
     a = PairStats(pairs=3, immediate=2, after_wait=1, dropped=1, pushed=5, waited=4, unshared=0)
     b = PairStats(pairs=1, immediate=1, pushed=2, waited=0, dropped=0, unshared=0)
@@ -92,14 +151,14 @@ def test_merge_adds_every_counter():
 
 
 def test_metrics_keys_sum_over_ranks_and_show_at_epoch_end():
-    one = pair_metrics(PairStats(pairs=9, pushed=10, waited=18, dropped=1).summary())
+    one = pair_metrics(PairStats(pairs=9, partnered=9, pushed=10, waited=18, dropped=1).summary())
     assert one == {
         "pair_partner_share": pytest.approx(0.9),
         "pair_mean_wait": pytest.approx(2.0),
         "pair_dropped": 1,
         "pair_unshared": 0,
     }
-    other = pair_metrics(PairStats(pairs=10, pushed=10).summary())
+    other = pair_metrics(PairStats(pairs=10, partnered=10, pushed=10).summary())
     rec = combine([{"epoch": 1, "epoch_end": True, **one}, {"epoch": 1, **other}], 0)
     assert rec["pair_dropped"] == 1  # counts are summed over ranks, shares averaged
     assert rec["pair_partner_share"] == pytest.approx(0.95)

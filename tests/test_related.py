@@ -73,6 +73,27 @@ def test_unrelated_draws_share_no_class_with_the_query_and_are_seeded(split):
         sampler.draw_unrelated([99], 3)
 
 
+def test_with_a_pool_unrelated_draws_come_from_the_other_classes_pools(split):
+    """related_pool: the wrong-class control reads the images the co-attentive maps read
+    (other classes' fixed pools), so the two differ in class only."""
+    manifest, storage = split
+    sampler = RelatedSampler(manifest, storage, seed=0, pool=2)
+    labels_of = {g: set(json.loads(sampler.read(g)["json"])["labels"]) for g in range(len(sampler))}
+    pooled = {g for c in range(len(manifest["classes"])) for g in sampler._members(c)}
+    assert len(pooled) < len(sampler)  # the pools are a strict subset here
+    seen = set()
+    for g, key in enumerate(sampler.keys[:10]):
+        mine = sorted(labels_of[g])
+        drawn = sampler.draw_unrelated(mine, 3, exclude_key=key, salt=mine[0])
+        free = [h for h in pooled if not labels_of[h] & set(mine) and h != g]
+        assert len(drawn) == min(3, len(free)) and len(set(drawn)) == len(drawn)
+        assert set(drawn) <= set(free)
+        assert drawn == sampler.draw_unrelated(mine, 3, exclude_key=key, salt=mine[0])
+        assert set(sampler.draw_without(mine[0], 2, key)) <= pooled
+        seen |= set(drawn)
+    assert len(seen) > 3  # seeded by the query: not the same three every time
+
+
 def test_a_class_held_by_the_query_alone_gives_no_related_images(split):
     manifest, storage = split
     lonely = {**manifest, "class_index": [[0]] + manifest["class_index"][1:]}

@@ -6,7 +6,10 @@ labelled class. The Ray stage (``mcis_dist.cams.stage``) calls it for every imag
 For each test scale s the image is resized to s·(H, W) and run with its mirror image as one
 batch of 2; each raw map is flipped back, passed through ReLU, resized to the output grid
 (ceil(H / out_stride), ceil(W / out_stride)) and summed over scales and flips; each class's sum
-is finally divided by its own maximum (``normalize_cam``), so maps lie in [0, 1].
+is finally divided by its own maximum (``normalize_cam``), so maps lie in [0, 1]. With
+``normalize="minmax"`` the raw maps are summed without the ReLU and each class's sum is mapped to
+[0, 1] by its own minimum and maximum (``minmax_cam``; the score maps of Choe et al., CVPR 2020,
+for box scores): a class whose evidence is negative everywhere still gets a map.
 
 * ``single``: S_n[k] = phi(F_n)[k] (Eq. 1); with ``class_layer="phi_co"``, phi_co(F_n)[k]
   instead: the layer trained on co-attentive features applied to the image's own features, a
@@ -39,9 +42,10 @@ is finally divided by its own maximum (``normalize_cam``), so maps lie in [0, 1]
 
 With ``class_scores=True`` (the CAM stage) every ``cams`` call also leaves the classifier's
 single-image class scores over all K classes in ``last_scores``: GAP(phi(F_n)) of Eq. 1 on the
-unflipped image at scale 1 (its features are reused when scale 1 is one of ``scales`` and the
-mode's own forward sees the image unresized; else one more backbone pass). The stage stores the
-top-1 and top-5 classes from them (top-1 localization and classification in ``mcis eval cams``).
+unflipped image at scale 1 when 1 is one of ``scales``, else at the first listed scale (single
+and coattentive modes: the features of a scale the maps use, no extra backbone pass; authors
+mode: scale 1, its own forward's features unless ``square``). The stage stores the top-1 and
+top-5 classes from them (top-1 localization and classification in ``mcis eval cams``).
 
 Related images are resized to a long side of ``related_size`` (authors mode with ``square``: to
 square x square); their features are kept in a bounded LRU cache (``FeatureCache``, keyed by
@@ -68,6 +72,7 @@ from mcis_dist.models.mcis import (
     coattentive_map,
     contrastive_map,
     contribution_map,
+    minmax_cam,
     normalize_cam,
 )
 
@@ -102,6 +107,7 @@ class CamSettings:
     readout_layer: str = "phi_co"  # ... read with phi_co (Eq. 5) | phi (Eq. 1)
     class_layer: str = "phi"  # single mode (and fallbacks): phi (S_n) | phi_co
     related_classes: str = "same"  # coattentive: related images hold k | none of the labels
+    normalize: str = "relu_max"  # ReLU each scale, / peak | min-max of the raw sum (boxes)
 
     @classmethod
     def from_config(cls, cfg) -> CamSettings:
@@ -124,6 +130,7 @@ class CamSettings:
             class_layer=c.class_layer,
             related_classes=c.related_classes,
             readout_layer=c.readout_layer,
+            normalize=c.normalize,
         )
 
 
@@ -263,12 +270,12 @@ class CamEngine:
         return torch.cat([x, x.flip(-1)]) if self.s.flip else x
 
     def _accumulate(self, total: Tensor, maps: Tensor, out_size) -> Tensor:
-        """maps (B, L, h, w) raw (B = 1 or 2 with the flip) -> total += Σ_B up(ReLU(maps))."""
+        """maps (B, L, h, w) raw (B = 1 or 2 with the flip) -> total += Σ_B up(ReLU(maps))
+        (without the ReLU for ``normalize="minmax"``)."""
         if self.s.flip:
             maps = torch.stack([maps[0], maps[1].flip(-1)])
-        up = F.interpolate(
-            F.relu(maps.float()), size=out_size, mode="bilinear", align_corners=False
-        )
+        maps = maps.float() if self.s.normalize == "minmax" else F.relu(maps.float())
+        up = F.interpolate(maps, size=out_size, mode="bilinear", align_corners=False)
         return total + up.sum(dim=0)
 
     # ---- the maps -------------------------------------------------------------------------
@@ -287,9 +294,10 @@ class CamEngine:
             return maps, []
         related, fallback = self._related_sets(x, labels, key, domain)
         total = x.new_zeros((len(labels), *out_size))
+        score_scale = 1.0 if 1.0 in self.s.scales else self.s.scales[0]
         for scale in self.s.scales:
             feats = self.features(self._flip_batch(_rescale(x, scale)))  # (B, C, h, w)
-            if self.class_scores and scale == 1.0 and self.last_scores is None:
+            if self.class_scores and scale == score_scale and self.last_scores is None:
                 self.last_scores = self._single_scores(feats[:1])
             with self._autocast():
                 maps = torch.stack(
@@ -300,6 +308,8 @@ class CamEngine:
             self.counts["fallback_classes"] += len(fallback)
             self.counts["fallback_images"] += 1
         self._ensure_scores(x)
+        if self.s.normalize == "minmax":
+            return minmax_cam(total), fallback
         return normalize_cam(total), fallback
 
     def _single_scores(self, feats: Tensor) -> Tensor:

@@ -81,12 +81,14 @@ def stage_settings(cfg: ExperimentConfig) -> dict:
     out = {k: getattr(c, k) for k in keep}
     # later settings count only away from their defaults, so older outputs stay valid
     later = ("class_layer", "readout", "square", "authors_gate", "related_url", "related_classes")
-    for k in (*later, "readout_layer"):
+    for k in (*later, "readout_layer", "normalize"):
         if getattr(c, k) != type(c).model_fields[k].default:
             out[k] = getattr(c, k)
     out["related_size"] = c.related_size or cfg.data.crop_size
     out["mean"], out["std"] = cfg.data.mean, cfg.data.std
     out["model"] = cfg.model.model_dump()
+    if not out["model"]["freeze_backbone"]:  # a later setting: older outputs stay valid
+        del out["model"]["freeze_backbone"]
     return out
 
 

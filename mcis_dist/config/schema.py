@@ -111,6 +111,12 @@ class DataConfig(ConfigSection):
     std: list[float] = Field([0.229, 0.224, 0.225], description="Normalisation std (RGB).")
     pool_size: int = Field(256, ge=1, description="Samples each worker keeps to draw partners.")
     max_wait: int = Field(64, ge=0, description="Samples that may wait for a partner.")
+    pairing: Literal["reuse", "disjoint"] = Field(
+        "reuse",
+        description="reuse: every image is the first of one pair, its partner drawn from the "
+        "pool (the paper's sampler; an epoch of N images is N pairs, 2N passes); disjoint: "
+        "every image in exactly one pair (N / 2 pairs, N passes: half the cost an epoch).",
+    )
     shuffle_buffer: int = Field(256, ge=1, description="Per-worker sample shuffle buffer.")
     cross_domain_share: float | None = Field(
         None, ge=0, le=1, description="Share of cross-domain pairs when both are available."
@@ -181,6 +187,12 @@ class ModelConfig(ConfigSection):
         None,
         description="Init of W_P: uniform (nn.Linear's, the authors') or identity; None: uniform "
         "for bilinear, identity for cosine.",
+    )
+    freeze_backbone: bool = Field(
+        False,
+        description="Train the head only (phi, phi_co, W_P, W_B): the backbone keeps its "
+        "weights, runs in eval mode and without autograd (about 3x cheaper a step on CPUs). "
+        "For linear-probe-style runs on a budget; the paper fine-tunes the whole network.",
     )
     freeze_bn: bool | None = Field(
         None,
@@ -318,6 +330,14 @@ class CamsConfig(ConfigSection):
         "(S_n, Eq. 1), or phi_co, the layer trained on co-attentive features (Eq. 5; a "
         "control: co-attentive maps without related images).",
     )
+    normalize: Literal["relu_max", "minmax"] = Field(
+        "relu_max",
+        description="single and coattentive modes: relu_max, each scale's map through ReLU and "
+        "the sum divided by its peak (psa, MCIS: what the pseudo masks start from; a class "
+        "whose evidence is negative everywhere gets an empty map); minmax, the raw sum mapped "
+        "to [0, 1] by its minimum and maximum (the WSOL protocol of Choe et al., CVPR 2020, "
+        "for box scores: every class gets a map).",
+    )
     readout: Literal["feature", "contribution", "object"] = Field(
         "feature",
         description="coattentive mode: feature, phi_co of the image's co-attentive feature "
@@ -415,6 +435,11 @@ class CamsConfig(ConfigSection):
             raise ValueError(f"scales={self.scales}: expected a non-empty list of values > 0")
         if not self.eval_thresholds or not all(0 <= t <= 1 for t in self.eval_thresholds):
             raise ValueError(f"eval_thresholds={self.eval_thresholds}: expected values in [0, 1]")
+        if self.normalize == "minmax" and self.mode == "authors":
+            raise ValueError(
+                "normalize=minmax applies to modes single and coattentive; authors mode "
+                "normalises its five maps as the authors' code does (leave relu_max)"
+            )
         return self
 
 

@@ -236,6 +236,7 @@ def _epoch_batches(loader, epoch: int, skip: int, restarts: int, last_error: str
         spec.max_wait,
         spec.cross_domain_share,
         np.random.default_rng([spec.seed, epoch, spec.rank, 1]),
+        pairing=spec.pairing,
     )
     stats = WorkerStats(worker=0, shard_errors=restarts, last_error=last_error)
     pending, emitted, total = [], 0, len(loader)

@@ -159,6 +159,7 @@ class PairLoader:
             cross_domain_share=cfg.cross_domain_share,
             shuffle_buffer=cfg.shuffle_buffer,
             endpoint_url=cfg.endpoint_url,
+            pairing=cfg.pairing,
         )
         try:
             self._len = self.spec.batches_per_rank

@@ -13,6 +13,13 @@ indexed by class:
 * every sample enters the pool (evicting the oldest beyond ``pool_size``), so it can be a
   partner for later ones.
 
+That is ``pairing="reuse"`` (the default): every sample is m of one pair and a partner of about
+one more, so an epoch of N samples is N pairs, 2N image passes. ``pairing="disjoint"`` puts every
+sample in exactly one pair: the pool holds only samples still without a partner, an arriving
+sample takes one that shares a class out of it (or stays in it, waiting), and the oldest is
+dropped beyond ``pool_size`` (``max_wait`` is unused). An epoch is then N / 2 pairs, N image
+passes: each image seen once, at half the cost.
+
 Per epoch the pool counts (``PairStats``; the trainer reports them at each epoch's end as
 ``pair_partner_share``, ``pair_mean_wait``, ``pair_dropped``, ``pair_unshared``): the samples
 pushed, how many found a class-sharing partner (at once or after waiting), the wait of each in
@@ -62,7 +69,8 @@ class PoolItem:
 class PairStats:
     """The pool's counters (one epoch of one loader worker; ``merge`` adds workers)."""
 
-    pairs: int = 0  # samples that found a class-sharing partner (each is m of one pair)
+    pairs: int = 0  # pairs formed
+    partnered: int = 0  # samples that left in a pair as m (reuse) or as m or n (disjoint)
     immediate: int = 0  # partner found when the sample arrived
     after_wait: int = 0
     dropped: int = 0  # waited too long (queue overflow)
@@ -88,7 +96,7 @@ class PairStats:
         return {
             "pairs": self.pairs,
             "samples_pushed": self.pushed,
-            "partner_share": self.pairs / max(self.pushed, 1),
+            "partner_share": self.partnered / max(self.pushed, 1),
             "mean_wait": self.waited / n,
             "unshared_pairs": self.unshared,
             "share_without_waiting": self.immediate / n,
@@ -112,6 +120,9 @@ def pair_metrics(summary: dict) -> dict:
     }
 
 
+PAIRINGS = ("reuse", "disjoint")
+
+
 class PairPool:
     """Pairs a stream of samples; ``push`` returns the pairs (m, n) that became ready."""
 
@@ -121,9 +132,14 @@ class PairPool:
         max_wait: int = 64,
         cross_domain_share: float | None = None,
         rng: np.random.Generator | None = None,
+        pairing: str = "reuse",
     ):
         if pool_size < 1 or max_wait < 0:
             raise ValueError(f"pool_size={pool_size}, max_wait={max_wait}: expected >= 1 and >= 0")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing={pairing!r}: expected one of {PAIRINGS}")
+        self.disjoint = pairing == "disjoint"
+        self._arrived: dict[int, int] = {}  # disjoint: pool id -> its arrival index
         if cross_domain_share is not None and not 0 <= cross_domain_share <= 1:
             raise ValueError(f"cross_domain_share={cross_domain_share}: expected 0..1 or None")
         self.pool_size, self.max_wait = pool_size, max_wait
@@ -142,12 +158,28 @@ class PairPool:
         self._pool[uid] = item
         for k in item.labels:
             self._by_class.setdefault(k, {})[uid] = None
+        if self.disjoint:
+            self._arrived[uid] = self.stats.pushed - 1
         while len(self._pool) > self.pool_size:
             old_id, old = self._pool.popitem(last=False)
             for k in old.labels:
                 del self._by_class[k][old_id]
+            if self.disjoint:  # it leaves without a partner
+                del self._arrived[old_id]
+                self.stats.dropped += 1
+
+    def _take(self, uid: int) -> tuple[PoolItem, int]:
+        """Remove a waiting sample from the (disjoint) pool: (it, its arrival index)."""
+        item = self._pool.pop(uid)
+        for k in item.labels:
+            del self._by_class[k][uid]
+        return item, self._arrived.pop(uid)
 
     def _partner(self, m: PoolItem) -> PoolItem | None:
+        uid = self._partner_id(m)
+        return None if uid is None else self._pool[uid]
+
+    def _partner_id(self, m: PoolItem) -> int | None:
         classes = list(m.labels)
         self.rng.shuffle(classes)
         for k in classes:
@@ -160,13 +192,15 @@ class PairPool:
                 same = [u for u in ids if (self._pool[u].domain != 0) == m_extra]
                 want_other = self.rng.random() < self.cross_domain_share
                 ids = (other or same) if want_other else (same or other)
-            return self._pool[ids[int(self.rng.integers(len(ids)))]]
+            return ids[int(self.rng.integers(len(ids)))]
         return None
 
     def _emit(self, m: PoolItem, n: PoolItem, wait: int = 0) -> tuple[PoolItem, PoolItem]:
-        """Count the pair (m, n); ``wait``: samples pushed since m arrived (0: on arrival)."""
+        """Count the pair (m, n); ``wait``: samples pushed since the one that waited arrived (m
+        with reuse, n with disjoint; 0: on arrival)."""
         s = self.stats
         s.pairs += 1
+        s.partnered += 2 if self.disjoint else 1
         s.after_wait += wait > 0
         s.immediate += wait == 0
         s.waited += wait
@@ -184,6 +218,13 @@ class PairPool:
         ready = []
         now = self.stats.pushed  # this sample's arrival index
         self.stats.pushed += 1
+        if self.disjoint:  # a waiting sample sharing a class leaves with it; else it waits
+            uid = self._partner_id(item)
+            if uid is None:
+                self._add(item)
+                return ready
+            partner, arrived = self._take(uid)
+            return [self._emit(item, partner, wait=now - arrived)]
         partner = self._partner(item)
         if partner is not None:
             ready.append(self._emit(item, partner))

@@ -71,12 +71,14 @@ class RelatedSampler:
 
     def draw_without(self, k: int, n: int, exclude_key: str | None = None) -> list[int]:
         """Up to ``n`` distinct samples that do *not* hold class ``k`` (for contrastive maps),
-        seeded like :meth:`draw`."""
+        seeded like :meth:`draw`; with ``pool``, from the other classes' pools."""
         return self._draw_lacking([k], n, exclude_key, (k, 2))
 
     def draw_unrelated(self, labels, n: int, exclude_key: str | None = None, salt: int = 0):
         """Up to ``n`` distinct samples holding *none* of ``labels`` (the wrong-class control of
-        co-attentive maps), seeded by (seed, query key, salt) like :meth:`draw`."""
+        co-attentive maps), seeded by (seed, query key, salt) like :meth:`draw`; with ``pool``,
+        from the pools of the other classes (the images ``draw`` reads, so the control differs
+        from the co-attentive maps in class only, and hits the same feature cache)."""
         return self._draw_lacking(list(labels), n, exclude_key, (salt, 3))
 
     def _draw_lacking(self, classes: list[int], n: int, exclude_key, stream: tuple) -> list[int]:
@@ -88,6 +90,14 @@ class RelatedSampler:
         skip = self._global.get(exclude_key) if exclude_key is not None else None
         query = zlib.crc32((exclude_key or "").encode("utf-8"))
         rng = np.random.default_rng([self.seed, query, *stream])
+        if self.pool:  # from the other classes' fixed pools, as draw() keeps to k's
+            pooled = sorted(
+                {g for c in range(len(self.manifest["classes"])) for g in self._members(c)}
+                - holding
+                - {skip}
+            )
+            order = rng.permutation(len(pooled))[:n]
+            return [pooled[int(i)] for i in order]
         picked: list[int] = []
         # Rejection sampling: cheap when most samples lack the classes (the usual case), exact
         # otherwise.

@@ -53,10 +53,13 @@ class StreamSpec:
     cross_domain_share: float | None = None
     shuffle_buffer: int = 256
     endpoint_url: str | None = None
+    pairing: str = "reuse"
 
     @property
     def batches_per_rank(self) -> int:
-        return batches_per_rank(self.num_samples, self.world_size, self.batch_size)
+        """Batches of ``batch_size`` pairs: N pairs an epoch (reuse), N / 2 (disjoint)."""
+        per_pair = 2 if self.pairing == "disjoint" else 1
+        return batches_per_rank(self.num_samples // per_pair, self.world_size, self.batch_size)
 
 
 @dataclass
@@ -175,6 +178,7 @@ class PairStream(IterableDataset):
             spec.max_wait,
             spec.cross_domain_share,
             np.random.default_rng([spec.seed, self.epoch, unit.index, 1]),
+            pairing=spec.pairing,
         )
         pairs_to_skip = emitted * spec.batch_size
         pending = []

@@ -50,6 +50,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> MCISClassifier:
         temperature=cfg.model.temperature,
         learn_temperature=cfg.model.learn_temperature,
         w_p_init=cfg.model.w_p_init,
+        freeze_backbone=cfg.model.freeze_backbone,
     )
 
 
