@@ -168,6 +168,21 @@ def test_quick_rehearsal_on_a_generated_slice(tmp_path, capsys):
             r = c[kind]["max_box_acc_v2"]
             assert -1 <= r["low"] <= r["diff"] <= r["high"] <= 1
 
+    # the floor: the whole photo as the box of every labelled class, checked by hand here
+    whole = doc["whole_image"]
+    assert whole["images"] == 12
+    truth = []
+    for line in (data / "val" / "val_annotations.txt").read_text().splitlines()[:12]:
+        x0, y0, x1, y1 = (int(v) for v in line.split("\t")[2:])
+        truth.append((x1 - x0 + 1) * (y1 - y0 + 1) / SIZE**2)  # IoU with the whole photo
+    for metric, want in (
+        ("gt_known_loc", np.mean([v >= 0.5 for v in truth])),
+        ("max_box_acc_v2", np.mean([[v >= d for v in truth] for d in (0.3, 0.5, 0.7)])),
+    ):
+        assert whole[metric]["value"] == pytest.approx(want)
+        low, high = whole[metric]["interval"]
+        assert low <= want <= high
+
     md = (out / "lid_rehearsal.md").read_text()
     assert "| coatt − wrong | max_box_acc_v2 |" in md and "| 48 | train_cls |" in md
     assert (out / "overlays_coatt.png").stat().st_size > 1000

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from mcis_dist.evaluation.heldout import KINDS, _best_index, fold_of
+from mcis_dist.evaluation.heldout import KINDS, _best_index, bootstrap_images_and_seeds, fold_of
 from mcis_dist.evaluation.metrics import THRESHOLD_TOL
 
 __all__ = [
@@ -572,22 +572,18 @@ def _bootstrap(
     holds, per set, (hits, counted) of shape (S, N, K) and the sign is + for the first set and
     − for the second. Images are drawn with replacement jointly for every set and seed (one
     weight vector per resample), seeds drawn with replacement as blocks."""
-    hits0 = stats[0][0]
-    n_seeds, n, k = hits0.shape
-    rng = np.random.default_rng(seed)
-    out = np.empty(n_boot)
-    chunk = max(1, 50_000_000 // max(1, n * n_seeds * k * len(stats)))
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=m).astype(np.float64)  # (m, N)
-        seeds_drawn = rng.integers(0, n_seeds, size=(m, n_seeds))  # (m, S)
-        d = np.zeros((m, n_seeds))
+    n_seeds, n, k = stats[0][0].shape
+
+    def stat(weights):  # (m, N) -> (m, S)
+        d = np.zeros((weights.shape[0], n_seeds))
         for sign, (h, c) in zip((1.0, -1.0), stats, strict=False):
             sh = np.einsum("bn,snk->bsk", weights, h)
             sc = np.einsum("bn,snk->bsk", weights, c)
             d += sign * _ratio_mean(sh, sc)
-        out[start : start + m] = np.take_along_axis(d, seeds_drawn, axis=1).mean(axis=1)
-    return out
+        return d
+
+    chunk = max(1, 50_000_000 // max(1, n * n_seeds * k * len(stats)))
+    return bootstrap_images_and_seeds(n, n_seeds, n_boot, seed, chunk, stat)
 
 
 def box_interval(

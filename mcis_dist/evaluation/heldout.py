@@ -199,6 +199,25 @@ def miou_rows(matrices: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def bootstrap_images_and_seeds(
+    n_images: int, n_seeds: int, n_boot: int, seed: int, chunk: int, stat
+) -> np.ndarray:
+    """(n_boot,) bootstrap draws of a statistic averaged over seeds: each draw resamples the
+    images with replacement (one weight vector, shared by every seed and map set, so pairs stay
+    paired) and the seeds with replacement as blocks. ``stat(weights)`` maps image weights
+    (m, n_images) to the per-seed statistic (m, n_seeds); ``chunk`` draws are made at a time
+    (bounds the memory of ``stat``)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        weights = rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=m)
+        seeds_drawn = rng.integers(0, n_seeds, size=(m, n_seeds))  # (m, S)
+        d = stat(weights.astype(np.float64))  # (m, S)
+        out[start : start + m] = np.take_along_axis(d, seeds_drawn, axis=1).mean(axis=1)
+    return out
+
+
 @dataclass
 class PairedResult:
     """mean over seeds of mIoU(A) − mIoU(B), with its bootstrap interval (fractions, not %)."""
@@ -264,17 +283,15 @@ def paired_difference(
     per_seed = miou_rows(ma.sum(axis=1).reshape(n_seeds, c, c)) - miou_rows(
         mb.sum(axis=1).reshape(n_seeds, c, c)
     )
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(n_boot)
-    chunk = max(1, 200_000_000 // max(1, n * c * c * 8 * n_seeds))
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=m).astype(np.float64)  # (m, N)
-        seeds_drawn = rng.integers(0, n_seeds, size=(m, n_seeds))  # (m, S)
+
+    def stat(weights):  # (m, N) -> (m, S): mIoU(A) - mIoU(B) of the weighted images
+        m = weights.shape[0]
         sa = np.einsum("bn,snk->bsk", weights, ma).reshape(m, n_seeds, c, c)
         sb = np.einsum("bn,snk->bsk", weights, mb).reshape(m, n_seeds, c, c)
-        d = miou_rows(sa) - miou_rows(sb)  # (m, S)
-        diffs[start : start + m] = np.take_along_axis(d, seeds_drawn, axis=1).mean(axis=1)
+        return miou_rows(sa) - miou_rows(sb)
+
+    chunk = max(1, 200_000_000 // max(1, n * c * c * 8 * n_seeds))
+    diffs = bootstrap_images_and_seeds(n, n_seeds, n_boot, seed, chunk, stat)
     return PairedResult(
         kind=kind,
         images=n,
