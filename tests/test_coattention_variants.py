@@ -362,9 +362,10 @@ def test_affinity_logits_match_the_reference(affinity):
 # =============================================================================================
 # 3. contribution_map
 # =============================================================================================
-def _ref_contribution(model, feats, related, k, layer="phi_co", from_object=False):
+def _ref_contribution(model, feats, related, k, layer="phi_co", from_object=False, minmax=False):
     """Loops: L_m * sum_j v_j softmax_i(P[:, j])[i] * (w·f_i + b), v_j = 1/L_r, or (from_object)
-    ReLU(phi(f_r,j)[k]) / sum_j' ReLU(phi(f_r,j')[k])."""
+    ReLU(phi(f_r,j)[k]) / sum_j' ReLU(phi(f_r,j')[k]); ``minmax``: the evidence w·f_i + b mapped
+    to (e - min_i e) / (max_i e - min_i e) over the query's positions first."""
     tau = model.temperature if model.affinity == "cosine" else None
     conv = model.phi_co if layer == "phi_co" else model.phi
     w = conv.weight[k, :, 0, 0].detach().to(F64)
@@ -384,9 +385,13 @@ def _ref_contribution(model, feats, related, k, layer="phi_co", from_object=Fals
                 b1 = 0.0 if model.phi.bias is None else float(model.phi.bias[k])
                 ev = [max(float(w1 @ fr[:, j] + b1), 0.0) for j in range(lr)]
                 v = [e / sum(ev) for e in ev] if sum(ev) > 0 else v
+            ev = [float(w @ f[:, i] + bias) for i in range(lm)]
+            if minmax:
+                lo, hi = min(ev), max(ev)
+                ev = [(e - lo) / (hi - lo) if hi > lo else 0.0 for e in ev]
             for i in range(lm):
                 received = lm * sum(v[j] * torch.softmax(p[:, j], 0)[i] for j in range(lr))
-                out[q, i] += received * (w @ f[:, i] + bias)
+                out[q, i] += received * ev[i]
     return (out / related.shape[0]).view(b, h, wd)
 
 
@@ -413,6 +418,29 @@ def test_contribution_read_out_options_match_the_loop_reference(affinity, layer,
     torch.testing.assert_close(got, plain)
     with pytest.raises(ValueError, match="layer must be one of"):
         contribution_map(model, feats, related, 0, layer="psi")
+
+
+@pytest.mark.parametrize("affinity", ["bilinear", "cosine"])
+def test_contribution_with_minmax_evidence_matches_the_loop_reference(affinity):
+    """evidence="minmax": each pair's evidence min-max normalised before the attention weights
+    it; with evidence negative everywhere the most attended position is no longer the lowest."""
+    model = _model(affinity=affinity, perturb=1.0).eval()
+    feats = _rand(2, C, 3, 4, seed=31)
+    related = torch.cat([_rand(1, C, 2, 3, seed=32), _rand(1, C, 2, 3, seed=33)])
+    for k in (0, 3):
+        got = contribution_map(model, feats, related, k, evidence="minmax")
+        want = _ref_contribution(model, feats, related, k, minmax=True)
+        torch.testing.assert_close(got.to(F64), want, rtol=1e-5, atol=1e-6)
+        assert (got >= 0).all()
+    model = _model(affinity=affinity, perturb=1.0, phi_co_bias=True).eval()
+    with torch.no_grad():  # evidence of class 0 negative everywhere: raw maps <= 0
+        model.phi_co.weight[0].mul_(0.01)
+        model.phi_co.bias[0] = -5.0
+    raw = contribution_map(model, feats, related, 0)
+    fixed = contribution_map(model, feats, related, 0, evidence="minmax")
+    assert (raw <= 0).all() and (fixed >= 0).all() and fixed.amax() > 0
+    with pytest.raises(ValueError, match="evidence must be one of"):
+        contribution_map(model, feats, related, 0, evidence="relu")
 
 
 @pytest.mark.parametrize(

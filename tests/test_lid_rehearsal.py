@@ -183,6 +183,21 @@ def test_quick_rehearsal_on_a_generated_slice(tmp_path, capsys):
         low, high = whole[metric]["interval"]
         assert low <= want <= high
 
+    # objects under half the photo (every generated square is): the same photos, each map
+    # set with its interval, and the paired differences
+    small = doc["small_objects"]
+    assert small["max_area"] == 0.5 and small["images"] == 12
+    assert set(small["maps"]) == {"single", "coatt", "control", "wrong"}
+    for entry in small["maps"].values():
+        for m in ("gt_known_loc", "max_box_acc_v2"):
+            assert entry[m]["images"] == 12 and entry[m]["kind"] == "heldout"
+            assert 0 <= entry[m]["low"] <= entry[m]["value"] <= entry[m]["high"] <= 1
+    assert [(c["a"], c["b"]) for c in small["comparisons"]] == [
+        ("coatt", "single"),
+        ("coatt", "control"),
+        ("coatt", "wrong"),
+    ]
+
     md = (out / "lid_rehearsal.md").read_text()
     assert "| coatt − wrong | max_box_acc_v2 |" in md and "| 48 | train_cls |" in md
     assert (out / "overlays_coatt.png").stat().st_size > 1000

@@ -359,8 +359,11 @@ class CamEngine:
             maps = [coattentive_map(self.model, feats, f, k, t, layer=layer) for f, t in pos]
         else:
             obj = self.s.readout == "object"
+            evidence = "minmax" if self.s.normalize == "minmax" else "raw"
             maps = [
-                contribution_map(self.model, feats, f, k, t, layer=layer, from_object=obj)
+                contribution_map(
+                    self.model, feats, f, k, t, layer=layer, from_object=obj, evidence=evidence
+                )
                 for f, t in pos
             ]
         maps += [contrastive_map(self.model, feats, f, k, t) for f, t in neg]

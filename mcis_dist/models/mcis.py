@@ -340,7 +340,11 @@ def coattentive_cam(
     return coattentive_map(model, feats, related, class_k, pair_type)[0]
 
 
-READOUT_LAYERS = ("phi_co", "phi")  # the class layer a co-attentive map reads with
+READOUT_LAYERS = ("phi_co", "phi")
+EVIDENCE = (
+    "raw",
+    "minmax",
+)  # contribution_map: the evidence as is, or min-max per pair  # the class layer a co-attentive map reads with
 
 
 def _class_layer(
@@ -392,6 +396,7 @@ def contribution_map(
     *,
     layer: str = "phi_co",
     from_object: bool = False,
+    evidence: str = "raw",
 ) -> Tensor:
     """Where the related images' co-attentive class-k scores come from, on the query's grid.
 
@@ -419,7 +424,16 @@ def contribution_map(
     class-k region: the mean over j becomes a weighted mean with weights ReLU(phi(f_r,j)[k])
     normalised to sum 1 (the related image's own single-round map of k; uniform when it is 0
     everywhere), so a query position scores where it resembles the related image's object.
+
+    ``evidence="minmax"`` maps each pair's evidence w·f_i + b to [0, 1] by its minimum and
+    maximum over the query's positions before the attention weights it (for maps that are
+    min-max normalised, ``cams.normalize: minmax``): received >= 0 times evidence that is
+    negative everywhere (a class near the all-absent prior) would put the most attended
+    positions lowest and invert the map; the decomposition into the score (the mean) then no
+    longer holds.
     """
+    if evidence not in EVIDENCE:
+        raise ValueError(f"evidence must be one of {EVIDENCE}, got {evidence!r}")
     b, r = feats.shape[0], related_feats.shape[0]
     q, rel = _pairs_of(feats, related_feats)  # (B·R, C, h, w), (B·R, C, h', w')
     types = _pair_types(pair_type, q.shape[0], model.domains, q.device)
@@ -436,6 +450,8 @@ def contribution_map(
         received = a.mean(dim=2) * a.shape[1]  # (B·R, Lm), 1 = uniform
     w, bias = _class_layer(model, class_k, layer)
     own = F.conv2d(q, w, bias)  # (B·R, 1, h, w)
+    if evidence == "minmax":
+        own = minmax_cam(own)
     maps = received.view(own.shape).to(own.dtype) * own
     return maps.view(b, r, *maps.shape[-2:]).mean(dim=1)  # (B, h, w)
 
