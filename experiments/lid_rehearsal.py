@@ -445,6 +445,8 @@ def markdown(doc: dict) -> str:
         f"CPU: {doc['cpu']} ({doc['cores']} cores). Box scores in %, at held-out thresholds with "
         "[95% bootstrap interval over images]; fixed = cams.bg_threshold; oracle = an upper bound.",
         "",
+        f"Every stage of every scale: {doc.get('stage_seconds_total', 0) / 60:.1f} min.",
+        "",
         "| maps | GT-known loc | MaxBoxAccV2 | top-1 loc | top-1 cls | GT-known loc (fixed) | "
         "GT-known loc (oracle) |",
         "|---|---|---|---|---|---|---|",
@@ -753,10 +755,14 @@ def main(argv=None) -> int:
         "comparisons": head["comparisons"],
         "small_objects": head["small_objects"],
         "seconds": round(time.time() - t0, 1),
+        # every stage's first run, all scales: the rehearsal's cost (without Ray's start)
+        "stage_seconds_total": round(sum(r["seconds"] for r in ledger.rows.values()), 1),
         "note": "maps: box scores of the val photos (mcis eval cams), value and interval at "
         "held-out thresholds (95% bootstrap over images), fixed = cams.bg_threshold, oracle = "
         "chosen on the scored boxes (an upper bound); comparisons: compare_cams's paired "
-        "differences; seconds of a stage skipped on a rerun are those of its first run",
+        "differences; seconds of a stage skipped on a rerun are those of its first run; "
+        "seconds: this invocation's wall time, stage_seconds_total: the sum over every stage "
+        "of every scale",
     }
     (out / "lid_rehearsal.json").write_text(json.dumps(doc, indent=1))
     (out / "lid_rehearsal.md").write_text(markdown(doc))
