@@ -1,8 +1,10 @@
 """Forward+backward throughput of the full co-attention classifier against the basic classifier
 (backbone + φ + GAP, Eq. 1 only) on the same backbone and inputs, measured in the same run.
 
-CPU: the demo backbone (ResNet-38 tiny) at the demo crop. GPU (when torch sees one): ResNet-38 at
-448×448 in fp32 and under bf16 autocast. Images/s counts both images of each pair.
+CPU: the demo backbone (ResNet-38 tiny) at the demo crop, also with ``freeze_backbone`` (the head
+trained alone, the backbone without autograd: the LID rehearsal's setting). GPU (when torch sees
+one): ResNet-38 at 448×448 in fp32 and under bf16 autocast. Images/s counts both images of each
+pair.
 """
 
 from __future__ import annotations
@@ -40,15 +42,18 @@ def step_fn(model, batch, basic: bool, amp_dtype=None):
     return step
 
 
-def run_case(name, backbone_name, size, batch, repeat, device, amp_dtype=None) -> list[dict]:
+def run_case(
+    name, backbone_name, size, batch, repeat, device, amp_dtype=None, frozen=False
+) -> list[dict]:
     torch.manual_seed(0)
-    model = MCISClassifier(build_backbone(backbone_name), num_classes=20).to(device).train()
+    model = MCISClassifier(build_backbone(backbone_name), num_classes=20, freeze_backbone=frozen)
+    model = model.to(device).train()
     k = 20
     xm, xn = (torch.randn(batch, 3, size, size, device=device) for _ in range(2))
     ym = (torch.rand(batch, k, device=device) < 0.15).float()
     yn = ym.clone()
     rows = []
-    for basic in (True, False):
+    for basic in (False,) if frozen else (True, False):
         t = timeit(step_fn(model, (xm, xn, ym, yn), basic, amp_dtype), repeat=repeat, warmup=1)
         rows.append(
             {
@@ -65,7 +70,9 @@ def run_case(name, backbone_name, size, batch, repeat, device, amp_dtype=None) -
 
 def main():
     args = parse_args("classifier", __doc__)
-    rows = run_case("cpu_tiny", "resnet38_tiny", 128, 8, 2 if args.quick else 5, "cpu")
+    repeat = 2 if args.quick else 5
+    rows = run_case("cpu_tiny", "resnet38_tiny", 128, 8, repeat, "cpu")
+    rows += run_case("cpu_tiny_frozen", "resnet38_tiny", 128, 8, repeat, "cpu", frozen=True)
     metrics = {"gpu": "not available"}
     if torch.cuda.is_available():
         metrics["gpu"] = torch.cuda.get_device_name()
@@ -80,7 +87,9 @@ def main():
     by = {r["case"]: r for r in rows}
     ratios = {
         "cpu_tiny_mcis_vs_basic": by["cpu_tiny_mcis"]["images_per_s"]
-        / by["cpu_tiny_basic"]["images_per_s"]
+        / by["cpu_tiny_basic"]["images_per_s"],
+        "cpu_tiny_frozen_vs_full": by["cpu_tiny_frozen_mcis"]["images_per_s"]
+        / by["cpu_tiny_mcis"]["images_per_s"],
     }
     if "gpu_r38_fp32_mcis" in by:
         ratios["gpu_r38_bf16_vs_fp32"] = (

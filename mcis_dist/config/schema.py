@@ -191,7 +191,7 @@ class ModelConfig(ConfigSection):
     freeze_backbone: bool = Field(
         False,
         description="Train the head only (phi, phi_co, W_P, W_B): the backbone keeps its "
-        "weights, runs in eval mode and without autograd (about 3x cheaper a step on CPUs). "
+        "weights, runs in eval mode and without autograd (2-3.5x faster a step on CPUs). "
         "For linear-probe-style runs on a budget; the paper fine-tunes the whole network.",
     )
     freeze_bn: bool | None = Field(
