@@ -113,6 +113,19 @@ def compose(per_view, x, scales, flip, out_size, n_maps, minmax=False):
     return total if minmax else normalize_cam(total)
 
 
+def assert_engine_maps(got, per_view, rgb, settings):
+    """The engine's maps ``got`` equal ``compose`` of ``per_view`` over the settings' scales ×
+    flip, normalised as ``settings.normalize`` says."""
+    minmax = settings.normalize == "minmax"
+    want = compose(
+        per_view, prep(rgb), settings.scales, settings.flip, out_size_of(rgb), len(got), minmax
+    )
+    if minmax:
+        assert_minmax_of(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def out_size_of(rgb, stride=8):
     return (math.ceil(rgb.shape[1] / stride), math.ceil(rgb.shape[2] / stride))
 
@@ -122,21 +135,10 @@ def test_single_round_maps_equal_direct_calls(split, model, normalize):
     key, labels, rgb = sample(split, 3)
     settings = CamSettings(mode="single", scales=(0.5, 1.0, 1.5), flip=True, normalize=normalize)
     got, fell = CamEngine(model, settings).cams(rgb, labels, key)
-    want = compose(
-        lambda v: single_round_cam(model, v)[0, labels],
-        prep(rgb),
-        settings.scales,
-        True,
-        out_size_of(rgb),
-        len(labels),
-        minmax=normalize == "minmax",
-    )
     assert fell == [] and got.shape == (len(labels), *out_size_of(rgb))
+    assert_engine_maps(got, lambda v: single_round_cam(model, v)[0, labels], rgb, settings)
     if normalize == "minmax":  # every map spans [0, 1], whatever the sign of its evidence
-        assert_minmax_of(got, want)
         assert torch.allclose(got.amin(dim=(1, 2)), torch.zeros(len(labels)), atol=1e-6)
-    else:
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert float(got.amax()) == pytest.approx(1.0, abs=1e-3)
 
 
@@ -173,20 +175,8 @@ def test_coattentive_maps_equal_direct_calls(split, model, cache_mb, normalize):
     def per_view(v):  # L_k = mean over r of coattentive_cam(image, r, k), one r at a time
         return per_class_mean(labels, rel, lambda r, k: coattentive_cam(model, v, r, k))
 
-    want = compose(
-        per_view,
-        prep(rgb),
-        settings.scales,
-        True,
-        out_size_of(rgb),
-        len(labels),
-        minmax=normalize == "minmax",
-    )
     assert fell == []
-    if normalize == "minmax":
-        assert_minmax_of(got, want)
-    else:
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert_engine_maps(got, per_view, rgb, settings)
     first_hits = engine.cache.hits  # an image related under two classes hits already
     again, _ = engine.cams(rgb, labels, key)  # same draws: from the cache when there is one
     torch.testing.assert_close(again, got)

@@ -25,6 +25,8 @@ class RelatedSampler:
         """``pool`` > 0: related images of class k come from a fixed, seeded set of ``pool``
         samples of k (so their features can be cached and reused); 0: from all of them."""
         self.manifest, self.storage, self.seed, self.pool = manifest, storage, seed, pool
+        self._pools: dict[int, list[int]] = {}  # class -> its fixed pool (pool > 0)
+        self._pooled: set[int] | None = None
         self.keys = [k for s in manifest["shards"] for k in s["keys"]]
         self._global = {k: g for g, k in enumerate(self.keys)}
         self._firsts = np.array([s["first"] for s in manifest["shards"]])
@@ -66,8 +68,18 @@ class RelatedSampler:
         members = self.manifest["class_index"][k]
         if not self.pool or len(members) <= self.pool:
             return members
-        rng = np.random.default_rng([self.seed, k, 1])  # the class's fixed pool
-        return sorted(members[int(i)] for i in rng.choice(len(members), self.pool, replace=False))
+        if k not in self._pools:  # the class's fixed pool, drawn once
+            rng = np.random.default_rng([self.seed, k, 1])
+            picked = rng.choice(len(members), self.pool, replace=False)
+            self._pools[k] = sorted(members[int(i)] for i in picked)
+        return self._pools[k]
+
+    def _all_pooled(self) -> set[int]:
+        """Every class's pool together (``pool`` > 0), computed once."""
+        if self._pooled is None:
+            n = len(self.manifest["classes"])
+            self._pooled = {g for c in range(n) for g in self._members(c)}
+        return self._pooled
 
     def draw_without(self, k: int, n: int, exclude_key: str | None = None) -> list[int]:
         """Up to ``n`` distinct samples that do *not* hold class ``k`` (for contrastive maps),
@@ -91,11 +103,7 @@ class RelatedSampler:
         query = zlib.crc32((exclude_key or "").encode("utf-8"))
         rng = np.random.default_rng([self.seed, query, *stream])
         if self.pool:  # from the other classes' fixed pools, as draw() keeps to k's
-            pooled = sorted(
-                {g for c in range(len(self.manifest["classes"])) for g in self._members(c)}
-                - holding
-                - {skip}
-            )
+            pooled = sorted(self._all_pooled() - holding - {skip})
             order = rng.permutation(len(pooled))[:n]
             return [pooled[int(i)] for i in order]
         picked: list[int] = []
